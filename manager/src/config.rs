@@ -1,0 +1,73 @@
+//! The manager's settings, as the CLI (or a test) gives them; validated before anything starts.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::session::Limits;
+use crate::{Error, Result};
+
+/// How a manager runs. Every field has a flag and an `ARL_*` variable in `arl-manager serve`.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// At most this many sessions at once; the pooling allocator is sized from it.
+    pub max_sessions: u32,
+    /// The limits a session gets when its create request names none.
+    pub defaults: Limits,
+    /// The most memory a request may ask for (and the pool's slot size).
+    pub max_memory_bytes: u64,
+    /// The longest per-execution timeout a request may ask for.
+    pub max_timeout: Duration,
+    /// Where sessions' workspaces live; `None` for a private temporary folder.
+    pub data_dir: Option<PathBuf>,
+    /// Where the runtime packages and compiled modules are kept.
+    pub cache_dir: PathBuf,
+    /// How often the reaper looks for idle and expired sessions.
+    pub reap_interval: Duration,
+}
+
+impl ManagerConfig {
+    /// Defaults as documented in the README, with the cache in the user's cache folder.
+    pub fn new(cache_dir: PathBuf) -> Self {
+        Self {
+            max_sessions: 1024,
+            defaults: Limits {
+                timeout: Duration::from_secs(30),
+                memory_bytes: 512 << 20,
+                output_bytes: 1 << 20,
+                idle_ttl: Duration::from_secs(600),
+                lifetime: Duration::from_secs(3600),
+            },
+            max_memory_bytes: 4 << 30,
+            max_timeout: Duration::from_secs(3600),
+            data_dir: None,
+            cache_dir,
+            reap_interval: Duration::from_secs(1),
+        }
+    }
+
+    /// Refuses settings that cannot work together, before a port is bound.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidRequest(m));
+        let d = &self.defaults;
+        if self.max_sessions == 0 {
+            return bad("--max-sessions must be at least 1".into());
+        }
+        if d.memory_bytes > self.max_memory_bytes {
+            return bad(format!(
+                "--memory-mib ({} MiB) is above --max-memory-mib ({} MiB)",
+                d.memory_bytes >> 20,
+                self.max_memory_bytes >> 20
+            ));
+        }
+        if d.timeout.is_zero() || d.timeout > self.max_timeout {
+            return bad("--timeout-ms must be between 1 and --max-timeout-ms".into());
+        }
+        if d.idle_ttl.is_zero() || d.lifetime.is_zero() {
+            return bad("--idle-ttl-secs and --lifetime-secs must be at least 1".into());
+        }
+        if d.output_bytes == 0 {
+            return bad("--output-bytes must be at least 1".into());
+        }
+        Ok(())
+    }
+}

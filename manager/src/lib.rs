@@ -1,0 +1,47 @@
+//! `arl-manager`: many stateful WASI sandboxes in one process, keyed by session.
+//!
+//! The core ([`engine`], [`runtime`], [`session`], [`registry`]) knows nothing of HTTP;
+//! [`api`] is the axum adapter over it, and `main.rs` only parses flags and wires them.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod config;
+pub mod engine;
+pub mod output;
+pub mod registry;
+pub mod runtime;
+pub mod session;
+
+pub use config::ManagerConfig;
+pub use registry::Registry;
+pub use session::{EndReason, Limits, Outcome};
+
+/// Everything the session core can refuse or fail at.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no runtime named {0:?} is loaded (this manager has: {1})")]
+    UnknownRuntime(String, String),
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("the manager is full: {0} sessions are open; retry after one ends")]
+    Full(u32),
+    #[error("no session has the id {0:?}")]
+    NotFound(String),
+    #[error("the session has ended: {0}")]
+    Ended(EndReason),
+    #[error("{0} executions are already waiting on this session")]
+    Busy(usize),
+    #[error("the runtime is not loaded yet")]
+    NotReady,
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
+    #[error("instantiating the session: {0}")]
+    Instantiate(#[source] wasmtime::Error),
+    #[error("configuring wasmtime: {0}")]
+    Engine(#[source] wasmtime::Error),
+    #[error(transparent)]
+    Runtime(#[from] arl_runtimes::Error),
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

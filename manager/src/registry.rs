@@ -1,0 +1,360 @@
+//! All sessions of one manager: create within capacity, look up, list, end, reap.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use arl_runtimes::{ModuleCache, Progress};
+use tokio::sync::Semaphore;
+
+use crate::config::ManagerConfig;
+use crate::engine::{EngineSettings, SandboxEngine};
+use crate::runtime::{Runtime, RuntimeSpec};
+use crate::session::{self, EndReason, Info, Limits, NewSession, Session};
+use crate::{Error, Result};
+
+/// Ended sessions remembered so that later calls answer "ended, because..." (410).
+const TOMBSTONES: usize = 100_000;
+/// Entries a request's `env` may have, and bytes each key or value may hold.
+const MAX_ENV: usize = 256;
+const MAX_ENV_BYTES: usize = 32 << 10;
+
+/// What a client asks for when it creates a session; every field optional.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    /// The runtime's name; `"python"` when absent.
+    pub runtime: Option<String>,
+    pub timeout_ms: Option<u64>,
+    pub memory_mib: Option<u64>,
+    /// Added to the guest's fixed environment.
+    pub env: Option<BTreeMap<String, String>>,
+}
+
+/// The sessions of one manager and the engine they run on. Cheap to clone.
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ManagerConfig,
+    engine: SandboxEngine,
+    cache: ModuleCache,
+    runtimes: RwLock<HashMap<String, Arc<Runtime>>>,
+    sessions: RwLock<HashMap<String, Arc<Session>>>,
+    tombstones: Mutex<Tombstones>,
+    slots: Arc<Semaphore>,
+    data_dir: PathBuf,
+    _private_dir: Option<tempfile::TempDir>,
+}
+
+#[derive(Default)]
+struct Tombstones {
+    reasons: HashMap<String, EndReason>,
+    order: VecDeque<String>,
+}
+
+impl Tombstones {
+    fn insert(&mut self, id: String, reason: EndReason) {
+        if self.order.len() >= TOMBSTONES
+            && let Some(old) = self.order.pop_front()
+        {
+            self.reasons.remove(&old);
+        }
+        self.order.push_back(id.clone());
+        self.reasons.insert(id, reason);
+    }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Registry {
+    /// Makes the engine and the data folder; no runtime is loaded yet.
+    pub fn new(config: ManagerConfig) -> Result<Self> {
+        config.validate()?;
+        let engine = SandboxEngine::new(EngineSettings {
+            max_sessions: config.max_sessions,
+            max_memory_bytes: config.max_memory_bytes,
+        })?;
+        let (data_dir, private) = match &config.data_dir {
+            Some(dir) => (dir.clone(), None),
+            None => {
+                let tmp = tempfile::Builder::new()
+                    .prefix("arl-manager-")
+                    .tempdir()
+                    .map_err(|e| Error::Io("creating the data folder".into(), e))?;
+                (tmp.path().to_owned(), Some(tmp))
+            }
+        };
+        let sessions_dir = data_dir.join("sessions");
+        std::fs::create_dir_all(&sessions_dir)
+            .map_err(|e| Error::Io(format!("creating {}", sessions_dir.display()), e))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                cache: ModuleCache::new(config.cache_dir.join("modules")),
+                slots: Arc::new(Semaphore::new(config.max_sessions as usize)),
+                config,
+                engine,
+                runtimes: RwLock::default(),
+                sessions: RwLock::default(),
+                tombstones: Mutex::default(),
+                data_dir,
+                _private_dir: private,
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &ManagerConfig {
+        &self.inner.config
+    }
+
+    /// Loads a runtime (compiling it on first use) and makes it available to new sessions.
+    /// Blocking: call it from a blocking thread.
+    pub fn load_runtime(&self, spec: RuntimeSpec, progress: Progress<'_>) -> Result<()> {
+        let runtime = Runtime::load(self.inner.engine.engine(), &self.inner.cache, spec, progress)?;
+        write(&self.inner.runtimes).insert(runtime.name.clone(), Arc::new(runtime));
+        Ok(())
+    }
+
+    /// Fetches, verifies and loads CPython. Blocking, about a minute the first time.
+    pub fn load_python(&self, progress: Progress<'_>) -> Result<()> {
+        let artifacts = arl_runtimes::python::fetch(&self.inner.config.cache_dir, progress)?;
+        self.load_runtime(RuntimeSpec::python(artifacts), progress)
+    }
+
+    /// Whether any runtime is loaded.
+    pub fn ready(&self) -> bool {
+        !read(&self.inner.runtimes).is_empty()
+    }
+
+    /// Creates a session within the manager's capacity.
+    pub async fn create(&self, request: CreateRequest) -> Result<Arc<Session>> {
+        let name = request.runtime.as_deref().unwrap_or("python");
+        let runtime = {
+            let runtimes = read(&self.inner.runtimes);
+            if runtimes.is_empty() {
+                return Err(Error::NotReady);
+            }
+            runtimes.get(name).cloned().ok_or_else(|| {
+                let mut names: Vec<_> = runtimes.keys().cloned().collect();
+                names.sort();
+                Error::UnknownRuntime(name.to_owned(), names.join(", "))
+            })?
+        };
+        let limits = self.limits(&request, &runtime)?;
+        let env = check_env(request.env.unwrap_or_default())?;
+        let permit = self
+            .inner
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Error::Full(self.inner.config.max_sessions))?;
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let dir = self.inner.data_dir.join("sessions").join(&id);
+        let weak = Arc::downgrade(&self.inner);
+        let on_end = move |session: &Session, reason: EndReason| {
+            if let Some(inner) = weak.upgrade() {
+                inner.forget(&session.id, reason);
+            }
+        };
+        let new = NewSession {
+            id: id.clone(),
+            runtime,
+            limits,
+            env,
+            dir: dir.clone(),
+            permit,
+        };
+        let session = match session::start(new, on_end).await {
+            Ok(session) => session,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        write(&self.inner.sessions).insert(id, session.clone());
+        Ok(session)
+    }
+
+    fn limits(&self, request: &CreateRequest, runtime: &Runtime) -> Result<Limits> {
+        let config = &self.inner.config;
+        let mut limits = config.defaults;
+        if let Some(ms) = request.timeout_ms {
+            if ms == 0 || Duration::from_millis(ms) > config.max_timeout {
+                return Err(Error::InvalidRequest(format!(
+                    "timeout_ms must be between 1 and {}",
+                    config.max_timeout.as_millis()
+                )));
+            }
+            limits.timeout = Duration::from_millis(ms);
+        }
+        if let Some(mib) = request.memory_mib {
+            let bytes = mib.saturating_mul(1 << 20);
+            if bytes < runtime.min_memory_bytes || bytes > config.max_memory_bytes {
+                return Err(Error::InvalidRequest(format!(
+                    "memory_mib must be between {} (the {} runtime's initial memory) and {}",
+                    runtime.min_memory_bytes.div_ceil(1 << 20),
+                    runtime.name,
+                    config.max_memory_bytes >> 20
+                )));
+            }
+            limits.memory_bytes = bytes;
+        }
+        Ok(limits)
+    }
+
+    /// The live session with `id`; an ended one answers why it ended.
+    pub fn get(&self, id: &str) -> Result<Arc<Session>> {
+        if let Some(session) = read(&self.inner.sessions).get(id) {
+            return match session.ended() {
+                Some(reason) => Err(Error::Ended(reason)),
+                None => Ok(session.clone()),
+            };
+        }
+        let tombstones = self.inner.tombstones.lock().unwrap_or_else(PoisonError::into_inner);
+        match tombstones.reasons.get(id) {
+            Some(reason) => Err(Error::Ended(reason.clone())),
+            None => Err(Error::NotFound(id.to_owned())),
+        }
+    }
+
+    /// Every live session, oldest first.
+    pub fn list(&self) -> Vec<Info> {
+        let mut all: Vec<Info> = read(&self.inner.sessions).values().map(|s| s.info()).collect();
+        all.sort_by_key(|i| i.created_at);
+        all
+    }
+
+    /// Ends and forgets a session at a client's request; later calls answer 404.
+    pub fn delete(&self, id: &str) -> Result<()> {
+        let session = write(&self.inner.sessions).remove(id);
+        match session {
+            Some(session) => {
+                session.end(EndReason::Deleted);
+                Ok(())
+            }
+            None => self.get(id).map(drop),
+        }
+    }
+
+    /// Deletes every session; how many there were.
+    pub fn delete_all(&self) -> usize {
+        let all: Vec<_> = write(&self.inner.sessions).drain().collect();
+        for (_, session) in &all {
+            session.end(EndReason::Deleted);
+        }
+        all.len()
+    }
+
+    /// Live sessions and the capacity.
+    pub fn load(&self) -> (usize, u32) {
+        (read(&self.inner.sessions).len(), self.inner.config.max_sessions)
+    }
+
+    /// Ends every session whose idle TTL or lifetime has passed at `now`; how many.
+    pub fn reap(&self, now: Instant) -> usize {
+        self.inner.reap(now)
+    }
+
+    /// Starts the reaper task; it stops when the registry is dropped.
+    pub fn spawn_reaper(&self) {
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        let every = self.inner.config.reap_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { break };
+                inner.reap(Instant::now());
+            }
+        });
+    }
+
+    /// Ends every session (the manager is stopping) and waits until their stores are gone.
+    pub async fn shutdown(&self, grace: Duration) {
+        let all: Vec<_> = read(&self.inner.sessions).values().cloned().collect();
+        for session in &all {
+            session.end(EndReason::Shutdown);
+        }
+        let all_slots = self.inner.config.max_sessions;
+        let _ = tokio::time::timeout(grace, self.inner.slots.acquire_many(all_slots)).await;
+    }
+}
+
+impl Inner {
+    fn forget(&self, id: &str, reason: EndReason) {
+        write(&self.sessions).remove(id);
+        if reason != EndReason::Deleted {
+            tracing::info!(session = id, %reason, "session ended");
+            self.tombstones
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(id.to_owned(), reason);
+        }
+    }
+
+    fn reap(&self, now: Instant) -> usize {
+        let due: Vec<_> = read(&self.sessions)
+            .values()
+            .filter_map(|s| s.expired(now).map(|r| (s.clone(), r)))
+            .collect();
+        for (session, reason) in &due {
+            session.end(reason.clone());
+        }
+        due.len()
+    }
+}
+
+fn check_env(env: BTreeMap<String, String>) -> Result<Vec<(String, String)>> {
+    if env.len() > MAX_ENV {
+        return Err(Error::InvalidRequest(format!("env may have at most {MAX_ENV} entries")));
+    }
+    for (key, value) in &env {
+        if key.is_empty() || key.contains(['=', '\0']) || key.len() > MAX_ENV_BYTES {
+            return Err(Error::InvalidRequest(format!(
+                "env key {key:?} must be non-empty, without '=' or NUL, at most {MAX_ENV_BYTES} bytes"
+            )));
+        }
+        if value.contains('\0') || value.len() > MAX_ENV_BYTES {
+            return Err(Error::InvalidRequest(format!(
+                "env value of {key:?} must have no NUL and at most {MAX_ENV_BYTES} bytes"
+            )));
+        }
+    }
+    Ok(env.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_keys_and_values_are_checked() {
+        let ok = BTreeMap::from([("A".to_owned(), "1".to_owned())]);
+        assert_eq!(check_env(ok).ok(), Some(vec![("A".to_owned(), "1".to_owned())]));
+        for bad in [("", "x"), ("A=B", "x"), ("A", "nul\0")] {
+            let env = BTreeMap::from([(bad.0.to_owned(), bad.1.to_owned())]);
+            assert!(matches!(check_env(env), Err(Error::InvalidRequest(_))), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn tombstones_forget_the_oldest_past_the_cap() {
+        let mut t = Tombstones::default();
+        for i in 0..TOMBSTONES + 1 {
+            t.insert(i.to_string(), EndReason::Idle);
+        }
+        assert!(!t.reasons.contains_key("0"));
+        assert_eq!(t.reasons.get("1"), Some(&EndReason::Idle));
+        assert_eq!(t.reasons.len(), TOMBSTONES);
+    }
+}

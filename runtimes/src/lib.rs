@@ -1,0 +1,121 @@
+//! The catalog of guest runtimes: how each is fetched, verified, compiled once and driven.
+//!
+//! A runtime is a WebAssembly reactor that follows ARL's turn contract:
+//! - exports `memory`, `turn(ptr: i32, len: i32) -> i32` and `host_alloc(len: i32) -> i32`;
+//! - imports `host::call(ptr, len, out_ptr_ptr, out_len_ptr) -> i32`, the door through which
+//!   a turn reports its outcome as one JSON frame ([`Report`]);
+//! - is otherwise a plain `wasm32-wasip1` module.
+//!
+//! Python ([`python`]) is the first; the test guests of `wasm-guests/` are others.
+
+pub mod cache;
+pub mod python;
+
+use std::path::PathBuf;
+
+pub use cache::{ModuleCache, Progress};
+
+/// Why a runtime could not be made ready.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Fetch {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("{path} has sha256 {actual}, expected {expected}")]
+    Digest {
+        path: PathBuf,
+        expected: &'static str,
+        actual: String,
+    },
+    #[error("reading {path}: {source}")]
+    Zip {
+        path: PathBuf,
+        #[source]
+        source: zip::result::ZipError,
+    },
+    #[error("compiling {path}: {source}")]
+    Compile {
+        path: PathBuf,
+        #[source]
+        source: wasmtime::Error,
+    },
+    #[error("{path} is not a runtime module: {reason}")]
+    Contract { path: PathBuf, reason: String },
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
+/// A directory of the host that every session of a runtime sees read-only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub host: PathBuf,
+    pub guest: String,
+}
+
+/// How the manager talks to a runtime's `turn` export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// The turn input is the user's code as it is; a report frame is optional.
+    Raw,
+    /// CPython with ARL's driver: a bootstrap turn installs it, then each turn calls it.
+    Python,
+}
+
+impl Protocol {
+    /// The code of the turn that prepares a new session, if the runtime needs one.
+    pub fn bootstrap(self) -> Option<&'static str> {
+        match self {
+            Protocol::Raw => None,
+            Protocol::Python => Some(python::DRIVER),
+        }
+    }
+
+    /// The bytes handed to `turn` for the user's `code`, the session's `n`th execution.
+    pub fn encode_turn(self, code: &str, n: u64) -> Vec<u8> {
+        match self {
+            Protocol::Raw => code.as_bytes().to_vec(),
+            Protocol::Python => python::turn_source(code, n).into_bytes(),
+        }
+    }
+}
+
+/// What a turn reported through the door: the final expression's repr, an uncaught
+/// exception, or an exit status.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(default)]
+pub struct Report {
+    pub result: Option<String>,
+    pub error: Option<GuestError>,
+    pub exit: Option<i64>,
+}
+
+/// An exception the user's code raised and did not catch.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub struct GuestError {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub message: String,
+    pub traceback: String,
+}
+
+impl Report {
+    /// Parses one report frame; `None` when the frame is not a report.
+    pub fn parse(frame: &[u8]) -> Option<Report> {
+        serde_json::from_slice(frame).ok()
+    }
+}

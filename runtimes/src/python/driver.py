@@ -1,0 +1,68 @@
+# ARL's turn driver, installed once per session by the bootstrap turn.
+#
+# Every later turn is the one line `__import__('_arl').run(<code>, <n>)`: the driver runs the
+# cell in `__main__` as the interactive interpreter would, and reports what happened as one JSON
+# frame through the host door (`_host.call`), never through stdout, so nothing a cell prints can
+# be mistaken for its result.
+#
+# NOTE: the frame's fields are read by `arl_runtimes::python::Report`; change both together.
+import sys, types
+
+
+def _install():
+    import _host, ast, builtins, json, linecache, os, random, traceback
+
+    main = sys.modules["__main__"].__dict__
+    call = _host.call
+
+    def report(frame):
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except BaseException:
+            pass
+        call(json.dumps(frame).encode("utf-8", "surrogatepass"))
+
+    def error_of(e, tb):
+        return {
+            "type": type(e).__name__,
+            "message": str(e),
+            "traceback": "".join(traceback.format_exception(type(e), e, tb)),
+        }
+
+    def run(src, n):
+        name = "<cell %d>" % n
+        linecache.cache[name] = (len(src), None, src.splitlines(True), name)
+        frame = {"result": None, "error": None, "exit": None}
+        try:
+            tree = compile(src, name, "exec", ast.PyCF_ONLY_AST)
+            last = None
+            if tree.body and isinstance(tree.body[-1], ast.Expr):
+                last = ast.Expression(tree.body.pop().value)
+            exec(compile(tree, name, "exec"), main)
+            if last is not None:
+                value = eval(compile(last, name, "eval"), main)
+                if value is not None:
+                    builtins._ = value
+                    frame["result"] = repr(value)
+        except SystemExit as e:
+            code = e.code
+            frame["exit"] = code if isinstance(code, int) else (0 if code is None else 1)
+            if code is not None and not isinstance(code, int):
+                print(code, file=sys.stderr)
+        except SyntaxError as e:
+            frame["error"] = error_of(e, None)
+        except BaseException as e:
+            frame["error"] = error_of(e, e.__traceback__.tb_next)
+        report(frame)
+
+    # The snapshot froze one random state for every session: draw a new one from WASI.
+    random.seed()
+    os.chdir("/workspace")
+    module = types.ModuleType("_arl")
+    module.run = run
+    sys.modules["_arl"] = module
+
+
+_install()
+del _install, sys, types

