@@ -80,7 +80,8 @@ fn config(settings: EngineSettings) -> Config {
         .max_memories_per_module(1)
         .max_tables_per_module(1)
         .table_elements(TABLE_ELEMENTS)
-        .max_core_instance_size(1 << 20)
+        // CPython's instance context (a VMFuncRef per escaping function of ~89k) is a few MiB.
+        .max_core_instance_size(16 << 20)
         .max_memory_size(settings.max_memory_bytes as usize)
         // Give a slot's pages back to the kernel when its session ends: an idle pod holds
         // only what its live sessions touched.
