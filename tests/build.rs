@@ -1,4 +1,7 @@
-#![allow(clippy::expect_used, reason = "a build script reports failure by panicking")]
+#![allow(
+    clippy::expect_used,
+    reason = "a build script reports failure by panicking"
+)]
 //! Builds the guests of `wasm-guests/` for wasm32-wasip1 and emits one constant per guest plus
 //! `foreach_guest!`, so a guest without a test fails to compile (as wasmtime's test-programs do).
 
@@ -16,10 +19,21 @@ fn main() {
     let mut command = Command::new(cargo);
     command
         .current_dir(&root)
-        .args(["build", "--release", "--target", "wasm32-wasip1", "--target-dir"])
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip1",
+            "--target-dir",
+        ])
         .arg(&target_dir);
     // The outer build's flags are for the host, not for the guests.
-    for var in ["CARGO_ENCODED_RUSTFLAGS", "RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET"] {
+    for var in [
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+    ] {
         command.env_remove(var);
     }
     let status = command.status().expect("running cargo for wasm-guests");

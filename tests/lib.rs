@@ -1,5 +1,9 @@
 //! Helpers for the end-to-end tests: real managers on real loopback sockets.
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test helpers fail loudly")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test helpers fail loudly"
+)]
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -105,11 +109,15 @@ impl TestManager {
                 .build()
                 .expect("runtime");
             rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
                 tx.send(listener.local_addr().expect("addr")).expect("send");
                 served.spawn_reaper();
                 let router = api::router(served, api::DEFAULT_BODY_LIMIT);
-                api::serve(listener, router, std::future::pending()).await.expect("serve");
+                api::serve(listener, router, std::future::pending())
+                    .await
+                    .expect("serve");
             });
         });
         let addr = rx.recv().expect("the manager's address");
@@ -134,14 +142,22 @@ impl TestManager {
     /// Executes `code` in `id`; panics unless 200.
     pub async fn exec(&self, id: &str, code: &str) -> Value {
         let (status, v) = self
-            .post(&format!("/v1/sessions/{id}/execute"), serde_json::json!({ "code": code }))
+            .post(
+                &format!("/v1/sessions/{id}/execute"),
+                serde_json::json!({ "code": code }),
+            )
             .await;
         assert_eq!(status, 200, "execute {code:?}: {v}");
         v
     }
 
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = client().post(self.url(path)).json(&body).send().await.expect("post");
+        let r = client()
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .expect("post");
         decode(r).await
     }
 
@@ -150,7 +166,14 @@ impl TestManager {
     }
 
     pub async fn delete(&self, path: &str) -> (u16, Value) {
-        decode(client().delete(self.url(path)).send().await.expect("delete")).await
+        decode(
+            client()
+                .delete(self.url(path))
+                .send()
+                .await
+                .expect("delete"),
+        )
+        .await
     }
 }
 
@@ -167,7 +190,8 @@ pub async fn decode(r: reqwest::Response) -> (u16, Value) {
     let value = if bytes.is_empty() {
         Value::Null
     } else {
-        serde_json::from_slice(&bytes).unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&bytes)))
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&bytes)))
     };
     (status, value)
 }

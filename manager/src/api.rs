@@ -111,7 +111,9 @@ impl IntoResponse for ApiError {
             error["reason"] = json!(reason.to_string());
         }
         let mut response = (self.status, Json(json!({ "error": error }))).into_response();
-        if self.status == StatusCode::TOO_MANY_REQUESTS || self.status == StatusCode::SERVICE_UNAVAILABLE {
+        if self.status == StatusCode::TOO_MANY_REQUESTS
+            || self.status == StatusCode::SERVICE_UNAVAILABLE
+        {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -124,7 +126,10 @@ type ApiResult<T> = Result<T, ApiError>;
 
 /// Parses a JSON body: malformed JSON is 400, a well-formed body of the wrong shape 422. An
 /// empty body is `T::default()` when `empty_ok`.
-fn parse<T: DeserializeOwned + Default>(body: Result<Bytes, BytesRejection>, empty_ok: bool) -> ApiResult<T> {
+fn parse<T: DeserializeOwned + Default>(
+    body: Result<Bytes, BytesRejection>,
+    empty_ok: bool,
+) -> ApiResult<T> {
     let body = body?;
     if empty_ok && body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
@@ -132,20 +137,34 @@ fn parse<T: DeserializeOwned + Default>(body: Result<Bytes, BytesRejection>, emp
     serde_json::from_slice(&body).map_err(|e| {
         use serde_json::error::Category;
         match e.classify() {
-            Category::Data => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", e.to_string()),
-            Category::Syntax | Category::Eof | Category::Io => {
-                ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("the body is not valid JSON: {e}"))
-            }
+            Category::Data => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request",
+                e.to_string(),
+            ),
+            Category::Syntax | Category::Eof | Category::Io => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                format!("the body is not valid JSON: {e}"),
+            ),
         }
     })
 }
 
 async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "no_route", "no route matches this path")
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "no_route",
+        "no route matches this path",
+    )
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method")
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method",
+    )
 }
 
 async fn healthz() -> Json<serde_json::Value> {
@@ -236,7 +255,10 @@ async fn list(State(registry): State<Registry>) -> Json<serde_json::Value> {
     Json(json!({ "sessions": sessions }))
 }
 
-async fn show(State(registry): State<Registry>, Path(id): Path<String>) -> ApiResult<Json<SessionView>> {
+async fn show(
+    State(registry): State<Registry>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SessionView>> {
     Ok(Json(registry.get(&id)?.info().into()))
 }
 
@@ -282,13 +304,24 @@ impl From<Outcome> for ExecuteResponse {
     }
 }
 
-async fn run(registry: &Registry, id: &str, code: String, timeout_ms: Option<u64>) -> ApiResult<Outcome> {
+async fn run(
+    registry: &Registry,
+    id: &str,
+    code: String,
+    timeout_ms: Option<u64>,
+) -> ApiResult<Outcome> {
     let session: Arc<Session> = registry.get(id)?;
     let max = registry.config().max_timeout;
     let timeout = match timeout_ms {
-        Some(0) => return Err(Error::InvalidRequest("timeout_ms must be at least 1".into()).into()),
+        Some(0) => {
+            return Err(Error::InvalidRequest("timeout_ms must be at least 1".into()).into());
+        }
         Some(ms) if Duration::from_millis(ms) > max => {
-            return Err(Error::InvalidRequest(format!("timeout_ms must be at most {}", max.as_millis())).into());
+            return Err(Error::InvalidRequest(format!(
+                "timeout_ms must be at most {}",
+                max.as_millis()
+            ))
+            .into());
         }
         other => other.map(Duration::from_millis),
     };
@@ -377,7 +410,10 @@ async fn rlm_execute(
     })))
 }
 
-async fn rlm_delete(State(registry): State<Registry>, Path(id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+async fn rlm_delete(
+    State(registry): State<Registry>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
     registry.delete(&id)?;
     Ok(Json(json!({ "session_id": id, "status": "deleted" })))
 }
@@ -416,5 +452,7 @@ pub async fn serve(
             tracing::warn!(error = %e, "could not set TCP_NODELAY");
         }
     });
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
 }

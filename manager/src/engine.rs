@@ -72,7 +72,8 @@ fn config(settings: EngineSettings) -> Config {
     let slots = settings.max_sessions.max(1);
     let mut pool = PoolingAllocationConfig::default();
     pool.total_core_instances(slots)
-        .total_memories(slots)
+        // Two memories a session: its linear memory and the GC heap that exceptions live in.
+        .total_memories(slots.saturating_mul(2))
         .total_tables(slots)
         // A fiber stack is taken only while a turn runs, but each session may be mid-turn.
         .total_stacks(slots)

@@ -119,7 +119,12 @@ impl Registry {
     /// Loads a runtime (compiling it on first use) and makes it available to new sessions.
     /// Blocking: call it from a blocking thread.
     pub fn load_runtime(&self, spec: RuntimeSpec, progress: Progress<'_>) -> Result<()> {
-        let runtime = Runtime::load(self.inner.engine.engine(), &self.inner.cache, spec, progress)?;
+        let runtime = Runtime::load(
+            self.inner.engine.engine(),
+            &self.inner.cache,
+            spec,
+            progress,
+        )?;
         write(&self.inner.runtimes).insert(runtime.name.clone(), Arc::new(runtime));
         Ok(())
     }
@@ -219,7 +224,11 @@ impl Registry {
                 None => Ok(session.clone()),
             };
         }
-        let tombstones = self.inner.tombstones.lock().unwrap_or_else(PoisonError::into_inner);
+        let tombstones = self
+            .inner
+            .tombstones
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         match tombstones.reasons.get(id) {
             Some(reason) => Err(Error::Ended(reason.clone())),
             None => Err(Error::NotFound(id.to_owned())),
@@ -228,7 +237,10 @@ impl Registry {
 
     /// Every live session, oldest first.
     pub fn list(&self) -> Vec<Info> {
-        let mut all: Vec<Info> = read(&self.inner.sessions).values().map(|s| s.info()).collect();
+        let mut all: Vec<Info> = read(&self.inner.sessions)
+            .values()
+            .map(|s| s.info())
+            .collect();
         all.sort_by_key(|i| i.created_at);
         all
     }
@@ -256,7 +268,10 @@ impl Registry {
 
     /// Live sessions and the capacity.
     pub fn load(&self) -> (usize, u32) {
-        (read(&self.inner.sessions).len(), self.inner.config.max_sessions)
+        (
+            read(&self.inner.sessions).len(),
+            self.inner.config.max_sessions,
+        )
     }
 
     /// Ends every session whose idle TTL or lifetime has passed at `now`; how many.
@@ -316,7 +331,9 @@ impl Inner {
 
 fn check_env(env: BTreeMap<String, String>) -> Result<Vec<(String, String)>> {
     if env.len() > MAX_ENV {
-        return Err(Error::InvalidRequest(format!("env may have at most {MAX_ENV} entries")));
+        return Err(Error::InvalidRequest(format!(
+            "env may have at most {MAX_ENV} entries"
+        )));
     }
     for (key, value) in &env {
         if key.is_empty() || key.contains(['=', '\0']) || key.len() > MAX_ENV_BYTES {
@@ -340,10 +357,16 @@ mod tests {
     #[test]
     fn env_keys_and_values_are_checked() {
         let ok = BTreeMap::from([("A".to_owned(), "1".to_owned())]);
-        assert_eq!(check_env(ok).ok(), Some(vec![("A".to_owned(), "1".to_owned())]));
+        assert_eq!(
+            check_env(ok).ok(),
+            Some(vec![("A".to_owned(), "1".to_owned())])
+        );
         for bad in [("", "x"), ("A=B", "x"), ("A", "nul\0")] {
             let env = BTreeMap::from([(bad.0.to_owned(), bad.1.to_owned())]);
-            assert!(matches!(check_env(env), Err(Error::InvalidRequest(_))), "{bad:?}");
+            assert!(
+                matches!(check_env(env), Err(Error::InvalidRequest(_))),
+                "{bad:?}"
+            );
         }
     }
 

@@ -72,7 +72,9 @@ impl Runtime {
         let mut linker = Linker::new(engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut SessionState| &mut s.wasi)
             .map_err(Error::Engine)?;
-        linker.func_wrap("host", "call", door).map_err(Error::Engine)?;
+        linker
+            .func_wrap("host", "call", door)
+            .map_err(Error::Engine)?;
         let pre = linker.instantiate_pre(&module).map_err(Error::Engine)?;
         Ok(Self {
             name,
@@ -95,7 +97,11 @@ fn check_contract(module: &Module, wasm: &Path) -> Result<u64> {
     for name in ["turn", "host_alloc"] {
         match module.get_export(name) {
             Some(wasmtime::ExternType::Func(_)) => {}
-            _ => return Err(contract(format!("it does not export the function `{name}`"))),
+            _ => {
+                return Err(contract(format!(
+                    "it does not export the function `{name}`"
+                )));
+            }
         }
     }
     match module.get_export("memory") {
@@ -127,7 +133,10 @@ fn door(
     }
     let zero = 0u32.to_le_bytes();
     for at in [out_ptr_ptr, out_len_ptr] {
-        if memory.write(&mut caller, at as u32 as usize, &zero).is_err() {
+        if memory
+            .write(&mut caller, at as u32 as usize, &zero)
+            .is_err()
+        {
             return FAULT;
         }
     }

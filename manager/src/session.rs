@@ -205,7 +205,8 @@ impl Session {
         }
         let stats = self.stats();
         let idle = matches!(stats.phase, Phase::Idle | Phase::Starting);
-        (idle && now.duration_since(stats.last_used) >= self.limits.idle_ttl).then_some(EndReason::Idle)
+        (idle && now.duration_since(stats.last_used) >= self.limits.idle_ttl)
+            .then_some(EndReason::Idle)
     }
 
     /// Runs `code` as the next turn, after the turns already queued. `timeout` overrides the
@@ -271,7 +272,8 @@ pub async fn start(
     let workspace = dir.join("workspace");
     let tmp = dir.join("tmp");
     for d in [&workspace, &tmp] {
-        std::fs::create_dir_all(d).map_err(|e| Error::Io(format!("creating {}", d.display()), e))?;
+        std::fs::create_dir_all(d)
+            .map_err(|e| Error::Io(format!("creating {}", d.display()), e))?;
     }
     let (stdout, stderr) = (Capture::default(), Capture::default());
     let mut wasi = WasiCtxBuilder::new();
@@ -282,11 +284,21 @@ pub async fn start(
         .envs(&env);
     for mount in &runtime.mounts {
         wasi.preopened_dir(&mount.host, &mount.guest, FsPerms::ReadOnly)
-            .map_err(|e| Error::Io(format!("opening {}", mount.host.display()), std::io::Error::other(e.to_string())))?;
+            .map_err(|e| {
+                Error::Io(
+                    format!("opening {}", mount.host.display()),
+                    std::io::Error::other(e.to_string()),
+                )
+            })?;
     }
     for (host, guest) in [(&workspace, "/workspace"), (&tmp, "/tmp")] {
         wasi.preopened_dir(host, guest, FsPerms::ReadWrite)
-            .map_err(|e| Error::Io(format!("opening {}", host.display()), std::io::Error::other(e.to_string())))?;
+            .map_err(|e| {
+                Error::Io(
+                    format!("opening {}", host.display()),
+                    std::io::Error::other(e.to_string()),
+                )
+            })?;
     }
     let state = SessionState {
         wasi: wasi.build_p1(),
@@ -382,7 +394,11 @@ struct Driver {
 }
 
 impl Driver {
-    async fn run(mut self, mut queue: mpsc::Receiver<Job>, mut stopped: watch::Receiver<Option<EndReason>>) -> EndReason {
+    async fn run(
+        mut self,
+        mut queue: mpsc::Receiver<Job>,
+        mut stopped: watch::Receiver<Option<EndReason>>,
+    ) -> EndReason {
         let reason = self.serve(&mut queue, &mut stopped).await;
         self.set_phase(Phase::Ended(reason.clone()));
         queue.close();
@@ -410,6 +426,9 @@ impl Driver {
             let (end, _) = self.turn(code.as_bytes(), deadline, stopped).await;
             let (stderr, _) = self.stderr.take();
             if let TurnEnd::Ended(reason) = end {
+                if matches!(reason, EndReason::Deleted | EndReason::Shutdown) {
+                    return reason;
+                }
                 tracing::warn!(session = %self.session.id, %reason, stderr = %String::from_utf8_lossy(&stderr), "bootstrap failed");
                 return reason;
             }
@@ -443,7 +462,11 @@ impl Driver {
         }
     }
 
-    async fn execute(&mut self, job: &Job, stopped: &mut watch::Receiver<Option<EndReason>>) -> Outcome {
+    async fn execute(
+        &mut self,
+        job: &Job,
+        stopped: &mut watch::Receiver<Option<EndReason>>,
+    ) -> Outcome {
         let n = {
             let mut stats = self.session.stats();
             stats.phase = Phase::Running;
@@ -451,7 +474,9 @@ impl Driver {
             stats.executions
         };
         let limits = self.session.limits;
-        let lifetime_left = limits.lifetime.saturating_sub(self.session.created.elapsed());
+        let lifetime_left = limits
+            .lifetime
+            .saturating_sub(self.session.created.elapsed());
         let capped = job.timeout >= lifetime_left;
         let deadline = job.timeout.min(lifetime_left);
         let input = self.protocol.encode_turn(&job.code, n);
@@ -526,13 +551,16 @@ impl Driver {
         self.store.data_mut().report = None;
         let (store, exports) = (&mut self.store, &self.exports);
         let call = async {
-            let len = i32::try_from(input.len()).map_err(|_| wasmtime::format_err!("turn input over 2 GiB"))?;
+            let len = i32::try_from(input.len())
+                .map_err(|_| wasmtime::format_err!("turn input over 2 GiB"))?;
             let mut ptr = exports.host_alloc.call_async(&mut *store, len).await?;
             let fits = (ptr as u32 as usize)
                 .checked_add(input.len())
                 .is_some_and(|end| ptr != 0 && end <= exports.memory.data_size(&*store));
             if fits {
-                exports.memory.write(&mut *store, ptr as u32 as usize, input)?;
+                exports
+                    .memory
+                    .write(&mut *store, ptr as u32 as usize, input)?;
             } else {
                 ptr = 0; // the guest raises MemoryError for the turn
             }
@@ -563,7 +591,11 @@ fn classify(e: &wasmtime::Error) -> EndReason {
         return EndReason::Exit(i64::from(exit.0));
     }
     if let Some(trap) = e.downcast_ref::<wasmtime::Trap>() {
-        return EndReason::Trap(trap.to_string().trim_start_matches("wasm trap: ").to_owned());
+        return EndReason::Trap(
+            trap.to_string()
+                .trim_start_matches("wasm trap: ")
+                .to_owned(),
+        );
     }
     EndReason::Trap(e.to_string().lines().next().unwrap_or("trap").to_owned())
 }
@@ -574,7 +606,9 @@ fn ended_error(reason: &EndReason, deadline: Duration) -> GuestError {
             "the execution ran past its deadline of {} ms; the session has ended",
             deadline.as_millis()
         ),
-        EndReason::Exit(code) => format!("the code exited with status {code}; the session has ended"),
+        EndReason::Exit(code) => {
+            format!("the code exited with status {code}; the session has ended")
+        }
         other => format!("the session has ended: {other}"),
     };
     GuestError {
@@ -589,4 +623,35 @@ fn floor_char_boundary(s: &str, mut at: usize) -> usize {
         at -= 1;
     }
     at
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn end_reasons_read_as_clients_see_them() {
+        assert_eq!(EndReason::Deadline.to_string(), "deadline");
+        assert_eq!(EndReason::Exit(3).to_string(), "exit");
+        assert_eq!(
+            EndReason::Trap("unreachable".into()).to_string(),
+            "trap: unreachable"
+        );
+        assert_eq!(EndReason::Trap("x".into()).code(), "trap");
+    }
+
+    #[test]
+    fn exits_and_traps_are_told_apart() {
+        let exit = wasmtime::Error::new(wasmtime_wasi::I32Exit(4));
+        assert_eq!(classify(&exit), EndReason::Exit(4));
+        let trap = wasmtime::Error::new(wasmtime::Trap::UnreachableCodeReached);
+        assert!(matches!(classify(&trap), EndReason::Trap(t) if t.contains("unreachable")));
+    }
+
+    #[test]
+    fn cutting_a_result_keeps_whole_characters() {
+        let s = "aé";
+        assert_eq!(floor_char_boundary(s, 2), 1);
+        assert_eq!(floor_char_boundary(s, 3), 3);
+    }
 }

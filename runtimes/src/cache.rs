@@ -37,8 +37,10 @@ impl ModuleCache {
         let path = self.dir.join(format!("{}.cwasm", key(engine, &digest)));
         fs::create_dir_all(&self.dir).map_err(io(format!("creating {}", self.dir.display())))?;
         let lock_path = path.with_extension("lock");
-        let lock = File::create(&lock_path).map_err(io(format!("opening {}", lock_path.display())))?;
-        lock.lock().map_err(io(format!("locking {}", lock_path.display())))?;
+        let lock =
+            File::create(&lock_path).map_err(io(format!("opening {}", lock_path.display())))?;
+        lock.lock()
+            .map_err(io(format!("locking {}", lock_path.display())))?;
         if path.exists() {
             match deserialize(engine, &path) {
                 Ok(module) => return Ok(module),
@@ -54,15 +56,20 @@ impl ModuleCache {
         ));
         let started = std::time::Instant::now();
         let bytes = fs::read(wasm).map_err(io(format!("reading {}", wasm.display())))?;
-        let compiled = engine.precompile_module(&bytes).map_err(|source| Error::Compile {
-            path: wasm.to_owned(),
-            source,
-        })?;
+        let compiled = engine
+            .precompile_module(&bytes)
+            .map_err(|source| Error::Compile {
+                path: wasm.to_owned(),
+                source,
+            })?;
         drop(bytes);
         let staged = path.with_extension("cwasm.tmp");
         fs::write(&staged, &compiled).map_err(io(format!("writing {}", staged.display())))?;
         fs::rename(&staged, &path).map_err(io(format!("renaming {}", staged.display())))?;
-        progress(&format!("compiled in {:.1} s", started.elapsed().as_secs_f64()));
+        progress(&format!(
+            "compiled in {:.1} s",
+            started.elapsed().as_secs_f64()
+        ));
         deserialize(engine, &path)
     }
 }
@@ -71,7 +78,10 @@ fn deserialize(engine: &Engine, path: &Path) -> Result<Module> {
     // SAFETY: the file is one this cache wrote with `Engine::precompile_module` under a key
     // that names this wasmtime version and this engine's settings, in a directory owned by
     // the user running the manager; wasmtime checks the header and settings again.
-    #[allow(unsafe_code, reason = "loading our own precompiled .cwasm is wasmtime's unsafe API")]
+    #[allow(
+        unsafe_code,
+        reason = "loading our own precompiled .cwasm is wasmtime's unsafe API"
+    )]
     let module = unsafe { Module::deserialize_file(engine, path) };
     module.map_err(|source| Error::Compile {
         path: path.to_owned(),
@@ -102,7 +112,9 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file.read(&mut buf).map_err(io(format!("reading {}", path.display())))?;
+        let n = file
+            .read(&mut buf)
+            .map_err(io(format!("reading {}", path.display())))?;
         if n == 0 {
             break;
         }

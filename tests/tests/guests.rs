@@ -42,13 +42,25 @@ async fn counter() {
     assert_eq!(first["result"], "1");
     assert_eq!(first["stdout"], "count=1\n");
     assert_eq!(m.exec(&id, "inc").await["result"], "2");
-    assert_eq!(m.exec(&id, "get").await["result"], "2", "state persists across turns");
+    assert_eq!(
+        m.exec(&id, "get").await["result"],
+        "2",
+        "state persists across turns"
+    );
     let other = session("counter").await;
-    assert_eq!(m.exec(&other, "get").await["result"], "0", "sessions do not share state");
+    assert_eq!(
+        m.exec(&other, "get").await["result"],
+        "0",
+        "sessions do not share state"
+    );
     let failed = m.exec(&id, "fail").await;
     assert_eq!(failed["error"]["type"], "ValueError");
     assert_eq!(failed["session_ended"], false);
-    assert_eq!(m.exec(&id, "get").await["result"], "2", "an error keeps the session");
+    assert_eq!(
+        m.exec(&id, "get").await["result"],
+        "2",
+        "an error keeps the session"
+    );
     let (status, info) = m.get(&format!("/v1/sessions/{id}")).await;
     assert_eq!(status, 200);
     assert_eq!(info["executions"], 5);
@@ -62,15 +74,26 @@ async fn spinner() {
     let id = session("spinner").await;
     assert_eq!(m.exec(&id, "ping").await["result"], "pong");
     let (status, v) = m
-        .post(&format!("/v1/sessions/{id}/execute"), json!({"code": "spin", "timeout_ms": 300}))
+        .post(
+            &format!("/v1/sessions/{id}/execute"),
+            json!({"code": "spin", "timeout_ms": 300}),
+        )
         .await;
     assert_eq!(status, 200);
     assert_eq!(v["session_ended"], true);
     assert_eq!(v["end_reason"], "deadline");
     assert_eq!(v["error"]["type"], "SessionEnded");
     let ms = v["duration_ms"].as_f64().unwrap();
-    assert!((300.0..3000.0).contains(&ms), "stopped near its deadline, took {ms} ms");
-    let (status, v) = m.post(&format!("/v1/sessions/{id}/execute"), json!({"code": "ping"})).await;
+    assert!(
+        (300.0..3000.0).contains(&ms),
+        "stopped near its deadline, took {ms} ms"
+    );
+    let (status, v) = m
+        .post(
+            &format!("/v1/sessions/{id}/execute"),
+            json!({"code": "ping"}),
+        )
+        .await;
     assert_eq!(status, 410);
     assert_eq!(v["error"]["code"], "session_ended");
     assert_eq!(v["error"]["reason"], "deadline");
@@ -84,10 +107,17 @@ async fn a_blocking_sleep_is_bounded_by_the_deadline() {
     assert_eq!(m.exec(&id, "sleep 10").await["result"], "slept");
     let started = Instant::now();
     let (_, v) = m
-        .post(&format!("/v1/sessions/{id}/execute"), json!({"code": "sleep 60000", "timeout_ms": 200}))
+        .post(
+            &format!("/v1/sessions/{id}/execute"),
+            json!({"code": "sleep 60000", "timeout_ms": 200}),
+        )
         .await;
     assert_eq!(v["end_reason"], "deadline");
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -99,7 +129,11 @@ async fn hog() {
     let over = m.exec(&id, "grow 100").await;
     assert_eq!(over["error"]["type"], "MemoryError", "{over}");
     assert_eq!(over["session_ended"], false);
-    assert_eq!(m.exec(&id, "held").await["result"], "8", "the session is still usable");
+    assert_eq!(
+        m.exec(&id, "held").await["result"],
+        "8",
+        "the session is still usable"
+    );
     let (_, info) = m.get(&format!("/v1/sessions/{id}")).await;
     assert!(info["memory_bytes"].as_u64().unwrap() >= 8 << 20);
     assert!(info["memory_bytes"].as_u64().unwrap() <= 64 << 20);
@@ -111,13 +145,25 @@ async fn prober() {
     let id = session("prober").await;
     let denied = m.exec(&id, "read /etc/passwd").await;
     assert_eq!(denied["error"]["type"], "OSError", "{denied}");
-    assert!(m.exec(&id, "list /").await["error"].is_object(), "/ is not preopened");
+    assert!(
+        m.exec(&id, "list /").await["error"].is_object(),
+        "/ is not preopened"
+    );
     assert!(m.exec(&id, "read /workspace/../../etc/passwd").await["error"].is_object());
-    assert_eq!(m.exec(&id, "write /workspace/a.txt hello").await["result"], "written");
-    assert_eq!(m.exec(&id, "read /workspace/a.txt").await["result"], "hello");
+    assert_eq!(
+        m.exec(&id, "write /workspace/a.txt hello").await["result"],
+        "written"
+    );
+    assert_eq!(
+        m.exec(&id, "read /workspace/a.txt").await["result"],
+        "hello"
+    );
     assert_eq!(m.exec(&id, "list /workspace").await["result"], "a.txt");
     let other = session("prober").await;
-    assert!(m.exec(&other, "read /workspace/a.txt").await["error"].is_object(), "workspaces are private");
+    assert!(
+        m.exec(&other, "read /workspace/a.txt").await["error"].is_object(),
+        "workspaces are private"
+    );
     // Only the fixed environment reaches the guest, never the host's.
     assert_eq!(m.exec(&id, "env").await["result"], "HOME=/workspace");
     assert_eq!(m.exec(&id, "stdin").await["result"], "0:", "stdin is empty");
@@ -126,8 +172,13 @@ async fn prober() {
 #[tokio::test]
 async fn env_from_the_request_reaches_the_guest() {
     let m = manager();
-    let id = m.create(json!({"runtime": "prober", "env": {"TOKEN": "abc"}})).await;
-    assert_eq!(m.exec(&id, "env").await["result"], "HOME=/workspace\nTOKEN=abc");
+    let id = m
+        .create(json!({"runtime": "prober", "env": {"TOKEN": "abc"}}))
+        .await;
+    assert_eq!(
+        m.exec(&id, "env").await["result"],
+        "HOME=/workspace\nTOKEN=abc"
+    );
 }
 
 #[tokio::test]
@@ -150,15 +201,38 @@ async fn exit_and_trap_end_only_their_session() {
     let id = session("counter").await;
     let v = m.exec(&id, "exit 3").await;
     assert_eq!(v["end_reason"], "exit");
-    let (status, v) = m.post(&format!("/v1/sessions/{id}/execute"), json!({"code": "get"})).await;
+    let (status, v) = m
+        .post(
+            &format!("/v1/sessions/{id}/execute"),
+            json!({"code": "get"}),
+        )
+        .await;
     assert_eq!((status, v["error"]["reason"].as_str()), (410, Some("exit")));
     let id = session("counter").await;
     let v = m.exec(&id, "trap").await;
-    assert!(v["end_reason"].as_str().unwrap().starts_with("trap: "), "{v}");
-    let (status, v) = m.post(&format!("/v1/sessions/{id}/execute"), json!({"code": "get"})).await;
+    assert!(
+        v["end_reason"].as_str().unwrap().starts_with("trap: "),
+        "{v}"
+    );
+    let (status, v) = m
+        .post(
+            &format!("/v1/sessions/{id}/execute"),
+            json!({"code": "get"}),
+        )
+        .await;
     assert_eq!(status, 410);
-    assert!(v["error"]["reason"].as_str().unwrap().contains("unreachable"), "{v}");
-    assert_eq!(m.exec(&neighbour, "get").await["result"], "1", "the neighbour never noticed");
+    assert!(
+        v["error"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("unreachable"),
+        "{v}"
+    );
+    assert_eq!(
+        m.exec(&neighbour, "get").await["result"],
+        "1",
+        "the neighbour never noticed"
+    );
 }
 
 #[tokio::test]
@@ -168,7 +242,12 @@ async fn a_neighbour_answers_while_another_session_spins() {
     let neighbour = session("counter").await;
     let url = m.url(&format!("/v1/sessions/{spinner}/execute"));
     let spin = tokio::spawn(async move {
-        client().post(url).json(&json!({"code": "spin", "timeout_ms": 2000})).send().await.unwrap()
+        client()
+            .post(url)
+            .json(&json!({"code": "spin", "timeout_ms": 2000}))
+            .send()
+            .await
+            .unwrap()
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
     let started = Instant::now();
@@ -176,8 +255,14 @@ async fn a_neighbour_answers_while_another_session_spins() {
         m.exec(&neighbour, "inc").await;
     }
     let took = started.elapsed();
-    assert!(took < Duration::from_millis(1900), "20 turns beside a spinner took {took:?}");
-    assert_eq!(decode(spin.await.unwrap()).await.1["end_reason"], "deadline");
+    assert!(
+        took < Duration::from_millis(1900),
+        "20 turns beside a spinner took {took:?}"
+    );
+    assert_eq!(
+        decode(spin.await.unwrap()).await.1["end_reason"],
+        "deadline"
+    );
 }
 
 #[tokio::test]
@@ -186,7 +271,17 @@ async fn executes_on_one_session_are_serialized() {
     let id = session("counter").await;
     let calls = (0..10).map(|_| {
         let url = m.url(&format!("/v1/sessions/{id}/execute"));
-        tokio::spawn(async move { decode(client().post(url).json(&json!({"code": "inc"})).send().await.unwrap()).await })
+        tokio::spawn(async move {
+            decode(
+                client()
+                    .post(url)
+                    .json(&json!({"code": "inc"}))
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await
+        })
     });
     let mut results: Vec<u64> = Vec::new();
     for call in calls {
@@ -195,7 +290,11 @@ async fn executes_on_one_session_are_serialized() {
         results.push(v["result"].as_str().unwrap().parse().unwrap());
     }
     results.sort();
-    assert_eq!(results, (1..=10).collect::<Vec<_>>(), "each turn saw the one before");
+    assert_eq!(
+        results,
+        (1..=10).collect::<Vec<_>>(),
+        "each turn saw the one before"
+    );
 }
 
 #[tokio::test]
@@ -205,15 +304,27 @@ async fn a_full_manager_answers_429_with_retry_after() {
     let m = TestManager::start(c, Runtimes::guests());
     let a = m.create(json!({"runtime": "counter"})).await;
     m.create(json!({"runtime": "counter"})).await;
-    let r = client().post(m.url("/v1/sessions")).json(&json!({"runtime": "counter"})).send().await.unwrap();
+    let r = client()
+        .post(m.url("/v1/sessions"))
+        .json(&json!({"runtime": "counter"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.headers()["retry-after"], "1");
     let (status, v) = decode(r).await;
-    assert_eq!((status, v["error"]["code"].as_str()), (429, Some("capacity_exhausted")));
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (429, Some("capacity_exhausted"))
+    );
     assert_eq!(m.delete(&format!("/v1/sessions/{a}")).await.0, 204);
     // The slot comes back once the deleted session's store is gone.
     let mut created = 0;
     for _ in 0..100 {
-        if m.post("/v1/sessions", json!({"runtime": "counter"})).await.0 == 201 {
+        if m.post("/v1/sessions", json!({"runtime": "counter"}))
+            .await
+            .0
+            == 201
+        {
             created += 1;
             break;
         }
@@ -238,7 +349,10 @@ async fn idle_and_lifetime_bounds_end_sessions() {
     let id = life.create(json!({"runtime": "spinner"})).await;
     // A turn is cut at the lifetime even with a longer deadline.
     let (_, v) = life
-        .post(&format!("/v1/sessions/{id}/execute"), json!({"code": "spin", "timeout_ms": 10000}))
+        .post(
+            &format!("/v1/sessions/{id}/execute"),
+            json!({"code": "spin", "timeout_ms": 10000}),
+        )
         .await;
     assert_eq!(v["end_reason"], "lifetime", "{v}");
 }
@@ -248,15 +362,29 @@ async fn sessions_are_listed_and_deleted() {
     let m = manager();
     let id = session("counter").await;
     let (_, all) = m.get("/v1/sessions").await;
-    assert!(all["sessions"].as_array().unwrap().iter().any(|s| s["id"] == id.as_str()));
+    assert!(
+        all["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["id"] == id.as_str())
+    );
     assert_eq!(m.delete(&format!("/v1/sessions/{id}")).await.0, 204);
     let (status, v) = m.get(&format!("/v1/sessions/{id}")).await;
-    assert_eq!((status, v["error"]["code"].as_str()), (404, Some("session_not_found")));
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("session_not_found"))
+    );
     assert_eq!(m.delete(&format!("/v1/sessions/{id}")).await.0, 404);
 }
 
 async fn raw(method: reqwest::Method, path: &str, body: Vec<u8>) -> (u16, Value) {
-    let r = client().request(method, manager().url(path)).body(body).send().await.unwrap();
+    let r = client()
+        .request(method, manager().url(path))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
     decode(r).await
 }
 
@@ -291,7 +419,11 @@ async fn oversized(path: &str) -> (u16, Value) {
         if let Some((head, body)) = text.split_once("\r\n\r\n") {
             let length = head
                 .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(str::to_owned))
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(str::to_owned)
+                })
                 .and_then(|l| l.trim().parse::<usize>().ok())
                 .unwrap_or(0);
             if body.len() >= length {
@@ -312,31 +444,95 @@ async fn bad_input_gets_a_clear_4xx() {
     let post = reqwest::Method::POST;
     let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
         ("/v1/sessions", b"{not json".to_vec(), 400, "invalid_json"),
-        ("/v1/sessions", b"{\"timeout_ms\": \"soon\"}".to_vec(), 422, "invalid_request"),
-        ("/v1/sessions", b"{\"memory_mib\": -1}".to_vec(), 422, "invalid_request"),
-        ("/v1/sessions", b"{\"typo\": 1}".to_vec(), 422, "invalid_request"),
-        ("/v1/sessions", b"{\"runtime\": \"cobol\"}".to_vec(), 422, "unknown_runtime"),
-        ("/v1/sessions", b"{\"runtime\": \"counter\", \"timeout_ms\": 0}".to_vec(), 422, "invalid_request"),
-        ("/v1/sessions", b"{\"runtime\": \"counter\", \"memory_mib\": 999999}".to_vec(), 422, "invalid_request"),
-        ("/v1/sessions", b"{\"runtime\": \"counter\", \"env\": {\"A=B\": \"x\"}}".to_vec(), 422, "invalid_request"),
+        (
+            "/v1/sessions",
+            b"{\"timeout_ms\": \"soon\"}".to_vec(),
+            422,
+            "invalid_request",
+        ),
+        (
+            "/v1/sessions",
+            b"{\"memory_mib\": -1}".to_vec(),
+            422,
+            "invalid_request",
+        ),
+        (
+            "/v1/sessions",
+            b"{\"typo\": 1}".to_vec(),
+            422,
+            "invalid_request",
+        ),
+        (
+            "/v1/sessions",
+            b"{\"runtime\": \"cobol\"}".to_vec(),
+            422,
+            "unknown_runtime",
+        ),
+        (
+            "/v1/sessions",
+            b"{\"runtime\": \"counter\", \"timeout_ms\": 0}".to_vec(),
+            422,
+            "invalid_request",
+        ),
+        (
+            "/v1/sessions",
+            b"{\"runtime\": \"counter\", \"memory_mib\": 999999}".to_vec(),
+            422,
+            "invalid_request",
+        ),
+        (
+            "/v1/sessions",
+            b"{\"runtime\": \"counter\", \"env\": {\"A=B\": \"x\"}}".to_vec(),
+            422,
+            "invalid_request",
+        ),
         ("/v1/sessions", b"[1, 2]".to_vec(), 422, "invalid_request"),
         (&exec, b"".to_vec(), 400, "invalid_json"),
         (&exec, b"{\"code\": 42}".to_vec(), 422, "invalid_request"),
         (&exec, b"{}".to_vec(), 422, "invalid_request"),
-        (&exec, b"{\"code\": \"get\", \"timeout_ms\": -5}".to_vec(), 422, "invalid_request"),
-        ("/v1/sessions/nope/execute", b"{\"code\": \"get\"}".to_vec(), 404, "session_not_found"),
+        (
+            &exec,
+            b"{\"code\": \"get\", \"timeout_ms\": -5}".to_vec(),
+            422,
+            "invalid_request",
+        ),
+        (
+            "/v1/sessions/nope/execute",
+            b"{\"code\": \"get\"}".to_vec(),
+            404,
+            "session_not_found",
+        ),
         ("/v1/nothing-here", b"".to_vec(), 404, "no_route"),
     ];
     for (path, body, status, code) in cases {
         let (got, v) = raw(post.clone(), path, body.clone()).await;
-        assert_eq!((got, v["error"]["code"].as_str()), (status, Some(code)), "{path} {:?}: {v}", String::from_utf8_lossy(&body));
-        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert_eq!(
+            (got, v["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{path} {:?}: {v}",
+            String::from_utf8_lossy(&body)
+        );
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
     }
     let (got, v) = raw(reqwest::Method::PUT, "/v1/sessions", vec![]).await;
-    assert_eq!((got, v["error"]["code"].as_str()), (405, Some("method_not_allowed")));
+    assert_eq!(
+        (got, v["error"]["code"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
     let (got, v) = oversized(&exec).await;
-    assert_eq!((got, v["error"]["code"].as_str()), (413, Some("body_too_large")));
-    assert_eq!(m.exec(&id, "inc").await["result"], "1", "nothing stored was lost");
+    assert_eq!(
+        (got, v["error"]["code"].as_str()),
+        (413, Some("body_too_large"))
+    );
+    assert_eq!(
+        m.exec(&id, "inc").await["result"],
+        "1",
+        "nothing stored was lost"
+    );
 }
 
 #[tokio::test]

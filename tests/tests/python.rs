@@ -32,10 +32,26 @@ async fn state_persists_across_turns() {
     let v = m.exec(&id, "x + 1").await;
     assert_eq!(v["result"], "42");
     assert_eq!(v["stdout"], "", "the result is not echoed into stdout");
-    let v = m.exec(&id, "import math\ndef f(n):\n    return math.factorial(n)\nprint('hi')\nf(5)").await;
-    assert_eq!((v["stdout"].as_str(), v["result"].as_str()), (Some("hi\n"), Some("120")));
-    assert_eq!(m.exec(&id, "f(6), _").await["result"], "(720, 120)", "imports, functions and _ persist");
-    assert_eq!(m.exec(&id, "'a' * 3").await["result"], "'aaa'", "result is the repr");
+    let v = m
+        .exec(
+            &id,
+            "import math\ndef f(n):\n    return math.factorial(n)\nprint('hi')\nf(5)",
+        )
+        .await;
+    assert_eq!(
+        (v["stdout"].as_str(), v["result"].as_str()),
+        (Some("hi\n"), Some("120"))
+    );
+    assert_eq!(
+        m.exec(&id, "f(6), _").await["result"],
+        "(720, 120)",
+        "imports, functions and _ persist"
+    );
+    assert_eq!(
+        m.exec(&id, "'a' * 3").await["result"],
+        "'aaa'",
+        "result is the repr"
+    );
     assert_eq!(m.exec(&id, "None").await["result"], json!(null));
 }
 
@@ -46,7 +62,8 @@ async fn sessions_do_not_see_each_other() {
     m.exec(&a, "secret = 'only a'").await;
     let v = m.exec(&b, "secret").await;
     assert_eq!(v["error"]["type"], "NameError", "{v}");
-    m.exec(&a, "open('/workspace/mine.txt', 'w').write('a')").await;
+    m.exec(&a, "open('/workspace/mine.txt', 'w').write('a')")
+        .await;
     let v = m.exec(&b, "import os; os.listdir('/workspace')").await;
     assert_eq!(v["result"], "[]");
 }
@@ -60,8 +77,14 @@ async fn exceptions_are_reported_and_the_session_lives_on() {
     assert_eq!(v["error"]["type"], "ZeroDivisionError");
     assert_eq!(v["error"]["message"], "division by zero");
     let tb = v["error"]["traceback"].as_str().unwrap();
-    assert!(tb.contains("<cell 2>") && tb.contains("return 1 / 0"), "{tb}");
-    assert!(!tb.contains("_arl") && !tb.contains("driver"), "the driver's frames are hidden: {tb}");
+    assert!(
+        tb.contains("<cell 2>") && tb.contains("return 1 / 0"),
+        "{tb}"
+    );
+    assert!(
+        !tb.contains("_arl") && !tb.contains("driver"),
+        "the driver's frames are hidden: {tb}"
+    );
     assert_eq!(v["session_ended"], false);
     let v = m.exec(&id, "def (:").await;
     assert_eq!(v["error"]["type"], "SyntaxError");
@@ -82,15 +105,34 @@ async fn the_guest_sees_only_its_workspace() {
     let m = manager();
     let id = session().await;
     let v = m.exec(&id, "open('/etc/passwd').read()").await;
-    assert!(["FileNotFoundError", "PermissionError", "OSError"].contains(&v["error"]["type"].as_str().unwrap()), "{v}");
+    assert!(
+        ["FileNotFoundError", "PermissionError", "OSError"]
+            .contains(&v["error"]["type"].as_str().unwrap()),
+        "{v}"
+    );
     let v = m.exec(&id, "import os; os.listdir('/')").await;
     assert!(v["error"].is_object(), "/ is not reachable: {v}");
-    let v = m.exec(&id, "open('/workspace/../../../etc/passwd').read()").await;
+    let v = m
+        .exec(&id, "open('/workspace/../../../etc/passwd').read()")
+        .await;
     assert!(v["error"].is_object(), "{v}");
-    let v = m.exec(&id, "import os; os.getcwd(), sorted(os.environ)").await;
-    assert_eq!(v["result"], "('/workspace', ['HOME', 'LANG', 'MPLBACKEND', 'PWD', 'PYTHONTZPATH', 'TMPDIR'])");
-    let v = m.exec(&id, "open('notes.txt', 'w').write('kept'); open('/workspace/notes.txt').read()").await;
-    assert_eq!(v["result"], "'kept'", "relative paths land in the workspace");
+    let v = m
+        .exec(&id, "import os; os.getcwd(), sorted(os.environ)")
+        .await;
+    assert_eq!(
+        v["result"],
+        "('/workspace', ['HOME', 'LANG', 'MPLBACKEND', 'PWD', 'PYTHONTZPATH', 'TMPDIR'])"
+    );
+    let v = m
+        .exec(
+            &id,
+            "open('notes.txt', 'w').write('kept'); open('/workspace/notes.txt').read()",
+        )
+        .await;
+    assert_eq!(
+        v["result"], "'kept'",
+        "relative paths land in the workspace"
+    );
     let v = m.exec(&id, "import sys; sys.stdin.read()").await;
     assert_eq!(v["result"], "''", "stdin is empty");
 }
@@ -101,10 +143,15 @@ async fn no_network_and_no_processes() {
     let id = session().await;
     let v = m.exec(&id, "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\ns.connect(('127.0.0.1', 80))").await;
     assert!(v["error"].is_object(), "sockets fail: {v}");
-    let v = m.exec(&id, "import subprocess; subprocess.run(['ls'])").await;
+    let v = m
+        .exec(&id, "import subprocess; subprocess.run(['ls'])")
+        .await;
     assert!(v["error"].is_object(), "subprocess fails: {v}");
     let v = m.exec(&id, "import os; os.system('ls')").await;
-    assert!(v["error"].is_object() || v["result"] != "0", "os.system fails: {v}");
+    assert!(
+        v["error"].is_object() || v["result"] != "0",
+        "os.system fails: {v}"
+    );
 }
 
 #[tokio::test]
@@ -115,14 +162,22 @@ async fn deadlines_end_the_session_even_in_sleep() {
     for code in ["while True: pass", "import time; time.sleep(60)"] {
         let id = session().await;
         let (status, v) = m
-            .post(&format!("/v1/sessions/{id}/execute"), json!({"code": code, "timeout_ms": 500}))
+            .post(
+                &format!("/v1/sessions/{id}/execute"),
+                json!({"code": code, "timeout_ms": 500}),
+            )
             .await;
         assert_eq!(status, 200);
         assert_eq!(v["end_reason"], "deadline", "{code}: {v}");
         let ms = v["duration_ms"].as_f64().unwrap();
         assert!(ms < 5000.0, "{code} took {ms} ms");
-        let (status, v) = m.post(&format!("/v1/sessions/{id}/execute"), json!({"code": "1"})).await;
-        assert_eq!((status, v["error"]["reason"].as_str()), (410, Some("deadline")));
+        let (status, v) = m
+            .post(&format!("/v1/sessions/{id}/execute"), json!({"code": "1"}))
+            .await;
+        assert_eq!(
+            (status, v["error"]["reason"].as_str()),
+            (410, Some("deadline"))
+        );
     }
     assert_eq!(m.exec(&neighbour, "z").await["result"], "1");
 }
@@ -130,11 +185,21 @@ async fn deadlines_end_the_session_even_in_sleep() {
 #[tokio::test]
 async fn exit_ends_the_session() {
     let m = manager();
-    for code in ["exit()", "import sys; sys.exit(3)", "import os; os._exit(4)"] {
+    for code in [
+        "exit()",
+        "import sys; sys.exit(3)",
+        "import os; os._exit(4)",
+    ] {
         let id = session().await;
         let v = m.exec(&id, code).await;
-        assert_eq!((v["session_ended"].as_bool(), v["end_reason"].as_str()), (Some(true), Some("exit")), "{code}: {v}");
-        let (status, v) = m.post(&format!("/v1/sessions/{id}/execute"), json!({"code": "1"})).await;
+        assert_eq!(
+            (v["session_ended"].as_bool(), v["end_reason"].as_str()),
+            (Some(true), Some("exit")),
+            "{code}: {v}"
+        );
+        let (status, v) = m
+            .post(&format!("/v1/sessions/{id}/execute"), json!({"code": "1"}))
+            .await;
         assert_eq!((status, v["error"]["reason"].as_str()), (410, Some("exit")));
     }
 }
@@ -147,9 +212,16 @@ async fn memory_over_the_limit_is_a_memory_error() {
     let v = m.exec(&id, "big = bytearray(512 * 1024 * 1024)").await;
     assert_eq!(v["error"]["type"], "MemoryError", "{v}");
     assert_eq!(v["session_ended"], false);
-    assert_eq!(m.exec(&id, "keep").await["result"], "5", "the session stays usable");
+    assert_eq!(
+        m.exec(&id, "keep").await["result"],
+        "5",
+        "the session stays usable"
+    );
     let (_, info) = m.get(&format!("/v1/sessions/{id}")).await;
-    assert!(info["memory_bytes"].as_u64().unwrap() <= 128 << 20, "{info}");
+    assert!(
+        info["memory_bytes"].as_u64().unwrap() <= 128 << 20,
+        "{info}"
+    );
     assert_eq!(info["limits"]["memory_mib"], 128);
 }
 
@@ -170,8 +242,13 @@ async fn output_over_the_cap_is_cut_and_marked() {
 async fn env_and_the_scientific_stack() {
     let m = manager();
     let id = m.create(json!({"env": {"GREETING": "hello"}})).await;
-    assert_eq!(m.exec(&id, "import os; os.environ['GREETING']").await["result"], "'hello'");
-    let v = m.exec(&id, "import numpy as np; int(np.arange(10).sum())").await;
+    assert_eq!(
+        m.exec(&id, "import os; os.environ['GREETING']").await["result"],
+        "'hello'"
+    );
+    let v = m
+        .exec(&id, "import numpy as np; int(np.arange(10).sum())")
+        .await;
     assert_eq!(v["result"], "45", "{v}");
 }
 
@@ -184,7 +261,15 @@ async fn a_neighbour_answers_while_another_session_hogs_memory() {
     let url = m.url(&format!("/v1/sessions/{hog}/execute"));
     let hogging = tokio::spawn(async move {
         let code = "chunks = []\nwhile True:\n    chunks.append(bytearray(8 << 20))";
-        decode(client().post(url).json(&json!({"code": code})).send().await.unwrap()).await
+        decode(
+            client()
+                .post(url)
+                .json(&json!({"code": code}))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
     });
     for _ in 0..10 {
         m.exec(&neighbour, "n += 1").await;
@@ -214,16 +299,49 @@ async fn rlm_sidecar_routes() {
         .await
         .unwrap();
     assert_eq!(decode(r).await.1["success"], true);
-    let (_, v) = decode(client().post(&exec).json(&json!({"code": "x * 2"})).send().await.unwrap()).await;
-    assert_eq!((v["output"].as_str(), v["result"].as_str()), (Some("84\n"), Some("84")));
-    let (_, v) = decode(client().post(&exec).json(&json!({"code": "1/0"})).send().await.unwrap()).await;
+    let (_, v) = decode(
+        client()
+            .post(&exec)
+            .json(&json!({"code": "x * 2"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (v["output"].as_str(), v["result"].as_str()),
+        (Some("84\n"), Some("84"))
+    );
+    let (_, v) = decode(
+        client()
+            .post(&exec)
+            .json(&json!({"code": "1/0"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(v["success"], false);
     assert!(v["error"].as_str().unwrap().contains("ZeroDivisionError"));
     let (_, listed) = m.get("/sessions").await;
-    assert!(listed["sessions"].as_array().unwrap().iter().any(|s| s["session_id"] == sid.as_str()));
+    assert!(
+        listed["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["session_id"] == sid.as_str())
+    );
     let (status, v) = m.delete(&format!("/session/{sid}")).await;
     assert_eq!((status, v["status"].as_str()), (200, Some("deleted")));
-    let (status, _) = decode(client().post(&exec).json(&json!({"code": "x"})).send().await.unwrap()).await;
+    let (status, _) = decode(
+        client()
+            .post(&exec)
+            .json(&json!({"code": "x"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(status, 404);
 }
 

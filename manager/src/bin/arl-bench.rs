@@ -54,7 +54,10 @@ async fn main() -> anyhow::Result<()> {
     let client = reqwest::Client::builder().tcp_nodelay(true).build()?;
     let n = bench.iterations;
     println!("arl-bench: {} on {}", machine(), manager.base);
-    println!("{:<34} {:>10} {:>10} {:>10}", "measure", "p50 ms", "p99 ms", "samples");
+    println!(
+        "{:<34} {:>10} {:>10} {:>10}",
+        "measure", "p50 ms", "p99 ms", "samples"
+    );
 
     // Warm up the connection and the pool.
     for _ in 0..50 {
@@ -120,7 +123,13 @@ async fn main() -> anyhow::Result<()> {
         (after - before) as f64 / f64::from(1 << 20),
         opened.as_secs_f64()
     );
-    let (_, all) = request(&client, reqwest::Method::DELETE, &format!("{}/sessions", manager.base), None).await?;
+    let (_, all) = request(
+        &client,
+        reqwest::Method::DELETE,
+        &format!("{}/sessions", manager.base),
+        None,
+    )
+    .await?;
     if all["deleted"].as_u64() != Some(bench.sessions as u64) {
         bail!("expected {} sessions to delete, got {all}", bench.sessions);
     }
@@ -148,9 +157,12 @@ async fn start(bench: &Bench) -> anyhow::Result<Manager> {
     if let Some(dir) = &bench.cache_dir {
         command.arg("--cache-dir").arg(dir);
     }
-    let child = command
-        .spawn()
-        .with_context(|| format!("starting {} (build it with cargo build --release)", binary.display()))?;
+    let child = command.spawn().with_context(|| {
+        format!(
+            "starting {} (build it with cargo build --release)",
+            binary.display()
+        )
+    })?;
     let manager = Manager {
         child,
         base: format!("http://127.0.0.1:{}", bench.port),
@@ -191,16 +203,33 @@ async fn request(
 }
 
 async fn create(client: &reqwest::Client, base: &str) -> anyhow::Result<String> {
-    let (status, v) = request(client, reqwest::Method::POST, &format!("{base}/v1/sessions"), Some(json!({}))).await?;
+    let (status, v) = request(
+        client,
+        reqwest::Method::POST,
+        &format!("{base}/v1/sessions"),
+        Some(json!({})),
+    )
+    .await?;
     if status != 201 {
         bail!("create answered {status}: {v}");
     }
     Ok(v["id"].as_str().context("no id")?.to_owned())
 }
 
-async fn execute(client: &reqwest::Client, base: &str, id: &str, code: &str) -> anyhow::Result<Value> {
+async fn execute(
+    client: &reqwest::Client,
+    base: &str,
+    id: &str,
+    code: &str,
+) -> anyhow::Result<Value> {
     let url = format!("{base}/v1/sessions/{id}/execute");
-    let (status, v) = request(client, reqwest::Method::POST, &url, Some(json!({ "code": code }))).await?;
+    let (status, v) = request(
+        client,
+        reqwest::Method::POST,
+        &url,
+        Some(json!({ "code": code })),
+    )
+    .await?;
     if status != 200 {
         bail!("execute answered {status}: {v}");
     }
@@ -208,7 +237,13 @@ async fn execute(client: &reqwest::Client, base: &str, id: &str, code: &str) -> 
 }
 
 async fn delete(client: &reqwest::Client, base: &str, id: &str) -> anyhow::Result<()> {
-    let (status, v) = request(client, reqwest::Method::DELETE, &format!("{base}/v1/sessions/{id}"), None).await?;
+    let (status, v) = request(
+        client,
+        reqwest::Method::DELETE,
+        &format!("{base}/v1/sessions/{id}"),
+        None,
+    )
+    .await?;
     if status != 204 {
         bail!("delete answered {status}: {v}");
     }
@@ -221,7 +256,13 @@ fn report(name: &str, samples: &mut [Duration]) {
         let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
         samples[i].as_secs_f64() * 1e3
     };
-    println!("{:<34} {:>10.3} {:>10.3} {:>10}", name, at(0.50), at(0.99), samples.len());
+    println!(
+        "{:<34} {:>10.3} {:>10.3} {:>10}",
+        name,
+        at(0.50),
+        at(0.99),
+        samples.len()
+    );
 }
 
 /// Private memory (clean + dirty, resident) of a process, from /proc/PID/smaps_rollup.

@@ -78,6 +78,7 @@ macro_rules! guest {
         }
 
         #[unsafe(no_mangle)]
+        #[allow(clippy::not_unsafe_ptr_arg_deref, reason = "the host passes host_alloc's pointer")]
         pub extern "C" fn turn(ptr: *mut u8, len: usize) -> i32 {
             // SAFETY: the host passes what `host_alloc` gave it, once.
             let input = unsafe { $crate::input(ptr, len) };
