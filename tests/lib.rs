@@ -19,18 +19,12 @@ pub mod guests {
     include!(concat!(env!("OUT_DIR"), "/guests.rs"));
 }
 
-/// The cache the tests share with each other and with `arl-manager serve`.
+/// The cache the tests share with each other and with `arl-manager serve` (the same default).
 pub fn cache_dir() -> PathBuf {
     std::env::var_os("ARL_CACHE_DIR")
         .map(PathBuf::from)
-        .or_else(|| dirs_cache().map(|d| d.join("arl")))
+        .or_else(|| dirs::cache_dir().map(|d| d.join("arl")))
         .unwrap_or_else(|| std::env::temp_dir().join("arl-cache"))
-}
-
-fn dirs_cache() -> Option<PathBuf> {
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
 }
 
 /// A default configuration for tests, with the shared cache.

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use tower_http::trace::TraceLayer;
 
 use crate::registry::{CreateRequest, Registry};
 use crate::session::{Info, Limits, Outcome, Session};
@@ -40,7 +41,17 @@ pub fn router(registry: Registry, body_limit: usize) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .with_state(registry)
+}
+
+/// One span per request, named by the route it matched (not the raw path with its ids).
+fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |p| p.as_str());
+    tracing::info_span!("http", method = %request.method(), route)
 }
 
 /// An error as the client sees it.
