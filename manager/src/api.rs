@@ -41,7 +41,13 @@ pub fn router(registry: Registry, body_limit: usize) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        // Server errors are logged where they arise (`ApiError`); a 503 before the runtime is
+        // ready is not one.
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_failure(()),
+        )
         .with_state(registry)
 }
 

@@ -541,3 +541,19 @@ async fn health_and_readiness() {
     assert_eq!(m.get("/healthz").await, (200, json!({"status": "ok"})));
     assert_eq!(m.get("/readyz").await, (200, json!({"status": "ready"})));
 }
+
+#[tokio::test]
+async fn before_a_runtime_is_loaded_the_manager_is_not_ready() {
+    let m = TestManager::start(config(), Runtimes::default());
+    assert_eq!(m.get("/healthz").await.0, 200, "alive while loading");
+    let (status, v) = m.get("/readyz").await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (503, Some("not_ready"))
+    );
+    let (status, v) = m.post("/v1/sessions", json!({})).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (503, Some("not_ready"))
+    );
+}
