@@ -28,25 +28,18 @@ pub struct SessionState {
 }
 
 /// The bounds of one session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Wall-clock time for one execution, blocking calls included.
-    #[serde(rename = "timeout_ms", serialize_with = "as_millis")]
     pub timeout: Duration,
     /// Linear memory the guest may grow to.
     pub memory_bytes: u64,
     /// Bytes kept per stream per execution.
     pub output_bytes: usize,
     /// A session unused this long is ended.
-    #[serde(rename = "idle_ttl_ms", serialize_with = "as_millis")]
     pub idle_ttl: Duration,
     /// A session this old is ended, even mid-turn.
-    #[serde(rename = "lifetime_ms", serialize_with = "as_millis")]
     pub lifetime: Duration,
-}
-
-fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
-    s.serialize_u64(d.as_millis() as u64)
 }
 
 /// Why a session ended. Its `Display` is the reason clients see.
@@ -423,13 +416,14 @@ impl Driver {
         }
         if let Some(code) = self.protocol.bootstrap() {
             let deadline = self.session.limits.timeout.max(Duration::from_secs(30));
+            self.stderr.reset(self.session.limits.output_bytes);
             let (end, _) = self.turn(code.as_bytes(), deadline, stopped).await;
             let (stderr, _) = self.stderr.take();
             if let TurnEnd::Ended(reason) = end {
-                if matches!(reason, EndReason::Deleted | EndReason::Shutdown) {
-                    return reason;
+                if !matches!(reason, EndReason::Deleted | EndReason::Shutdown) {
+                    let stderr = String::from_utf8_lossy(&stderr);
+                    tracing::warn!(session = %self.session.id, %reason, %stderr, "bootstrap failed");
                 }
-                tracing::warn!(session = %self.session.id, %reason, stderr = %String::from_utf8_lossy(&stderr), "bootstrap failed");
                 return reason;
             }
             if !stderr.is_empty() {
