@@ -86,6 +86,7 @@ impl TestManager {
                     RuntimeSpec {
                         name: name.into(),
                         wasm: wasm.into(),
+                        digest: None,
                         protocol: Protocol::Raw,
                         mounts: vec![],
                         base_env: vec![("HOME".into(), "/workspace".into())],

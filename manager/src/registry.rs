@@ -266,14 +266,6 @@ impl Registry {
         all.len()
     }
 
-    /// Live sessions and the capacity.
-    pub fn load(&self) -> (usize, u32) {
-        (
-            read(&self.inner.sessions).len(),
-            self.inner.config.max_sessions,
-        )
-    }
-
     /// Ends every session whose idle TTL or lifetime has passed at `now`; how many.
     pub fn reap(&self, now: Instant) -> usize {
         self.inner.reap(now)

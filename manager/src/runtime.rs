@@ -18,6 +18,8 @@ pub struct RuntimeSpec {
     /// The name sessions ask for (`"python"`).
     pub name: String,
     pub wasm: PathBuf,
+    /// The module's sha256 when it is already verified; otherwise it is hashed at load.
+    pub digest: Option<String>,
     pub protocol: Protocol,
     pub mounts: Vec<Mount>,
     pub base_env: Vec<(String, String)>,
@@ -29,6 +31,7 @@ impl RuntimeSpec {
         Self {
             name: "python".into(),
             wasm: artifacts.snapshot,
+            digest: Some(arl_runtimes::python::SNAPSHOT_SHA256.to_owned()),
             protocol: Protocol::Python,
             mounts: artifacts.mounts,
             base_env: arl_runtimes::python::BASE_ENV
@@ -63,11 +66,12 @@ impl Runtime {
         let RuntimeSpec {
             name,
             wasm,
+            digest,
             protocol,
             mounts,
             base_env,
         } = spec;
-        let module = cache.load(engine, &wasm, progress)?;
+        let module = cache.load(engine, &wasm, digest.as_deref(), progress)?;
         let min_memory_bytes = check_contract(&module, &wasm)?;
         let mut linker = Linker::new(engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut SessionState| &mut s.wasi)

@@ -275,23 +275,21 @@ pub async fn start(
         .arg("/usr/local/bin/python.wasm")
         .envs(&runtime.base_env)
         .envs(&env);
-    for mount in &runtime.mounts {
-        wasi.preopened_dir(&mount.host, &mount.guest, FsPerms::ReadOnly)
-            .map_err(|e| {
-                Error::Io(
-                    format!("opening {}", mount.host.display()),
-                    std::io::Error::other(e.to_string()),
-                )
-            })?;
-    }
-    for (host, guest) in [(&workspace, "/workspace"), (&tmp, "/tmp")] {
-        wasi.preopened_dir(host, guest, FsPerms::ReadWrite)
-            .map_err(|e| {
-                Error::Io(
-                    format!("opening {}", host.display()),
-                    std::io::Error::other(e.to_string()),
-                )
-            })?;
+    let mounts = runtime
+        .mounts
+        .iter()
+        .map(|m| (m.host.as_path(), m.guest.as_str(), FsPerms::ReadOnly));
+    let own = [
+        (workspace.as_path(), "/workspace", FsPerms::ReadWrite),
+        (tmp.as_path(), "/tmp", FsPerms::ReadWrite),
+    ];
+    for (host, guest, perms) in mounts.chain(own) {
+        wasi.preopened_dir(host, guest, perms).map_err(|e| {
+            Error::Io(
+                format!("opening {}", host.display()),
+                std::io::Error::other(e.to_string()),
+            )
+        })?;
     }
     let state = SessionState {
         wasi: wasi.build_p1(),

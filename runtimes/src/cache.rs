@@ -26,14 +26,20 @@ impl ModuleCache {
         Self { dir: dir.into() }
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// The module at `wasm`, compiled at most once per key across processes (a file lock
-    /// keeps two managers from compiling it side by side).
-    pub fn load(&self, engine: &Engine, wasm: &Path, progress: Progress<'_>) -> Result<Module> {
-        let digest = sha256_file(wasm)?;
+    /// keeps two managers from compiling it side by side). `digest` is the file's sha256 when
+    /// the caller has already verified it (a pinned artifact), so it is not read twice.
+    pub fn load(
+        &self,
+        engine: &Engine,
+        wasm: &Path,
+        digest: Option<&str>,
+        progress: Progress<'_>,
+    ) -> Result<Module> {
+        let digest = match digest {
+            Some(known) => known.to_owned(),
+            None => sha256_file(wasm)?,
+        };
         let path = self.dir.join(format!("{}.cwasm", key(engine, &digest)));
         fs::create_dir_all(&self.dir).map_err(io(format!("creating {}", self.dir.display())))?;
         let lock_path = path.with_extension("lock");

@@ -104,12 +104,10 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let pid = manager.child.id();
     let before = private_bytes(pid)?;
-    let mut ids = Vec::with_capacity(bench.sessions);
     let t = Instant::now();
     for _ in 0..bench.sessions {
         let id = create(&client, &manager.base).await?;
         execute(&client, &manager.base, &id, "x = 1").await?;
-        ids.push(id);
     }
     let opened = t.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
