@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arl_manager::runtime::RuntimeSpec;
-use arl_manager::{ManagerConfig, Registry, api};
+use arl_manager::server::{self, Listeners};
+use arl_manager::{ManagerConfig, Registry, ServeOptions};
 use arl_runtimes::Protocol;
 use serde_json::Value;
 
@@ -65,16 +66,28 @@ impl Runtimes {
     }
 }
 
-/// A manager serving on `127.0.0.1:<random port>` from a thread with its own tokio runtime,
-/// so that one manager can serve every test of a binary.
+/// A manager serving HTTP and gRPC on `127.0.0.1:<random ports>` from a thread with its own
+/// tokio runtime, so that one manager can serve every test of a binary.
 pub struct TestManager {
+    /// `http://127.0.0.1:<port>` of the HTTP API.
     pub base: String,
+    /// `http://127.0.0.1:<port>` of the gRPC API.
+    pub grpc: String,
     pub registry: Registry,
-    _thread: std::thread::JoinHandle<()>,
+    stop: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<std::io::Result<()>>>>,
 }
 
 impl TestManager {
     pub fn start(config: ManagerConfig, runtimes: Runtimes) -> Arc<TestManager> {
+        Self::start_with(config, runtimes, ServeOptions::default())
+    }
+
+    pub fn start_with(
+        config: ManagerConfig,
+        runtimes: Runtimes,
+        options: ServeOptions,
+    ) -> Arc<TestManager> {
         let registry = Registry::new(config).expect("registry");
         let progress = |step: &str| eprintln!("test manager: {step}");
         if runtimes.python {
@@ -96,6 +109,7 @@ impl TestManager {
                 .expect("loading a guest");
         }
         let (tx, rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let served = registry.clone();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -104,23 +118,53 @@ impl TestManager {
                 .build()
                 .expect("runtime");
             rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                    .await
-                    .expect("bind");
-                tx.send(listener.local_addr().expect("addr")).expect("send");
+                let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+                let (http, grpc) = (bind().await?, bind().await?);
+                tx.send((http.local_addr()?, grpc.local_addr()?))
+                    .expect("send");
                 served.spawn_reaper();
-                let router = api::router(served, api::DEFAULT_BODY_LIMIT);
-                api::serve(listener, router, std::future::pending())
-                    .await
-                    .expect("serve");
-            });
+                let listeners = Listeners {
+                    http,
+                    grpc: Some(grpc),
+                };
+                server::run(served, listeners, options, async {
+                    let _ = stopped.await;
+                })
+                .await
+            })
         });
-        let addr = rx.recv().expect("the manager's address");
+        let (http, grpc) = rx.recv().expect("the manager's addresses");
         Arc::new(TestManager {
-            base: format!("http://{addr}"),
+            base: format!("http://{http}"),
+            grpc: format!("http://{grpc}"),
             registry,
-            _thread: thread,
+            stop: std::sync::Mutex::new(Some(stop)),
+            thread: std::sync::Mutex::new(Some(thread)),
         })
+    }
+
+    /// Starts a graceful stop, as SIGTERM does; `join` waits for it to finish.
+    pub fn stop(&self) {
+        if let Some(stop) = self.stop.lock().unwrap().take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Waits (on a blocking thread) until the manager has stopped.
+    pub async fn join(&self) -> std::io::Result<()> {
+        let thread = self.thread.lock().unwrap().take().expect("joined once");
+        tokio::task::spawn_blocking(move || thread.join().expect("the manager thread"))
+            .await
+            .expect("join")
+    }
+
+    /// A gRPC client of this manager.
+    pub async fn grpc_client(
+        &self,
+    ) -> arl_proto::v1::sessions_client::SessionsClient<tonic::transport::Channel> {
+        arl_proto::v1::sessions_client::SessionsClient::connect(self.grpc.clone())
+            .await
+            .expect("gRPC connect")
     }
 
     pub fn url(&self, path: &str) -> String {

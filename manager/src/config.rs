@@ -36,6 +36,7 @@ impl ManagerConfig {
                 output_bytes: 1 << 20,
                 idle_ttl: Duration::from_secs(600),
                 lifetime: Duration::from_secs(3600),
+                workspace_bytes: 100 << 20,
             },
             max_memory_bytes: 4 << 30,
             max_timeout: Duration::from_secs(3600),
@@ -64,6 +65,9 @@ impl ManagerConfig {
         }
         if d.idle_ttl.is_zero() || d.lifetime.is_zero() {
             return bad("--idle-ttl-secs and --lifetime-secs must be at least 1".into());
+        }
+        if d.workspace_bytes == 0 {
+            return bad("--workspace-mib must be at least 1".into());
         }
         if d.output_bytes == 0 {
             return bad("--output-bytes must be at least 1".into());

@@ -1,19 +1,26 @@
 //! `arl-manager`: many stateful WASI sandboxes in one process, keyed by session.
 //!
 //! The core ([`engine`], [`runtime`], [`session`], [`registry`]) knows nothing of HTTP;
-//! [`api`] is the axum adapter over it, and `main.rs` only parses flags and wires them.
+//! [`api`] (HTTP, axum) and [`grpc`] (tonic) are adapters over it, [`server`] runs both, and
+//! `main.rs` only parses flags and wires them.
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod engine;
+pub mod files;
+pub mod grpc;
+pub mod metrics;
 pub mod output;
 pub mod registry;
 pub mod runtime;
+pub mod server;
 pub mod session;
 
 pub use config::ManagerConfig;
 pub use registry::Registry;
+pub use server::ServeOptions;
 pub use session::{EndReason, Limits, Outcome};
 
 /// Everything the session core can refuse or fail at.
@@ -33,6 +40,16 @@ pub enum Error {
     Busy(usize),
     #[error("the runtime is not loaded yet")]
     NotReady,
+    #[error("the manager is draining: it takes no new sessions (existing ones continue)")]
+    Draining,
+    #[error("the manager is shutting down")]
+    ShuttingDown,
+    #[error("the path {0:?} {1}")]
+    BadPath(String, &'static str),
+    #[error("nothing at {0:?} in the workspace")]
+    FileNotFound(String),
+    #[error("the workspace quota of {0} bytes would be exceeded")]
+    QuotaExceeded(u64),
     #[error("{0}: {1}")]
     Io(String, #[source] std::io::Error),
     #[error("instantiating the session: {0}")]

@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use arl_manager::api;
-use arl_manager::{Limits, ManagerConfig, Registry};
+use arl_manager::server::{self, Listeners};
+use arl_manager::{Limits, ManagerConfig, Registry, ServeOptions, api};
 use clap::{Args, Parser, Subcommand};
 
-/// ARL's in-pod session manager: stateful Python sandboxes in WebAssembly, over HTTP.
+/// ARL's in-pod session manager: stateful Python sandboxes in WebAssembly, over HTTP and gRPC.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
@@ -41,9 +41,20 @@ struct Common {
 struct Serve {
     #[command(flatten)]
     common: Common,
-    /// Address to listen on.
+    /// Address of the HTTP API.
     #[arg(long, env = "ARL_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// Address of the gRPC API (arl.v1.Sessions and grpc.health.v1.Health).
+    #[arg(long, env = "ARL_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
+    grpc_listen: SocketAddr,
+    /// Bearer token every route but /healthz and /readyz (and gRPC health) requires. Prefer
+    /// the environment variable: flags show in `ps`.
+    #[arg(long, env = "ARL_AUTH_TOKEN", hide_env_values = true)]
+    auth_token: Option<String>,
+    /// Listen on a non-loopback address without --auth-token: anyone who reaches the port can
+    /// run code. Only behind something else that authenticates.
+    #[arg(long, env = "ARL_INSECURE")]
+    insecure: bool,
     /// Sessions open at once; one more create answers 429.
     #[arg(long, env = "ARL_MAX_SESSIONS", default_value_t = 1024)]
     max_sessions: u32,
@@ -68,13 +79,18 @@ struct Serve {
     /// A session is ended this many seconds after it was created.
     #[arg(long, env = "ARL_LIFETIME_SECS", default_value_t = 3600)]
     lifetime_secs: u64,
-    /// Largest request body, in bytes; larger ones answer 413.
+    /// Bytes that uploads may fill a session's workspace with; past it, uploads answer 413.
+    #[arg(long, env = "ARL_WORKSPACE_MIB", default_value_t = 100)]
+    workspace_mib: u64,
+    /// Largest JSON request body and gRPC message, in bytes; larger ones answer 413 (file
+    /// uploads are bounded by the workspace quota instead).
     #[arg(long, env = "ARL_BODY_LIMIT_BYTES", default_value_t = api::DEFAULT_BODY_LIMIT)]
     body_limit_bytes: usize,
     /// Where session workspaces live [default: a private temporary folder].
     #[arg(long, env = "ARL_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Seconds that running executions get to finish on SIGTERM or Ctrl-C.
+    /// Seconds that running executions get to finish on SIGTERM or Ctrl-C before every
+    /// session is ended.
     #[arg(long, env = "ARL_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     shutdown_grace_secs: u64,
 }
@@ -126,6 +142,7 @@ fn config(serve: &Serve) -> anyhow::Result<ManagerConfig> {
         output_bytes: serve.output_bytes,
         idle_ttl: Duration::from_secs(serve.idle_ttl_secs),
         lifetime: Duration::from_secs(serve.lifetime_secs),
+        workspace_bytes: serve.workspace_mib << 20,
     };
     config.max_memory_bytes = serve.max_memory_mib << 20;
     config.max_timeout = Duration::from_millis(serve.max_timeout_ms);
@@ -134,26 +151,65 @@ fn config(serve: &Serve) -> anyhow::Result<ManagerConfig> {
     Ok(config)
 }
 
+/// Refuses to expose the API beyond this machine without a token, unless told to.
+fn check_exposure(serve: &Serve) -> anyhow::Result<()> {
+    if serve.auth_token.is_some() || serve.insecure {
+        return Ok(());
+    }
+    for addr in [serve.listen, serve.grpc_listen] {
+        if !addr.ip().is_loopback() {
+            anyhow::bail!(
+                "refusing to listen on {addr} without --auth-token (ARL_AUTH_TOKEN): anyone who \
+                 can reach that address could run code here. Set a token, listen on 127.0.0.1, \
+                 or pass --insecure if something in front of the manager authenticates"
+            );
+        }
+    }
+    Ok(())
+}
+
 async fn run(serve: Serve) -> anyhow::Result<()> {
+    check_exposure(&serve)?;
+    if serve.auth_token.as_deref() == Some("") {
+        anyhow::bail!("--auth-token must not be empty");
+    }
     let registry = Registry::new(config(&serve)?)?;
-    let listener = tokio::net::TcpListener::bind(serve.listen)
+    let http = tokio::net::TcpListener::bind(serve.listen)
         .await
         .with_context(|| format!("binding {}", serve.listen))?;
-    tracing::info!(listen = %listener.local_addr()?, "arl-manager listening; loading the Python runtime");
+    let grpc = tokio::net::TcpListener::bind(serve.grpc_listen)
+        .await
+        .with_context(|| format!("binding {}", serve.grpc_listen))?;
+    tracing::info!(
+        http = %http.local_addr()?,
+        grpc = %grpc.local_addr()?,
+        auth = serve.auth_token.is_some(),
+        "arl-manager listening; loading the Python runtime"
+    );
     let loader = registry.clone();
     let load = tokio::task::spawn_blocking(move || loader.load_python(&progress));
     registry.spawn_reaper();
-    let router = api::router(registry.clone(), serve.body_limit_bytes);
-    let server = tokio::spawn(api::serve(listener, router, shutdown_signal()));
+    let options = ServeOptions {
+        body_limit: serve.body_limit_bytes,
+        auth_token: serve.auth_token.clone(),
+        grace: Duration::from_secs(serve.shutdown_grace_secs),
+    };
+    let listeners = Listeners {
+        http,
+        grpc: Some(grpc),
+    };
+    let served = tokio::spawn(server::run(
+        registry.clone(),
+        listeners,
+        options,
+        shutdown_signal(),
+    ));
     match load.await? {
         Ok(()) => tracing::info!("the Python runtime is ready"),
         Err(e) => return Err(anyhow::Error::new(e).context("loading the Python runtime")),
     }
-    server.await??;
-    tracing::info!("stopping: ending every session");
-    registry
-        .shutdown(Duration::from_secs(serve.shutdown_grace_secs))
-        .await;
+    served.await??;
+    tracing::info!("stopped");
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -10,6 +11,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::ManagerConfig;
 use crate::engine::{EngineSettings, SandboxEngine};
+use crate::metrics::Metrics;
 use crate::runtime::{Runtime, RuntimeSpec};
 use crate::session::{self, EndReason, Info, Limits, NewSession, Session};
 use crate::{Error, Result};
@@ -21,15 +23,31 @@ const MAX_ENV: usize = 256;
 const MAX_ENV_BYTES: usize = 32 << 10;
 
 /// What a client asks for when it creates a session; every field optional.
-#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRequest {
     /// The runtime's name; `"python"` when absent.
+    #[schema(example = "python")]
     pub runtime: Option<String>,
+    /// Deadline of one execution; the manager's default when absent.
     pub timeout_ms: Option<u64>,
+    /// Memory limit; the manager's default when absent.
     pub memory_mib: Option<u64>,
     /// Added to the guest's fixed environment.
     pub env: Option<BTreeMap<String, String>>,
+}
+
+/// How loaded a manager is: what the operator scales and places on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct Load {
+    /// Live sessions.
+    pub sessions: u64,
+    /// Sessions this manager can hold at once.
+    pub capacity: u64,
+    /// Linear memory of the live sessions, summed.
+    pub memory_bytes: u64,
+    /// Whether new sessions are refused.
+    pub draining: bool,
 }
 
 /// The sessions of one manager and the engine they run on. Cheap to clone.
@@ -46,6 +64,9 @@ struct Inner {
     sessions: RwLock<HashMap<String, Arc<Session>>>,
     tombstones: Mutex<Tombstones>,
     slots: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+    draining: AtomicBool,
+    stopping: AtomicBool,
     data_dir: PathBuf,
     _private_dir: Option<tempfile::TempDir>,
 }
@@ -106,6 +127,9 @@ impl Registry {
                 runtimes: RwLock::default(),
                 sessions: RwLock::default(),
                 tombstones: Mutex::default(),
+                metrics: Arc::new(Metrics::new()),
+                draining: AtomicBool::new(false),
+                stopping: AtomicBool::new(false),
                 data_dir,
                 _private_dir: private,
             }),
@@ -114,6 +138,43 @@ impl Registry {
 
     pub fn config(&self) -> &ManagerConfig {
         &self.inner.config
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Sessions, capacity, memory and whether new sessions are refused.
+    pub fn load(&self) -> Load {
+        let sessions = read(&self.inner.sessions);
+        Load {
+            sessions: sessions.len() as u64,
+            capacity: u64::from(self.inner.config.max_sessions),
+            memory_bytes: sessions.values().map(|s| s.info().memory_bytes).sum(),
+            draining: self.draining(),
+        }
+    }
+
+    /// Starts (`true`) or stops refusing new sessions; existing ones carry on either way.
+    pub fn set_draining(&self, draining: bool) {
+        let was = self.inner.draining.swap(draining, Ordering::SeqCst);
+        if was != draining {
+            tracing::info!(draining, "drain changed");
+        }
+    }
+
+    pub fn draining(&self) -> bool {
+        self.inner.draining.load(Ordering::SeqCst)
+    }
+
+    /// Refuses new sessions for good: the manager is stopping.
+    pub fn stop_accepting(&self) {
+        self.inner.stopping.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether any session has a turn running or waiting.
+    pub fn busy(&self) -> bool {
+        read(&self.inner.sessions).values().any(|s| s.busy())
     }
 
     /// Loads a runtime (compiling it on first use) and makes it available to new sessions.
@@ -142,6 +203,12 @@ impl Registry {
 
     /// Creates a session within the manager's capacity.
     pub async fn create(&self, request: CreateRequest) -> Result<Arc<Session>> {
+        if self.inner.stopping.load(Ordering::SeqCst) {
+            return Err(Error::ShuttingDown);
+        }
+        if self.draining() {
+            return Err(Error::Draining);
+        }
         let name = request.runtime.as_deref().unwrap_or("python");
         let runtime = {
             let runtimes = read(&self.inner.runtimes);
@@ -177,6 +244,7 @@ impl Registry {
             env,
             dir: dir.clone(),
             permit,
+            metrics: self.inner.metrics.clone(),
         };
         let session = match session::start(new, on_end).await {
             Ok(session) => session,
@@ -185,6 +253,7 @@ impl Registry {
                 return Err(e);
             }
         };
+        self.inner.metrics.session_created(&session.runtime);
         write(&self.inner.sessions).insert(id, session.clone());
         Ok(session)
     }
@@ -214,6 +283,21 @@ impl Registry {
             limits.memory_bytes = bytes;
         }
         Ok(limits)
+    }
+
+    /// Checks a per-execution deadline a client asked for (`None`: the session's own).
+    pub fn check_timeout(&self, timeout_ms: Option<u64>) -> Result<Option<Duration>> {
+        let max = self.inner.config.max_timeout;
+        match timeout_ms {
+            Some(0) => Err(Error::InvalidRequest(
+                "timeout_ms must be at least 1".into(),
+            )),
+            Some(ms) if Duration::from_millis(ms) > max => Err(Error::InvalidRequest(format!(
+                "timeout_ms must be at most {}",
+                max.as_millis()
+            ))),
+            other => Ok(other.map(Duration::from_millis)),
+        }
     }
 
     /// The live session with `id`; an ended one answers why it ended.
@@ -300,6 +384,7 @@ impl Registry {
 impl Inner {
     fn forget(&self, id: &str, reason: EndReason) {
         write(&self.sessions).remove(id);
+        self.metrics.session_ended(&reason);
         if reason != EndReason::Deleted {
             tracing::info!(session = id, %reason, "session ended");
             self.tombstones

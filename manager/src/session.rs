@@ -1,9 +1,12 @@
 //! One session: a `Store` with one instance of a runtime, owned by one task that runs its
-//! turns in order. A trap, an exit or a blown deadline ends this session and no other.
+//! turns in order. A trap, an exit, a blown deadline or a caller that went away mid-turn ends
+//! this session and no other.
 
 use std::fmt;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use arl_runtimes::{GuestError, Protocol, Report};
@@ -12,7 +15,9 @@ use wasmtime::{Memory, Store, StoreLimits, StoreLimitsBuilder, TypedFunc};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
-use crate::output::Capture;
+use crate::files::Workspace;
+use crate::metrics::{ExecutionOutcome, Metrics};
+use crate::output::{Capture, Chunk, Sink, Stream};
 use crate::runtime::Runtime;
 use crate::{Error, Result};
 
@@ -40,6 +45,8 @@ pub struct Limits {
     pub idle_ttl: Duration,
     /// A session this old is ended, even mid-turn.
     pub lifetime: Duration,
+    /// Bytes that uploads may fill the workspace with.
+    pub workspace_bytes: u64,
 }
 
 /// Why a session ended. Its `Display` is the reason clients see.
@@ -59,6 +66,8 @@ pub enum EndReason {
     Deleted,
     /// The manager is shutting down.
     Shutdown,
+    /// The caller went away mid-turn, so the turn was stopped.
+    Cancelled,
 }
 
 impl EndReason {
@@ -72,6 +81,7 @@ impl EndReason {
             EndReason::Lifetime => "lifetime",
             EndReason::Deleted => "deleted",
             EndReason::Shutdown => "shutdown",
+            EndReason::Cancelled => "cancelled",
         }
     }
 }
@@ -149,6 +159,7 @@ struct Stats {
 struct Job {
     code: String,
     timeout: Duration,
+    sink: Option<Sink>,
     reply: oneshot::Sender<Outcome>,
 }
 
@@ -159,6 +170,8 @@ pub struct Session {
     pub created_at: SystemTime,
     pub created: Instant,
     pub limits: Limits,
+    /// The files under the guest's `/workspace`.
+    pub workspace: Workspace,
     jobs: mpsc::Sender<Job>,
     stop: watch::Sender<Option<EndReason>>,
     stats: Mutex<Stats>,
@@ -203,8 +216,17 @@ impl Session {
     }
 
     /// Runs `code` as the next turn, after the turns already queued. `timeout` overrides the
-    /// session's deadline for this turn.
-    pub async fn execute(&self, code: String, timeout: Option<Duration>) -> Result<Outcome> {
+    /// session's deadline for this turn; `sink` receives output as the guest writes it.
+    ///
+    /// Dropping the returned future stops the turn (or skips it while queued): a turn cut
+    /// short leaves the interpreter in no known state, so that ends the session, as a
+    /// deadline does.
+    pub async fn execute(
+        &self,
+        code: String,
+        timeout: Option<Duration>,
+        sink: Option<Sink>,
+    ) -> Result<Outcome> {
         if let Some(reason) = self.ended() {
             return Err(Error::Ended(reason));
         }
@@ -212,6 +234,7 @@ impl Session {
         let job = Job {
             code,
             timeout: timeout.unwrap_or(self.limits.timeout),
+            sink,
             reply,
         };
         self.jobs.try_send(job).map_err(|e| match e {
@@ -219,6 +242,27 @@ impl Session {
             mpsc::error::TrySendError::Closed(_) => self.gone(),
         })?;
         answer.await.map_err(|_| self.gone())
+    }
+
+    /// Like [`execute`](Self::execute), as a stream: the output as the guest writes it, then
+    /// the outcome. Dropping the stream stops the turn.
+    pub fn execute_streaming(
+        self: Arc<Self>,
+        code: String,
+        timeout: Option<Duration>,
+    ) -> TurnStream {
+        let (sink, output) = mpsc::unbounded_channel();
+        let turn = Box::pin(async move { self.execute(code, timeout, Some(sink)).await });
+        TurnStream {
+            output,
+            turn: Some(turn),
+            outcome: None,
+        }
+    }
+
+    /// Whether a turn is running or waiting.
+    pub fn busy(&self) -> bool {
+        self.jobs.capacity() < QUEUE_DEPTH || self.stats().phase == Phase::Running
     }
 
     fn gone(&self) -> Error {
@@ -237,15 +281,58 @@ impl Session {
     }
 }
 
+/// What a streamed turn yields.
+#[derive(Debug)]
+pub enum TurnEvent {
+    /// Output, in the order the guest wrote it.
+    Output(Chunk),
+    /// The outcome, last.
+    Done(Result<Outcome>),
+}
+
+/// A turn as a stream of [`TurnEvent`]s; see [`Session::execute_streaming`].
+pub struct TurnStream {
+    output: mpsc::UnboundedReceiver<Chunk>,
+    turn: Option<Pin<Box<dyn Future<Output = Result<Outcome>> + Send>>>,
+    outcome: Option<Result<Outcome>>,
+}
+
+impl futures_util::Stream for TurnStream {
+    type Item = TurnEvent;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<TurnEvent>> {
+        let this = &mut *self;
+        if let Some(turn) = &mut this.turn {
+            if let Poll::Ready(Some(chunk)) = this.output.poll_recv(cx) {
+                return Poll::Ready(Some(TurnEvent::Output(chunk)));
+            }
+            match turn.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(outcome) => {
+                    this.turn = None;
+                    this.outcome = Some(outcome);
+                }
+            }
+        }
+        // The turn is over: what is left of its output, then its outcome.
+        if let Ok(chunk) = this.output.try_recv() {
+            return Poll::Ready(Some(TurnEvent::Output(chunk)));
+        }
+        Poll::Ready(this.outcome.take().map(TurnEvent::Done))
+    }
+}
+
 /// Everything `start` needs to make a session.
 pub struct NewSession {
     pub id: String,
     pub runtime: Arc<Runtime>,
     pub limits: Limits,
     pub env: Vec<(String, String)>,
-    /// The session's own folder: `workspace/` and `tmp/` are made in it, removed at the end.
+    /// The session's own folder: `workspace/`, `tmp/` and `uploads/` are made in it, removed
+    /// at the end.
     pub dir: PathBuf,
     pub permit: OwnedSemaphorePermit,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Instantiates the session and starts its task. `on_end` runs once, after the store is
@@ -261,14 +348,17 @@ pub async fn start(
         env,
         dir,
         permit,
+        metrics,
     } = new;
     let workspace = dir.join("workspace");
     let tmp = dir.join("tmp");
-    for d in [&workspace, &tmp] {
+    let uploads = dir.join("uploads");
+    for d in [&workspace, &tmp, &uploads] {
         std::fs::create_dir_all(d)
             .map_err(|e| Error::Io(format!("creating {}", d.display()), e))?;
     }
-    let (stdout, stderr) = (Capture::default(), Capture::default());
+    let files = Workspace::open(&workspace, &uploads, limits.workspace_bytes)?;
+    let (stdout, stderr) = (Capture::new(Stream::Stdout), Capture::new(Stream::Stderr));
     let mut wasi = WasiCtxBuilder::new();
     wasi.stdout(stdout.clone())
         .stderr(stderr.clone())
@@ -330,6 +420,7 @@ pub async fn start(
         created_at: now,
         created: Instant::now(),
         limits,
+        workspace: files,
         jobs,
         stop,
         stats: Mutex::new(Stats {
@@ -347,6 +438,7 @@ pub async fn start(
         protocol: runtime.protocol,
         stdout,
         stderr,
+        metrics,
     };
     let ended = session.clone();
     tokio::spawn(async move {
@@ -382,6 +474,7 @@ struct Driver {
     protocol: Protocol,
     stdout: Capture,
     stderr: Capture,
+    metrics: Arc<Metrics>,
 }
 
 impl Driver {
@@ -414,8 +507,9 @@ impl Driver {
         }
         if let Some(code) = self.protocol.bootstrap() {
             let deadline = self.session.limits.timeout.max(Duration::from_secs(30));
-            self.stderr.reset(self.session.limits.output_bytes);
-            let (end, _) = self.turn(code.as_bytes(), deadline, stopped).await;
+            self.stderr.reset(self.session.limits.output_bytes, None);
+            let never = std::future::pending();
+            let (end, _) = self.turn(code.as_bytes(), deadline, stopped, never).await;
             let (stderr, _) = self.stderr.take();
             if let TurnEnd::Ended(reason) = end {
                 if !matches!(reason, EndReason::Deleted | EndReason::Shutdown) {
@@ -435,12 +529,24 @@ impl Driver {
                 job = queue.recv() => job,
                 reason = stop_reason(stopped) => return reason,
             };
-            let Some(job) = job else {
+            let Some(mut job) = job else {
                 return EndReason::Deleted; // every handle is gone
             };
-            let outcome = self.execute(&job, stopped).await;
+            if job.reply.is_closed() {
+                continue; // its caller left while it waited: nothing ran
+            }
+            let outcome = self.execute(&mut job, stopped).await;
             let ended = outcome.ended.clone();
-            let _ = job.reply.send(outcome); // the caller may have gone; the turn still counted
+            self.metrics.execution(
+                match (&ended, &outcome.error) {
+                    (Some(EndReason::Cancelled), _) => ExecutionOutcome::Cancelled,
+                    (Some(_), _) => ExecutionOutcome::Ended,
+                    (None, Some(_)) => ExecutionOutcome::Error,
+                    (None, None) => ExecutionOutcome::Ok,
+                },
+                outcome.duration,
+            );
+            let _ = job.reply.send(outcome);
             if let Some(reason) = ended {
                 return reason;
             }
@@ -456,7 +562,7 @@ impl Driver {
 
     async fn execute(
         &mut self,
-        job: &Job,
+        job: &mut Job,
         stopped: &mut watch::Receiver<Option<EndReason>>,
     ) -> Outcome {
         let n = {
@@ -472,10 +578,12 @@ impl Driver {
         let capped = job.timeout >= lifetime_left;
         let deadline = job.timeout.min(lifetime_left);
         let input = self.protocol.encode_turn(&job.code, n);
-        self.stdout.reset(limits.output_bytes);
-        self.stderr.reset(limits.output_bytes);
+        self.stdout.reset(limits.output_bytes, job.sink.clone());
+        self.stderr.reset(limits.output_bytes, job.sink.take());
         let started = Instant::now();
-        let (end, report) = self.turn(&input, deadline, stopped).await;
+        let (end, report) = self
+            .turn(&input, deadline, stopped, job.reply.closed())
+            .await;
         let duration = started.elapsed();
         let (stdout, out_cut) = self.stdout.take();
         let (stderr, err_cut) = self.stderr.take();
@@ -533,12 +641,14 @@ impl Driver {
         }
     }
 
-    /// Calls `turn` with `input`, bounded by `deadline` and by the session's stop signal.
+    /// Calls `turn` with `input`, bounded by `deadline`, by the session's stop signal and by
+    /// `cancelled` (the caller going away).
     async fn turn(
         &mut self,
         input: &[u8],
         deadline: Duration,
         stopped: &mut watch::Receiver<Option<EndReason>>,
+        cancelled: impl std::future::Future<Output = ()>,
     ) -> (TurnEnd, Option<Vec<u8>>) {
         self.store.data_mut().report = None;
         let (store, exports) = (&mut self.store, &self.exports);
@@ -565,6 +675,7 @@ impl Driver {
                 Err(_) => TurnEnd::Ended(EndReason::Deadline),
             },
             reason = stop_reason(stopped) => TurnEnd::Ended(reason),
+            () = cancelled => TurnEnd::Ended(EndReason::Cancelled),
         };
         (end, self.store.data_mut().report.take())
     }
@@ -600,6 +711,9 @@ fn ended_error(reason: &EndReason, deadline: Duration) -> GuestError {
         ),
         EndReason::Exit(code) => {
             format!("the code exited with status {code}; the session has ended")
+        }
+        EndReason::Cancelled => {
+            "the caller went away mid-turn, so the turn was stopped; the session has ended".into()
         }
         other => format!("the session has ended: {other}"),
     };

@@ -105,11 +105,13 @@ pub struct Report {
 }
 
 /// An exception the user's code raised and did not catch.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
 pub struct GuestError {
+    /// The exception's class name, e.g. `ZeroDivisionError`.
     #[serde(rename = "type")]
     pub kind: String,
     pub message: String,
+    /// Formatted as Python prints it; empty when there is none.
     pub traceback: String,
 }
 

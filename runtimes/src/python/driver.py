@@ -65,6 +65,11 @@ def _install():
     if "random" in sys.modules:
         sys.modules["random"].seed()
     os.chdir("/workspace")
+    # Streamed executes show each line as it is printed, not when an 8 KiB buffer fills.
+    try:
+        sys.stdout.reconfigure(line_buffering=True)
+    except (AttributeError, ValueError):
+        pass
     module = types.ModuleType("_arl")
     module.run = run
     sys.modules["_arl"] = module

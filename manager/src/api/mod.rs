@@ -1,0 +1,365 @@
+//! The HTTP adapter over [`Registry`]: ARL's `/v1` API (sessions, streaming execute, files,
+//! load, drain), the RLM sidecar routes, `/metrics` and `/openapi.json`.
+//!
+//! Routes are registered through `utoipa-axum`, so the OpenAPI document is made from the same
+//! declarations that route requests. Every error is JSON `{"error": {"code", "message"}}`
+//! with a 4xx for anything a client did wrong; the README has the table.
+
+mod files;
+mod ops;
+mod rlm;
+mod sessions;
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json, Router};
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::auth::Auth;
+use crate::registry::Registry;
+use crate::{EndReason, Error};
+
+pub use sessions::ExecuteResponse;
+
+/// Request bodies larger than this answer 413 unless the router is given another limit.
+/// File uploads are bounded by the workspace quota instead.
+pub const DEFAULT_BODY_LIMIT: usize = 8 << 20;
+
+/// Routes that answer without a token: probes cannot send one.
+const OPEN_ROUTES: [&str; 2] = ["/healthz", "/readyz"];
+
+/// How the router is set up.
+#[derive(Debug, Clone)]
+pub struct RouterOptions {
+    /// Largest JSON request body, in bytes.
+    pub body_limit: usize,
+    /// The token every route but the probes needs.
+    pub auth: Auth,
+}
+
+impl Default for RouterOptions {
+    fn default() -> Self {
+        Self {
+            body_limit: DEFAULT_BODY_LIMIT,
+            auth: Auth::new(None),
+        }
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "arl-manager",
+        description = "Stateful Python sandboxes in WebAssembly, one session per sandbox. \
+                       When the manager runs with --auth-token, every route but /healthz and \
+                       /readyz needs `Authorization: Bearer <token>`."
+    ),
+    // The file routes take a path with slashes (`{*path}` in axum), so they are routed by
+    // hand in `router` and only described here.
+    paths(files::upload, files::download, files::remove),
+    modifiers(&BearerToken),
+    tags(
+        (name = "sessions", description = "Sessions and their executions"),
+        (name = "files", description = "Files in a session's /workspace"),
+        (name = "operations", description = "Probes, load, drain, metrics"),
+        (name = "rlm", description = "The RLM sidecar contract, unchanged"),
+    )
+)]
+struct ApiDoc;
+
+struct BearerToken;
+
+impl utoipa::Modify for BearerToken {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        doc.security = Some(vec![utoipa::openapi::security::SecurityRequirement::new(
+            "bearer",
+            Vec::<String>::new(),
+        )]);
+    }
+}
+
+fn documented() -> OpenApiRouter<Registry> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(ops::healthz))
+        .routes(routes!(ops::readyz))
+        .routes(routes!(ops::load))
+        .routes(routes!(ops::drain, ops::undrain))
+        .routes(routes!(ops::metrics))
+        .routes(routes!(ops::openapi_json))
+        .routes(routes!(sessions::create, sessions::list))
+        .routes(routes!(sessions::show, sessions::delete))
+        .routes(routes!(sessions::execute))
+        .routes(routes!(files::list))
+        .routes(routes!(rlm::create))
+        .routes(routes!(rlm::delete))
+        .routes(routes!(rlm::execute))
+        .routes(routes!(rlm::list, rlm::delete_all))
+}
+
+/// The OpenAPI document of every route, as `/openapi.json` serves it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    documented().split_for_parts().1
+}
+
+/// The manager's routes over `registry`.
+pub fn router(registry: Registry, options: RouterOptions) -> Router {
+    let (routes, doc) = documented().split_for_parts();
+    let auth = options.auth;
+    routes
+        .route(
+            "/v1/sessions/{id}/files/{*path}",
+            axum::routing::put(files::upload)
+                .get(files::download)
+                .delete(files::remove),
+        )
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(Extension(ops::OpenApiJson(Bytes::from(
+            doc.to_json().unwrap_or_default(), // a derived document always serializes
+        ))))
+        .layer(DefaultBodyLimit::max(options.body_limit))
+        .layer(middleware::from_fn(move |r: Request, next: Next| {
+            let allowed = OPEN_ROUTES.contains(&r.uri().path())
+                || auth.allows(r.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()));
+            async move {
+                if allowed {
+                    next.run(r).await
+                } else {
+                    unauthorized()
+                }
+            }
+        }))
+        .layer(middleware::from_fn_with_state(registry.clone(), count))
+        // Server errors are logged where they arise (`ApiError`); a 503 before the runtime is
+        // ready is not one.
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_failure(()),
+        )
+        .with_state(registry)
+}
+
+fn unauthorized() -> Response {
+    let mut response = ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "this manager needs `Authorization: Bearer <token>` (its --auth-token)",
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
+}
+
+/// Counts every answered request by method, matched route and status.
+async fn count(State(registry): State<Registry>, request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let route = route_of(&request).to_owned();
+    let response = next.run(request).await;
+    registry
+        .metrics()
+        .http_request(method.as_str(), &route, response.status().as_u16());
+    response
+}
+
+fn route_of<B>(request: &axum::http::Request<B>) -> &str {
+    request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+}
+
+/// One span per request, named by the route it matched (not the raw path with its ids).
+fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    tracing::info_span!("http", method = %request.method(), route = route_of(request))
+}
+
+/// The body of every error answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable: `session_not_found`, `session_ended`, `invalid_path`, ...
+    pub code: &'static str,
+    /// For people.
+    pub message: String,
+    /// Why the session ended, on `session_ended`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// An error as the client sees it.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    reason: Option<EndReason>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            reason: None,
+        }
+    }
+
+    fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: self.message.clone(),
+                reason: self.reason.as_ref().map(ToString::to_string),
+            },
+        }
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let message = e.to_string();
+        let (status, code) = match &e {
+            Error::UnknownRuntime(..) => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_runtime"),
+            Error::InvalidRequest(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+            Error::Full(_) => (StatusCode::TOO_MANY_REQUESTS, "capacity_exhausted"),
+            Error::NotFound(_) => (StatusCode::NOT_FOUND, "session_not_found"),
+            Error::Ended(_) => (StatusCode::GONE, "session_ended"),
+            Error::Busy(_) => (StatusCode::CONFLICT, "session_busy"),
+            Error::NotReady => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
+            Error::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
+            Error::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            Error::BadPath(..) => (StatusCode::BAD_REQUEST, "invalid_path"),
+            Error::FileNotFound(_) => (StatusCode::NOT_FOUND, "file_not_found"),
+            Error::QuotaExceeded(_) => (StatusCode::PAYLOAD_TOO_LARGE, "quota_exceeded"),
+            Error::Io(..) | Error::Instantiate(_) | Error::Engine(_) | Error::Runtime(_) => {
+                tracing::error!(error = %e, "internal error");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
+        };
+        let reason = match e {
+            Error::Ended(reason) => Some(reason),
+            _ => None,
+        };
+        Self {
+            status,
+            code,
+            message,
+            reason,
+        }
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(r: BytesRejection) -> Self {
+        let status = r.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "body_too_large"
+        } else {
+            "invalid_body"
+        };
+        ApiError::new(status, code, r.body_text())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(self.body())).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS || self.code == "not_ready" {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Parses a JSON body: malformed JSON is 400, a well-formed body of the wrong shape 422. An
+/// empty body is `T::default()` when `empty_ok`.
+fn parse<T: DeserializeOwned + Default>(
+    body: Result<Bytes, BytesRejection>,
+    empty_ok: bool,
+) -> ApiResult<T> {
+    let body = body?;
+    if empty_ok && body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(&body).map_err(|e| {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Data => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request",
+                e.to_string(),
+            ),
+            Category::Syntax | Category::Eof | Category::Io => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                format!("the body is not valid JSON: {e}"),
+            ),
+        }
+    })
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "no_route",
+        "no route matches this path",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method",
+    )
+}
+
+fn rfc3339(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Serves `router` on `listener` with TCP_NODELAY on every connection (small JSON answers
+/// must not wait for delayed ACKs), until `shutdown` resolves; then waits for the requests in
+/// flight.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,84 @@
+//! Probes, load, drain, metrics and the OpenAPI document: the routes operators use.
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::{Extension, Json};
+use bytes::Bytes;
+use serde::Serialize;
+
+use super::{ApiResult, ErrorBody};
+use crate::registry::{Load, Registry};
+use crate::{Error, metrics};
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Status {
+    /// `ok` for /healthz, `ready` for /readyz.
+    pub status: &'static str,
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "operations", security(()),
+    responses((status = 200, description = "Alive", body = Status)))]
+pub async fn healthz() -> Json<Status> {
+    Json(Status { status: "ok" })
+}
+
+/// Readiness: a runtime is loaded, so sessions can be made. Stays ready while draining, so
+/// that the operator can still reach the pod to watch it empty.
+#[utoipa::path(get, path = "/readyz", tag = "operations", security(()),
+    responses(
+        (status = 200, description = "Ready", body = Status),
+        (status = 503, description = "The runtime is still loading (`not_ready`)", body = ErrorBody),
+    ))]
+pub async fn readyz(State(registry): State<Registry>) -> ApiResult<Json<Status>> {
+    if registry.ready() {
+        Ok(Json(Status { status: "ready" }))
+    } else {
+        Err(Error::NotReady.into())
+    }
+}
+
+/// The manager's load: what the operator places and scales on.
+#[utoipa::path(get, path = "/v1/load", tag = "operations",
+    responses((status = 200, description = "Current load", body = Load)))]
+pub async fn load(State(registry): State<Registry>) -> Json<Load> {
+    Json(registry.load())
+}
+
+/// Starts draining: new sessions answer 503 `draining`, existing ones continue. Idempotent.
+#[utoipa::path(post, path = "/v1/drain", tag = "operations",
+    responses((status = 200, description = "Draining; the load after the change", body = Load)))]
+pub async fn drain(State(registry): State<Registry>) -> Json<Load> {
+    registry.set_draining(true);
+    Json(registry.load())
+}
+
+/// Stops draining: new sessions are taken again.
+#[utoipa::path(delete, path = "/v1/drain", tag = "operations",
+    responses((status = 200, description = "Not draining; the load after the change", body = Load)))]
+pub async fn undrain(State(registry): State<Registry>) -> Json<Load> {
+    registry.set_draining(false);
+    Json(registry.load())
+}
+
+/// Prometheus metrics in the OpenMetrics text format; the README lists the names.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "OpenMetrics text",
+        content_type = "application/openmetrics-text", body = String)))]
+pub async fn metrics(State(registry): State<Registry>) -> impl IntoResponse {
+    let text = registry.metrics().render(&registry.load());
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text)
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI 3.1 document of every route",
+        content_type = "application/json")))]
+pub async fn openapi_json(Extension(doc): Extension<OpenApiJson>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], doc.0)
+}
+
+/// The OpenAPI document, serialized once when the router is made.
+#[derive(Debug, Clone)]
+pub struct OpenApiJson(pub Bytes);

@@ -1,0 +1,350 @@
+//! The gRPC adapter over [`Registry`]: `arl.v1.Sessions` (proto/arl/v1/sessions.proto) and the
+//! standard `grpc.health.v1.Health`. Same checks and limits as HTTP; errors map as the proto
+//! file's header says.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use arl_proto::v1 as pb;
+use arl_proto::v1::sessions_server::{Sessions, SessionsServer};
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use tonic::{Code, Request, Response, Status, Streaming};
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::auth::Auth;
+use crate::files::{self, Entry, on_workspace};
+use crate::output;
+use crate::registry::{CreateRequest, Load, Registry};
+use crate::session::{Info, Limits, Outcome, TurnEvent};
+use crate::{Error, Result};
+
+/// The name health checks use for the session service.
+pub const SERVICE: &str = "arl.v1.Sessions";
+
+/// Chunks `ReadFile` sends a file in.
+const READ_CHUNK: usize = 64 << 10;
+
+/// Maps a core error to the gRPC status with the same meaning as its HTTP answer.
+pub fn status(e: Error) -> Status {
+    let code = match &e {
+        Error::UnknownRuntime(..) | Error::InvalidRequest(_) | Error::BadPath(..) => {
+            Code::InvalidArgument
+        }
+        Error::Full(_) | Error::QuotaExceeded(_) => Code::ResourceExhausted,
+        Error::NotFound(_) | Error::FileNotFound(_) => Code::NotFound,
+        Error::Ended(_) => Code::FailedPrecondition,
+        Error::Busy(_) => Code::Aborted,
+        Error::NotReady | Error::Draining | Error::ShuttingDown => Code::Unavailable,
+        Error::Io(..) | Error::Instantiate(_) | Error::Engine(_) | Error::Runtime(_) => {
+            tracing::error!(error = %e, "internal error");
+            Code::Internal
+        }
+    };
+    Status::new(code, e.to_string())
+}
+
+/// `arl.v1.Sessions` over a registry.
+#[derive(Clone)]
+pub struct SessionService {
+    registry: Registry,
+}
+
+impl SessionService {
+    pub fn new(registry: Registry) -> Self {
+        Self { registry }
+    }
+
+    /// The service behind the bearer-token check, with messages up to `max_message` bytes.
+    pub fn server(
+        self,
+        auth: Auth,
+        max_message: usize,
+    ) -> tonic::service::interceptor::InterceptedService<
+        SessionsServer<SessionService>,
+        impl tonic::service::Interceptor + Clone,
+    > {
+        let server = SessionsServer::new(self)
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message);
+        tonic::service::interceptor::InterceptedService::new(server, move |request: Request<()>| {
+            let header = request.metadata().get("authorization");
+            if auth.allows(header.map(|v| v.as_bytes())) {
+                Ok(request)
+            } else {
+                Err(Status::unauthenticated(
+                    "this manager needs `authorization: Bearer <token>` metadata (its --auth-token)",
+                ))
+            }
+        })
+    }
+}
+
+/// Keeps the health service's answers true: `NOT_SERVING` until a runtime is loaded, then
+/// `SERVING` until `stopped` resolves.
+pub async fn report_health(
+    registry: Registry,
+    reporter: HealthReporter,
+    stopped: impl Future<Output = ()>,
+) {
+    let set = |status| {
+        let reporter = reporter.clone();
+        async move {
+            for name in ["", SERVICE] {
+                reporter.set_service_status(name, status).await;
+            }
+        }
+    };
+    set(ServingStatus::NotServing).await;
+    let ready = async {
+        while !registry.ready() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        set(ServingStatus::Serving).await;
+        std::future::pending::<()>().await;
+    };
+    tokio::select! {
+        () = ready => {}
+        () = stopped => {}
+    }
+    set(ServingStatus::NotServing).await;
+}
+
+fn limits(l: Limits) -> pb::Limits {
+    pb::Limits {
+        timeout_ms: l.timeout.as_millis() as u64,
+        memory_mib: l.memory_bytes >> 20,
+        output_bytes: l.output_bytes as u64,
+        idle_ttl_s: l.idle_ttl.as_secs(),
+        lifetime_s: l.lifetime.as_secs(),
+        workspace_bytes: l.workspace_bytes,
+    }
+}
+
+fn rfc3339(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn session(i: Info) -> pb::Session {
+    pb::Session {
+        id: i.id,
+        runtime: i.runtime,
+        state: i.phase.name().into(),
+        created_at: rfc3339(i.created_at),
+        last_used_at: rfc3339(i.last_used_at),
+        executions: i.executions,
+        memory_bytes: i.memory_bytes,
+        limits: Some(limits(i.limits)),
+    }
+}
+
+fn result(o: Outcome) -> pb::ExecuteResult {
+    pb::ExecuteResult {
+        stdout: o.stdout,
+        stderr: o.stderr,
+        result: o.result,
+        error: o.error.map(|e| pb::GuestError {
+            r#type: e.kind,
+            message: e.message,
+            traceback: e.traceback,
+        }),
+        duration_ms: o.duration.as_secs_f64() * 1e3,
+        truncated: o.truncated,
+        session_ended: o.ended.is_some(),
+        end_reason: o.ended.map(|r| r.to_string()),
+    }
+}
+
+fn entry(e: Entry) -> pb::FileEntry {
+    pb::FileEntry {
+        path: e.path,
+        kind: e.kind.name().into(),
+        size: e.size,
+        modified_at: e.modified.map(rfc3339).unwrap_or_default(),
+    }
+}
+
+fn load(l: Load) -> pb::Load {
+    pb::Load {
+        sessions: l.sessions,
+        capacity: l.capacity,
+        memory_bytes: l.memory_bytes,
+        draining: l.draining,
+    }
+}
+
+type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Sessions for SessionService {
+    async fn create_session(
+        &self,
+        request: Request<pb::CreateSessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
+        let r = request.into_inner();
+        let request = CreateRequest {
+            runtime: (!r.runtime.is_empty()).then_some(r.runtime),
+            timeout_ms: r.timeout_ms,
+            memory_mib: r.memory_mib,
+            env: (!r.env.is_empty()).then(|| r.env.into_iter().collect()),
+        };
+        let created = self.registry.create(request).await.map_err(status)?;
+        Ok(Response::new(session(created.info())))
+    }
+
+    async fn get_session(
+        &self,
+        request: Request<pb::GetSessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
+        let found = self.registry.get(&request.get_ref().id).map_err(status)?;
+        Ok(Response::new(session(found.info())))
+    }
+
+    async fn list_sessions(
+        &self,
+        _: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        let sessions = self.registry.list().into_iter().map(session).collect();
+        Ok(Response::new(pb::ListSessionsResponse { sessions }))
+    }
+
+    async fn delete_session(
+        &self,
+        request: Request<pb::DeleteSessionRequest>,
+    ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
+        self.registry
+            .delete(&request.get_ref().id)
+            .map_err(status)?;
+        Ok(Response::new(pb::DeleteSessionResponse {}))
+    }
+
+    type ExecuteStream = EventStream<pb::ExecuteEvent>;
+
+    async fn execute(
+        &self,
+        request: Request<pb::ExecuteRequest>,
+    ) -> Result<Response<Self::ExecuteStream>, Status> {
+        let r = request.into_inner();
+        let timeout = self.registry.check_timeout(r.timeout_ms).map_err(status)?;
+        let target = self.registry.get(&r.session_id).map_err(status)?;
+        // tonic drops the stream when the client cancels, which stops the turn.
+        let events = target.execute_streaming(r.code, timeout).map(|event| {
+            use pb::execute_event::Event;
+            let event = match event {
+                TurnEvent::Output(chunk) => Event::Output(pb::OutputChunk {
+                    stream: match chunk.stream {
+                        output::Stream::Stdout => pb::Stream::Stdout,
+                        output::Stream::Stderr => pb::Stream::Stderr,
+                    } as i32,
+                    data: chunk.data.to_vec(),
+                }),
+                TurnEvent::Done(Ok(outcome)) => Event::Result(result(outcome)),
+                TurnEvent::Done(Err(e)) => return Err(status(e)),
+            };
+            Ok(pb::ExecuteEvent { event: Some(event) })
+        });
+        Ok(Response::new(Box::pin(events)))
+    }
+
+    async fn write_file(
+        &self,
+        request: Request<Streaming<pb::WriteFileRequest>>,
+    ) -> Result<Response<pb::FileEntry>, Status> {
+        let mut messages = request.into_inner();
+        let first = messages.message().await?.ok_or_else(|| {
+            Status::invalid_argument("WriteFile needs a first message naming the session and path")
+        })?;
+        if first.session_id.is_empty() || first.path.is_empty() {
+            return Err(Status::invalid_argument(
+                "the first WriteFile message must name session_id and path",
+            ));
+        }
+        let target = self.registry.get(&first.session_id).map_err(status)?;
+        let (id, path) = (first.session_id, first.path);
+        let rest = futures_util::stream::unfold(messages, |mut m| async move {
+            match m.message().await {
+                Ok(Some(msg)) => Some((Ok(msg), m)),
+                Ok(None) => None,
+                Err(e) => Some((Err(e), m)),
+            }
+        });
+        let (same_id, same_path) = (id.clone(), path.clone());
+        let data = futures_util::stream::once(async { Ok(Bytes::from(first.data)) })
+            .chain(rest.map(move |msg| {
+            let msg = msg.map_err(|e| {
+                Error::InvalidRequest(format!("reading the WriteFile stream: {}", e.message()))
+            })?;
+            let names_other = (!msg.session_id.is_empty() && msg.session_id != same_id)
+                || (!msg.path.is_empty() && msg.path != same_path);
+            if names_other {
+                return Err(Error::InvalidRequest(
+                    "every WriteFile message must name the first one's session and path, or none"
+                        .into(),
+                ));
+            }
+            Ok(Bytes::from(msg.data))
+        }));
+        let (written, _) = files::upload(target, path, data).await.map_err(status)?;
+        Ok(Response::new(entry(written)))
+    }
+
+    type ReadFileStream = EventStream<pb::FileChunk>;
+
+    async fn read_file(
+        &self,
+        request: Request<pb::ReadFileRequest>,
+    ) -> Result<Response<Self::ReadFileStream>, Status> {
+        let r = request.into_inner();
+        let target = self.registry.get(&r.session_id).map_err(status)?;
+        let (file, _) = on_workspace(target, move |w| w.open_file(&r.path))
+            .await
+            .map_err(status)?;
+        let chunks = tokio_util::io::ReaderStream::with_capacity(
+            tokio::fs::File::from_std(file),
+            READ_CHUNK,
+        )
+        .map(|chunk| match chunk {
+            Ok(data) => Ok(pb::FileChunk {
+                data: data.to_vec(),
+            }),
+            Err(e) => Err(status(Error::Io("reading a workspace file".into(), e))),
+        });
+        Ok(Response::new(Box::pin(chunks)))
+    }
+
+    async fn list_files(
+        &self,
+        request: Request<pb::ListFilesRequest>,
+    ) -> Result<Response<pb::ListFilesResponse>, Status> {
+        let r = request.into_inner();
+        let target = self.registry.get(&r.session_id).map_err(status)?;
+        let entries = on_workspace(target, move |w| w.list(&r.path))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ListFilesResponse {
+            entries: entries.into_iter().map(entry).collect(),
+        }))
+    }
+
+    async fn delete_file(
+        &self,
+        request: Request<pb::DeleteFileRequest>,
+    ) -> Result<Response<pb::DeleteFileResponse>, Status> {
+        let r = request.into_inner();
+        let target = self.registry.get(&r.session_id).map_err(status)?;
+        on_workspace(target, move |w| w.delete(&r.path))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::DeleteFileResponse {}))
+    }
+
+    async fn get_load(&self, _: Request<pb::GetLoadRequest>) -> Result<Response<pb::Load>, Status> {
+        Ok(Response::new(load(self.registry.load())))
+    }
+
+    async fn drain(&self, _: Request<pb::DrainRequest>) -> Result<Response<pb::Load>, Status> {
+        self.registry.set_draining(true);
+        Ok(Response::new(load(self.registry.load())))
+    }
+}
