@@ -16,6 +16,10 @@ fn every_serve_flag_has_an_env_twin_in_help() {
     let help = String::from_utf8(out.stdout).unwrap();
     for (flag, env) in [
         ("--listen", "ARL_LISTEN"),
+        ("--grpc-listen", "ARL_GRPC_LISTEN"),
+        ("--auth-token", "ARL_AUTH_TOKEN"),
+        ("--insecure", "ARL_INSECURE"),
+        ("--workspace-mib", "ARL_WORKSPACE_MIB"),
         ("--max-sessions", "ARL_MAX_SESSIONS"),
         ("--timeout-ms", "ARL_TIMEOUT_MS"),
         ("--max-timeout-ms", "ARL_MAX_TIMEOUT_MS"),
@@ -38,7 +42,7 @@ fn every_serve_flag_has_an_env_twin_in_help() {
     }
     assert_eq!(
         help.matches("[env: ARL_").count(),
-        14,
+        18,
         "a flag without a documented twin:\n{help}"
     );
 }
@@ -68,30 +72,51 @@ fn bad_settings_are_refused_before_binding() {
     assert!(!out.status.success(), "an env twin is parsed like its flag");
 }
 
-/// `arl-manager serve` from the README: it binds, becomes ready, and serves a Python session.
 #[test]
-fn serve_answers_over_a_real_socket() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+fn an_open_address_needs_a_token_or_insecure() {
+    for args in [
+        &["--listen", "0.0.0.0:0"][..],
+        &["--grpc-listen", "0.0.0.0:0"],
+    ] {
+        let out = Command::new(BIN)
+            .arg("serve")
+            .args(args)
+            .env_remove("ARL_AUTH_TOKEN")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("without --auth-token") && stderr.contains("--insecure"),
+            "the refusal says why and what to do: {stderr}"
+        );
+    }
+}
+
+/// A free loopback port.
+fn port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--log", "warn"])
-        .env("ARL_LISTEN", format!("127.0.0.1:{port}"))
+        .port()
+}
+
+/// `arl-manager serve` on a free port with `args`, once /readyz answers 200.
+fn serve(args: &[&str], rt: &tokio::runtime::Runtime) -> (std::process::Child, String) {
+    let http = port();
+    let child = Command::new(BIN)
+        .args(["serve", "--log", "warn", "--grpc-listen", "127.0.0.1:0"])
+        .args(args)
+        .env("ARL_LISTEN", format!("127.0.0.1:{http}"))
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let result = rt.block_on(async {
-        let client = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{http}");
+    rt.block_on(async {
         let deadline = Instant::now() + Duration::from_secs(900);
         loop {
-            if let Ok(r) = client.get(format!("{base}/readyz")).send().await
+            if let Ok(r) = reqwest::get(format!("{base}/readyz")).await
                 && r.status() == 200
             {
                 break;
@@ -99,33 +124,103 @@ fn serve_answers_over_a_real_socket() {
             assert!(Instant::now() < deadline, "not ready in 15 minutes");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let created: serde_json::Value = client
-            .post(format!("{base}/v1/sessions"))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let id = created["id"].as_str().unwrap().to_owned();
-        let url = format!("{base}/v1/sessions/{id}/execute");
-        client
-            .post(&url)
-            .json(&serde_json::json!({"code": "x = 41"}))
-            .send()
-            .await?;
-        let v: serde_json::Value = client
-            .post(&url)
-            .json(&serde_json::json!({"code": "x + 1"}))
-            .send()
-            .await?
-            .json()
-            .await?;
-        Ok::<_, reqwest::Error>(v)
     });
-    let _ = Command::new("kill")
+    (child, base)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn sigterm(child: &std::process::Child) {
+    let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
-        .status();
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+async fn session(client: &reqwest::Client, base: &str) -> String {
+    let created: serde_json::Value = client
+        .post(format!("{base}/v1/sessions"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    created["id"].as_str().unwrap().to_owned()
+}
+
+async fn execute(client: &reqwest::Client, base: &str, id: &str, code: &str) -> serde_json::Value {
+    client
+        .post(format!("{base}/v1/sessions/{id}/execute"))
+        .json(&serde_json::json!({ "code": code }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// `arl-manager serve` from the README: it binds, becomes ready, and serves a Python session;
+/// on SIGTERM it stops taking connections but lets a running execution finish.
+#[test]
+fn serve_answers_and_sigterm_lets_running_executions_finish() {
+    let rt = runtime();
+    let (mut child, base) = serve(&["--shutdown-grace-secs", "20"], &rt);
+    let client = reqwest::Client::new();
+    let (v, late) = rt.block_on(async {
+        let id = session(&client, &base).await;
+        execute(&client, &base, &id, "x = 41").await;
+        assert_eq!(execute(&client, &base, &id, "x + 1").await["result"], "42");
+        let slow = tokio::spawn({
+            let (client, base) = (client.clone(), base.clone());
+            async move {
+                execute(&client, &base, &id, "import time; time.sleep(1.5); 'finished'").await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        sigterm(&child);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let late = reqwest::Client::new().get(format!("{base}/healthz")).send().await;
+        (slow.await.unwrap(), late)
+    });
     let status = child.wait().unwrap();
-    let v = result.unwrap();
-    assert_eq!(v["result"], "42", "{v}");
+    assert_eq!(v["result"], "'finished'", "the running execution finished: {v}");
+    assert_eq!(v["session_ended"], false);
+    assert!(late.is_err(), "no new connections once stopping: {late:?}");
     assert!(status.success(), "SIGTERM is a clean stop: {status}");
+}
+
+/// Past the grace period, what still runs is stopped with the reason `shutdown`.
+#[test]
+fn sigterm_ends_what_outlasts_the_grace_period() {
+    let rt = runtime();
+    let (mut child, base) = serve(&["--shutdown-grace-secs", "1"], &rt);
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let v = rt.block_on(async {
+        let id = session(&client, &base).await;
+        let slow = tokio::spawn({
+            let (client, base) = (client.clone(), base.clone());
+            async move { execute(&client, &base, &id, "import time; time.sleep(60)").await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        sigterm(&child);
+        slow.await.unwrap()
+    });
+    let status = child.wait().unwrap();
+    assert_eq!(v["session_ended"], true, "{v}");
+    assert_eq!(v["end_reason"], "shutdown", "{v}");
+    assert!(status.success(), "{status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the stop did not wait for the 60 s sleep"
+    );
 }
