@@ -270,21 +270,22 @@ impl Sessions for SessionService {
             }
         });
         let (same_id, same_path) = (id.clone(), path.clone());
-        let data = futures_util::stream::once(async { Ok(Bytes::from(first.data)) })
-            .chain(rest.map(move |msg| {
-            let msg = msg.map_err(|e| {
-                Error::InvalidRequest(format!("reading the WriteFile stream: {}", e.message()))
-            })?;
-            let names_other = (!msg.session_id.is_empty() && msg.session_id != same_id)
-                || (!msg.path.is_empty() && msg.path != same_path);
-            if names_other {
-                return Err(Error::InvalidRequest(
+        let data = futures_util::stream::once(async { Ok(Bytes::from(first.data)) }).chain(
+            rest.map(move |msg| {
+                let msg = msg.map_err(|e| {
+                    Error::InvalidRequest(format!("reading the WriteFile stream: {}", e.message()))
+                })?;
+                let names_other = (!msg.session_id.is_empty() && msg.session_id != same_id)
+                    || (!msg.path.is_empty() && msg.path != same_path);
+                if names_other {
+                    return Err(Error::InvalidRequest(
                     "every WriteFile message must name the first one's session and path, or none"
                         .into(),
                 ));
-            }
-            Ok(Bytes::from(msg.data))
-        }));
+                }
+                Ok(Bytes::from(msg.data))
+            }),
+        );
         let (written, _) = files::upload(target, path, data).await.map_err(status)?;
         Ok(Response::new(entry(written)))
     }

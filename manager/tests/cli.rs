@@ -182,17 +182,29 @@ fn serve_answers_and_sigterm_lets_running_executions_finish() {
         let slow = tokio::spawn({
             let (client, base) = (client.clone(), base.clone());
             async move {
-                execute(&client, &base, &id, "import time; time.sleep(1.5); 'finished'").await
+                execute(
+                    &client,
+                    &base,
+                    &id,
+                    "import time; time.sleep(1.5); 'finished'",
+                )
+                .await
             }
         });
         tokio::time::sleep(Duration::from_millis(400)).await;
         sigterm(&child);
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let late = reqwest::Client::new().get(format!("{base}/healthz")).send().await;
+        let late = reqwest::Client::new()
+            .get(format!("{base}/healthz"))
+            .send()
+            .await;
         (slow.await.unwrap(), late)
     });
     let status = child.wait().unwrap();
-    assert_eq!(v["result"], "'finished'", "the running execution finished: {v}");
+    assert_eq!(
+        v["result"], "'finished'",
+        "the running execution finished: {v}"
+    );
     assert_eq!(v["session_ended"], false);
     assert!(late.is_err(), "no new connections once stopping: {late:?}");
     assert!(status.success(), "SIGTERM is a clean stop: {status}");
