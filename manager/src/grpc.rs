@@ -349,3 +349,29 @@ impl Sessions for SessionService {
         Ok(Response::new(load(self.registry.load())))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::EndReason;
+
+    #[test]
+    fn errors_map_to_the_codes_the_proto_promises() {
+        for (e, code) in [
+            (Error::NotFound("x".into()), Code::NotFound),
+            (Error::FileNotFound("x".into()), Code::NotFound),
+            (Error::Ended(EndReason::Deadline), Code::FailedPrecondition),
+            (Error::Full(4), Code::ResourceExhausted),
+            (Error::QuotaExceeded(1), Code::ResourceExhausted),
+            (Error::Busy(16), Code::Aborted),
+            (Error::InvalidRequest("x".into()), Code::InvalidArgument),
+            (Error::BadPath("..".into(), "uses `..`"), Code::InvalidArgument),
+            (Error::Draining, Code::Unavailable),
+            (Error::NotReady, Code::Unavailable),
+        ] {
+            let message = e.to_string();
+            let s = status(e);
+            assert_eq!((s.code(), s.message()), (code, message.as_str()));
+        }
+    }
+}

@@ -53,7 +53,7 @@ pub struct ListQuery {
 
 /// Writes the request body to `path` in the workspace, making missing folders. The file
 /// appears whole or not at all; past the workspace quota the answer is 413.
-#[utoipa::path(put, path = "/v1/sessions/{id}/files/{path}", tag = "files",
+#[utoipa::path(put, path = "/v1/sessions/{id}/files/{path}", operation_id = "write_file", tag = "files",
     params(
         ("id" = String, Path, description = "The session's id"),
         ("path" = String, Path, description = "Relative to the workspace; may contain `/`"),
@@ -86,7 +86,7 @@ pub async fn upload(
 }
 
 /// The file's bytes.
-#[utoipa::path(get, path = "/v1/sessions/{id}/files/{path}", tag = "files",
+#[utoipa::path(get, path = "/v1/sessions/{id}/files/{path}", operation_id = "read_file", tag = "files",
     params(
         ("id" = String, Path, description = "The session's id"),
         ("path" = String, Path, description = "Relative to the workspace; may contain `/`"),
@@ -117,7 +117,7 @@ pub async fn download(
 }
 
 /// Removes a file, or a folder with everything in it.
-#[utoipa::path(delete, path = "/v1/sessions/{id}/files/{path}", tag = "files",
+#[utoipa::path(delete, path = "/v1/sessions/{id}/files/{path}", operation_id = "delete_file", tag = "files",
     params(
         ("id" = String, Path, description = "The session's id"),
         ("path" = String, Path, description = "Relative to the workspace; may contain `/`"),
@@ -138,7 +138,7 @@ pub async fn remove(
 }
 
 /// The entries of a folder of the workspace, with size and modification time.
-#[utoipa::path(get, path = "/v1/sessions/{id}/files", tag = "files",
+#[utoipa::path(get, path = "/v1/sessions/{id}/files", operation_id = "list_files", tag = "files",
     params(("id" = String, Path, description = "The session's id"), ListQuery),
     responses(
         (status = 200, description = "The folder's entries, by name", body = FileList),

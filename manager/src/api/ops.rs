@@ -18,7 +18,7 @@ pub struct Status {
 }
 
 /// Liveness: the process answers.
-#[utoipa::path(get, path = "/healthz", tag = "operations", security(()),
+#[utoipa::path(get, path = "/healthz", operation_id = "healthz", tag = "operations", security(()),
     responses((status = 200, description = "Alive", body = Status)))]
 pub async fn healthz() -> Json<Status> {
     Json(Status { status: "ok" })
@@ -26,7 +26,7 @@ pub async fn healthz() -> Json<Status> {
 
 /// Readiness: a runtime is loaded, so sessions can be made. Stays ready while draining, so
 /// that the operator can still reach the pod to watch it empty.
-#[utoipa::path(get, path = "/readyz", tag = "operations", security(()),
+#[utoipa::path(get, path = "/readyz", operation_id = "readyz", tag = "operations", security(()),
     responses(
         (status = 200, description = "Ready", body = Status),
         (status = 503, description = "The runtime is still loading (`not_ready`)", body = ErrorBody),
@@ -40,14 +40,14 @@ pub async fn readyz(State(registry): State<Registry>) -> ApiResult<Json<Status>>
 }
 
 /// The manager's load: what the operator places and scales on.
-#[utoipa::path(get, path = "/v1/load", tag = "operations",
+#[utoipa::path(get, path = "/v1/load", operation_id = "get_load", tag = "operations",
     responses((status = 200, description = "Current load", body = Load)))]
 pub async fn load(State(registry): State<Registry>) -> Json<Load> {
     Json(registry.load())
 }
 
 /// Starts draining: new sessions answer 503 `draining`, existing ones continue. Idempotent.
-#[utoipa::path(post, path = "/v1/drain", tag = "operations",
+#[utoipa::path(post, path = "/v1/drain", operation_id = "drain", tag = "operations",
     responses((status = 200, description = "Draining; the load after the change", body = Load)))]
 pub async fn drain(State(registry): State<Registry>) -> Json<Load> {
     registry.set_draining(true);
@@ -55,7 +55,7 @@ pub async fn drain(State(registry): State<Registry>) -> Json<Load> {
 }
 
 /// Stops draining: new sessions are taken again.
-#[utoipa::path(delete, path = "/v1/drain", tag = "operations",
+#[utoipa::path(delete, path = "/v1/drain", operation_id = "undrain", tag = "operations",
     responses((status = 200, description = "Not draining; the load after the change", body = Load)))]
 pub async fn undrain(State(registry): State<Registry>) -> Json<Load> {
     registry.set_draining(false);
@@ -63,7 +63,7 @@ pub async fn undrain(State(registry): State<Registry>) -> Json<Load> {
 }
 
 /// Prometheus metrics in the OpenMetrics text format; the README lists the names.
-#[utoipa::path(get, path = "/metrics", tag = "operations",
+#[utoipa::path(get, path = "/metrics", operation_id = "metrics", tag = "operations",
     responses((status = 200, description = "OpenMetrics text",
         content_type = "application/openmetrics-text", body = String)))]
 pub async fn metrics(State(registry): State<Registry>) -> impl IntoResponse {
@@ -72,7 +72,7 @@ pub async fn metrics(State(registry): State<Registry>) -> impl IntoResponse {
 }
 
 /// This document.
-#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+#[utoipa::path(get, path = "/openapi.json", operation_id = "openapi", tag = "operations",
     responses((status = 200, description = "The OpenAPI 3.1 document of every route",
         content_type = "application/json")))]
 pub async fn openapi_json(Extension(doc): Extension<OpenApiJson>) -> impl IntoResponse {

@@ -32,7 +32,7 @@ pub struct RlmCreated {
 }
 
 /// Creates a session (RLM sidecar route).
-#[utoipa::path(post, path = "/session", tag = "rlm",
+#[utoipa::path(post, path = "/session", operation_id = "rlm_create_session", tag = "rlm",
     request_body(content = Option<RlmCreate>, content_type = "application/json"),
     responses(
         (status = 201, description = "Created", body = RlmCreated),
@@ -87,7 +87,7 @@ pub struct RlmExecuted {
 }
 
 /// Runs code in a session (RLM sidecar route).
-#[utoipa::path(post, path = "/session/{session_id}/execute", tag = "rlm",
+#[utoipa::path(post, path = "/session/{session_id}/execute", operation_id = "rlm_execute", tag = "rlm",
     params(("session_id" = String, Path, description = "The session's id")),
     request_body(content = RlmExecute, content_type = "application/json"),
     responses(
@@ -138,7 +138,7 @@ pub struct RlmDeleted {
 }
 
 /// Ends a session (RLM sidecar route).
-#[utoipa::path(delete, path = "/session/{session_id}", tag = "rlm",
+#[utoipa::path(delete, path = "/session/{session_id}", operation_id = "rlm_delete_session", tag = "rlm",
     params(("session_id" = String, Path, description = "The session's id")),
     responses(
         (status = 200, description = "Deleted", body = RlmDeleted),
@@ -171,7 +171,7 @@ pub struct RlmSessions {
 }
 
 /// Live sessions (RLM sidecar route).
-#[utoipa::path(get, path = "/sessions", tag = "rlm",
+#[utoipa::path(get, path = "/sessions", operation_id = "rlm_list_sessions", tag = "rlm",
     responses((status = 200, description = "Live sessions", body = RlmSessions)))]
 pub async fn list(State(registry): State<Registry>) -> Json<RlmSessions> {
     let sessions: Vec<_> = registry
@@ -199,7 +199,7 @@ pub struct RlmDeletedAll {
 }
 
 /// Ends every session (RLM sidecar route).
-#[utoipa::path(delete, path = "/sessions", tag = "rlm",
+#[utoipa::path(delete, path = "/sessions", operation_id = "rlm_delete_all_sessions", tag = "rlm",
     responses((status = 200, description = "How many were deleted", body = RlmDeletedAll)))]
 pub async fn delete_all(State(registry): State<Registry>) -> Json<RlmDeletedAll> {
     Json(RlmDeletedAll {

@@ -95,7 +95,7 @@ pub struct SessionList {
 }
 
 /// Creates a session. The body is optional; every field has a default.
-#[utoipa::path(post, path = "/v1/sessions", tag = "sessions",
+#[utoipa::path(post, path = "/v1/sessions", operation_id = "create_session", tag = "sessions",
     request_body(content = Option<CreateRequest>, content_type = "application/json"),
     responses(
         (status = 201, description = "Created", body = Created),
@@ -122,7 +122,7 @@ pub async fn create(
 }
 
 /// Live sessions, oldest first.
-#[utoipa::path(get, path = "/v1/sessions", tag = "sessions",
+#[utoipa::path(get, path = "/v1/sessions", operation_id = "list_sessions", tag = "sessions",
     responses((status = 200, description = "Live sessions", body = SessionList)))]
 pub async fn list(State(registry): State<Registry>) -> Json<SessionList> {
     let sessions = registry.list().into_iter().map(Into::into).collect();
@@ -130,7 +130,7 @@ pub async fn list(State(registry): State<Registry>) -> Json<SessionList> {
 }
 
 /// One session.
-#[utoipa::path(get, path = "/v1/sessions/{id}", tag = "sessions",
+#[utoipa::path(get, path = "/v1/sessions/{id}", operation_id = "get_session", tag = "sessions",
     params(("id" = String, Path, description = "The session's id")),
     responses(
         (status = 200, description = "The session", body = SessionView),
@@ -145,7 +145,7 @@ pub async fn show(
 }
 
 /// Ends the session now (a running execution is stopped) and removes its workspace.
-#[utoipa::path(delete, path = "/v1/sessions/{id}", tag = "sessions",
+#[utoipa::path(delete, path = "/v1/sessions/{id}", operation_id = "delete_session", tag = "sessions",
     params(("id" = String, Path, description = "The session's id")),
     responses(
         (status = 204, description = "Deleted"),
@@ -218,7 +218,7 @@ pub(super) fn prepare(
 /// With `Accept: text/event-stream` the answer is a stream of Server-Sent Events: `stdout` and
 /// `stderr` events (`{"text": ...}`) as the guest writes, then one `result` event with the
 /// whole [`ExecuteResponse`] (or an `error` event). A client that disconnects stops the turn.
-#[utoipa::path(post, path = "/v1/sessions/{id}/execute", tag = "sessions",
+#[utoipa::path(post, path = "/v1/sessions/{id}/execute", operation_id = "execute", tag = "sessions",
     params(("id" = String, Path, description = "The session's id")),
     request_body = ExecuteRequest,
     responses(

@@ -147,6 +147,8 @@ async fn start(bench: &Bench) -> anyhow::Result<Manager> {
         .arg("serve")
         .arg("--listen")
         .arg(format!("127.0.0.1:{}", bench.port))
+        .arg("--grpc-listen")
+        .arg("127.0.0.1:0")
         .arg("--max-sessions")
         .arg((bench.sessions + 64).to_string())
         .arg("--log")
