@@ -37,6 +37,15 @@ pub fn config() -> ManagerConfig {
     config
 }
 
+/// The configuration the CPython test binaries share: roomy deadlines, 256 MiB sessions.
+pub fn python_config() -> ManagerConfig {
+    let mut c = config();
+    c.defaults.timeout = Duration::from_secs(20);
+    c.defaults.memory_bytes = 256 << 20;
+    c.defaults.output_bytes = 64 << 10;
+    c
+}
+
 /// What a test manager runs: the Python runtime, guests by name, or both.
 #[derive(Debug, Clone, Default)]
 pub struct Runtimes {

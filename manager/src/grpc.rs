@@ -365,7 +365,10 @@ mod tests {
             (Error::QuotaExceeded(1), Code::ResourceExhausted),
             (Error::Busy(16), Code::Aborted),
             (Error::InvalidRequest("x".into()), Code::InvalidArgument),
-            (Error::BadPath("..".into(), "uses `..`"), Code::InvalidArgument),
+            (
+                Error::BadPath("..".into(), "uses `..`"),
+                Code::InvalidArgument,
+            ),
             (Error::Draining, Code::Unavailable),
             (Error::NotReady, Code::Unavailable),
         ] {

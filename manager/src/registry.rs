@@ -172,11 +172,6 @@ impl Registry {
         self.inner.stopping.store(true, Ordering::SeqCst);
     }
 
-    /// Whether any session has a turn running or waiting.
-    pub fn busy(&self) -> bool {
-        read(&self.inner.sessions).values().any(|s| s.busy())
-    }
-
     /// Loads a runtime (compiling it on first use) and makes it available to new sessions.
     /// Blocking: call it from a blocking thread.
     pub fn load_runtime(&self, spec: RuntimeSpec, progress: Progress<'_>) -> Result<()> {

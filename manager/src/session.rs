@@ -260,11 +260,6 @@ impl Session {
         }
     }
 
-    /// Whether a turn is running or waiting.
-    pub fn busy(&self) -> bool {
-        self.jobs.capacity() < QUEUE_DEPTH || self.stats().phase == Phase::Running
-    }
-
     fn gone(&self) -> Error {
         Error::Ended(self.ended().unwrap_or(EndReason::Deleted))
     }

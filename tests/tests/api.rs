@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use arl_e2e::{Runtimes, TestManager, cache_dir, client, config, decode};
+use arl_e2e::{Runtimes, TestManager, cache_dir, client, decode, python_config};
 use arl_manager::ServeOptions;
 use arl_proto::v1 as pb;
 use futures_util::StreamExt;
@@ -15,13 +15,7 @@ use tonic::Code;
 
 fn manager() -> &'static Arc<TestManager> {
     static M: OnceLock<Arc<TestManager>> = OnceLock::new();
-    M.get_or_init(|| {
-        let mut c = config();
-        c.defaults.timeout = Duration::from_secs(20);
-        c.defaults.memory_bytes = 256 << 20;
-        c.defaults.workspace_bytes = 64 << 20;
-        TestManager::start(c, Runtimes::python())
-    })
+    M.get_or_init(|| TestManager::start(python_config(), Runtimes::python()))
 }
 
 /// A manager of its own, for tests that change manager-wide state.
@@ -29,9 +23,8 @@ fn own_manager(
     tune: impl FnOnce(&mut arl_manager::ManagerConfig),
     options: ServeOptions,
 ) -> Arc<TestManager> {
-    let mut c = config();
+    let mut c = python_config();
     c.max_sessions = 8;
-    c.defaults.memory_bytes = 256 << 20;
     tune(&mut c);
     TestManager::start_with(c, Runtimes::python(), options)
 }

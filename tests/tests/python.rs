@@ -2,20 +2,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
-use arl_e2e::{Runtimes, TestManager, client, config, decode};
+use arl_e2e::{Runtimes, TestManager, client, config, decode, python_config};
 use serde_json::json;
 
 fn manager() -> &'static Arc<TestManager> {
     static M: OnceLock<Arc<TestManager>> = OnceLock::new();
-    M.get_or_init(|| {
-        let mut c = config();
-        c.defaults.timeout = Duration::from_secs(20);
-        c.defaults.memory_bytes = 256 << 20;
-        c.defaults.output_bytes = 64 << 10;
-        TestManager::start(c, Runtimes::python())
-    })
+    M.get_or_init(|| TestManager::start(python_config(), Runtimes::python()))
 }
 
 async fn session() -> String {

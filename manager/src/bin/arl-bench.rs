@@ -1,5 +1,5 @@
-//! `arl-bench`: starts an `arl-manager` and prints latency and density figures, measured over
-//! HTTP on loopback the way a client sees them.
+//! `arl-bench`: starts an `arl-manager` and prints latency, throughput and density figures,
+//! measured over HTTP and gRPC on loopback the way a client sees them.
 //!
 //! ```text
 //! cargo run --release -p arl-manager --bin arl-bench -- [--sessions 1000] [--iterations 1000]
@@ -11,6 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use arl_proto::v1 as pb;
+use arl_proto::v1::sessions_client::SessionsClient;
 use clap::Parser;
 use serde_json::{Value, json};
 
@@ -21,7 +23,7 @@ struct Bench {
     /// The manager binary [default: `arl-manager` next to this binary].
     #[arg(long)]
     manager: Option<PathBuf>,
-    /// Port for the manager under test.
+    /// HTTP port for the manager under test; gRPC listens on the next one.
     #[arg(long, default_value_t = 18080)]
     port: u16,
     /// Samples per latency figure.
@@ -99,6 +101,56 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     report("execute x + 1", &mut samples);
+
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n.min(500) {
+        samples.push(first_streamed_chunk(&client, &manager.base, &id, "print(1)").await?);
+    }
+    report("streamed print(1): first chunk", &mut samples);
+
+    let grpc_url = format!("http://127.0.0.1:{}", bench.port + 1);
+    let mut grpc = SessionsClient::connect(grpc_url).await?;
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let result = grpc_execute(&mut grpc, &id, "x + 1").await?;
+        samples.push(t.elapsed());
+        if result.as_deref() != Some("2") {
+            bail!("gRPC x + 1 answered {result:?}");
+        }
+    }
+    report("gRPC execute x + 1", &mut samples);
+
+    let data: Vec<u8> = (0..10u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let url = format!("{}/v1/sessions/{id}/files/bench.bin", manager.base);
+    let (mut up, mut down) = (Vec::new(), Vec::new());
+    for _ in 0..20 {
+        let t = Instant::now();
+        let status = client.put(&url).body(data.clone()).send().await?.status();
+        up.push(t.elapsed());
+        let t = Instant::now();
+        let back = client.get(&url).send().await?.bytes().await?;
+        down.push(t.elapsed());
+        if !status.is_success() || back.len() != data.len() {
+            bail!(
+                "10 MiB upload answered {status}, download {} bytes",
+                back.len()
+            );
+        }
+    }
+    for (name, samples) in [("upload 10 MiB", &mut up), ("download 10 MiB", &mut down)] {
+        samples.sort();
+        let p50 = samples[samples.len() / 2].as_secs_f64();
+        println!(
+            "{name:<34} {:>10.3} {:>10} {:>10}   {:.0} MiB/s",
+            p50 * 1e3,
+            "",
+            samples.len(),
+            10.0 / p50
+        );
+    }
     delete(&client, &manager.base, &id).await?;
 
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -148,7 +200,7 @@ async fn start(bench: &Bench) -> anyhow::Result<Manager> {
         .arg("--listen")
         .arg(format!("127.0.0.1:{}", bench.port))
         .arg("--grpc-listen")
-        .arg("127.0.0.1:0")
+        .arg(format!("127.0.0.1:{}", bench.port + 1))
         .arg("--max-sessions")
         .arg((bench.sessions + 64).to_string())
         .arg("--log")
@@ -234,6 +286,56 @@ async fn execute(
         bail!("execute answered {status}: {v}");
     }
     Ok(v)
+}
+
+/// How long a streamed execute takes to deliver its first `stdout` event.
+async fn first_streamed_chunk(
+    client: &reqwest::Client,
+    base: &str,
+    id: &str,
+    code: &str,
+) -> anyhow::Result<Duration> {
+    use futures_util::StreamExt;
+    let t = Instant::now();
+    let response = client
+        .post(format!("{base}/v1/sessions/{id}/execute"))
+        .header("accept", "text/event-stream")
+        .json(&json!({ "code": code }))
+        .send()
+        .await?;
+    let mut body = response.bytes_stream();
+    let (mut seen, mut first) = (String::new(), None);
+    while let Some(chunk) = body.next().await {
+        seen.push_str(&String::from_utf8_lossy(&chunk?));
+        if first.is_none() && seen.contains("event: stdout") {
+            first = Some(t.elapsed());
+        }
+        if seen.contains("event: result") {
+            break;
+        }
+    }
+    first.with_context(|| format!("no stdout event in {seen}"))
+}
+
+async fn grpc_execute(
+    grpc: &mut SessionsClient<tonic::transport::Channel>,
+    id: &str,
+    code: &str,
+) -> anyhow::Result<Option<String>> {
+    let mut events = grpc
+        .execute(pb::ExecuteRequest {
+            session_id: id.to_owned(),
+            code: code.to_owned(),
+            timeout_ms: None,
+        })
+        .await?
+        .into_inner();
+    while let Some(event) = events.message().await? {
+        if let Some(pb::execute_event::Event::Result(r)) = event.event {
+            return Ok(r.result);
+        }
+    }
+    bail!("the gRPC stream ended without a result")
 }
 
 async fn delete(client: &reqwest::Client, base: &str, id: &str) -> anyhow::Result<()> {
