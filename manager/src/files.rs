@@ -20,6 +20,9 @@ use tokio::io::AsyncWriteExt;
 use crate::session::Session;
 use crate::{Error, Result};
 
+/// Chunks a download is read and sent in (HTTP body frames, gRPC `FileChunk`s).
+pub const READ_CHUNK: usize = 256 << 10;
+
 /// The longest path a client may name.
 const MAX_PATH_BYTES: usize = 4096;
 

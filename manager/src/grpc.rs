@@ -14,7 +14,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::auth::Auth;
-use crate::files::{self, Entry, on_workspace};
+use crate::files::{self, Entry, READ_CHUNK, on_workspace};
 use crate::output;
 use crate::registry::{CreateRequest, Load, Registry};
 use crate::session::{Info, Limits, Outcome, TurnEvent};
@@ -22,9 +22,6 @@ use crate::{Error, Result};
 
 /// The name health checks use for the session service.
 pub const SERVICE: &str = "arl.v1.Sessions";
-
-/// Chunks `ReadFile` sends a file in.
-const READ_CHUNK: usize = 64 << 10;
 
 /// Maps a core error to the gRPC status with the same meaning as its HTTP answer.
 pub fn status(e: Error) -> Status {

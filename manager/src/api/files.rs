@@ -103,8 +103,9 @@ pub async fn download(
 ) -> ApiResult<Response> {
     let session = registry.get(&id)?;
     let (file, len) = on_workspace(session, move |w| w.open_file(&path)).await?;
-    let body = Body::from_stream(tokio_util::io::ReaderStream::new(
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
         tokio::fs::File::from_std(file),
+        files::READ_CHUNK,
     ));
     Ok((
         [
