@@ -352,6 +352,24 @@ async fn a_client_that_disconnects_stops_its_turn() {
     );
 }
 
+#[tokio::test]
+async fn a_plain_execute_whose_client_gives_up_is_stopped_too() {
+    let m = manager();
+    let id = m.create(json!({})).await;
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let r = impatient
+        .post(m.url(&format!("/v1/sessions/{id}/execute")))
+        .json(&json!({ "code": "while True: pass" }))
+        .send()
+        .await;
+    assert!(r.is_err(), "the client timed out");
+    let v = wait_ended(m, &id).await;
+    assert_eq!(v["error"]["reason"], "cancelled", "{v}");
+}
+
 async fn metrics_text(m: &TestManager) -> (String, String) {
     let r = client().get(m.url("/metrics")).send().await.unwrap();
     assert_eq!(r.status(), 200);
