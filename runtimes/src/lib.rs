@@ -77,11 +77,12 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    /// The code of the turn that prepares a new session, if the runtime needs one.
-    pub fn bootstrap(self) -> Option<&'static str> {
+    /// The code of the turn that prepares a new session with environment `env`, if the
+    /// runtime needs one.
+    pub fn bootstrap(self, env: &[(String, String)]) -> Option<String> {
         match self {
             Protocol::Raw => None,
-            Protocol::Python => Some(python::DRIVER),
+            Protocol::Python => Some(python::bootstrap_source(env)),
         }
     }
 

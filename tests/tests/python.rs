@@ -350,3 +350,29 @@ async fn delete_all_sessions() {
     assert_eq!((status, v["deleted"].as_u64()), (200, Some(3)));
     assert_eq!(m.get("/sessions").await.1["count"], 0);
 }
+
+#[tokio::test]
+async fn numpy_and_pandas_come_preloaded_with_fresh_random_streams() {
+    let m = manager();
+    let (a, b) = (session().await, session().await);
+    let loaded = "import sys; [n for n in ('numpy', 'pandas') if n in sys.modules]";
+    assert_eq!(
+        m.exec(&a, loaded).await["result"],
+        "['numpy', 'pandas']",
+        "ARL's snapshot has them imported before the first turn"
+    );
+    let v = m
+        .exec(
+            &a,
+            "import pandas as pd; int(pd.DataFrame({'x': [1, 2, 3]}).x.sum())",
+        )
+        .await;
+    assert_eq!(v["result"], "6", "{v}");
+    for draw in [
+        "import numpy; numpy.random.rand()",
+        "import random; random.random()",
+    ] {
+        let (x, y) = (m.exec(&a, draw).await, m.exec(&b, draw).await);
+        assert_ne!(x["result"], y["result"], "{draw}: sessions share no stream");
+    }
+}

@@ -1,4 +1,5 @@
-# ARL's turn driver, installed once per session by the bootstrap turn.
+# ARL's turn driver, installed once per session by the bootstrap turn, which is this file
+# followed by `_install(<the session's environment>)` (see `bootstrap_source`).
 #
 # Every later turn is the one line `__import__('_arl').run(<code>, <n>)`: the driver runs the
 # cell in `__main__` as the interactive interpreter would, and reports what happened as one JSON
@@ -9,7 +10,7 @@
 import sys, types
 
 
-def _install():
+def _install(env):
     # Only modules the snapshot already holds: `traceback` (~30 ms) and `random` (~3 ms) are
     # imported when first needed, so a new session stays cheap.
     import _host, ast, builtins, json, linecache, os
@@ -60,10 +61,15 @@ def _install():
             frame["error"] = error_of(e, e.__traceback__.tb_next)
         report(frame)
 
-    # `random` seeds itself from WASI randomness when first imported; had the snapshot frozen
-    # one state for every session, draw a new one.
+    # The snapshot froze the environment it was made in: give the session its own.
+    os.environ.clear()
+    os.environ.update(dict(env))
+    # The snapshot froze one random state for every session: draw new ones from WASI
+    # randomness (`random` seeds itself that way when it is first imported later).
     if "random" in sys.modules:
         sys.modules["random"].seed()
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
     os.chdir("/workspace")
     # Streamed executes show each line as it is printed, not when an 8 KiB buffer fills.
     try:
@@ -74,6 +80,3 @@ def _install():
     module.run = run
     sys.modules["_arl"] = module
 
-
-_install()
-del _install, sys, types

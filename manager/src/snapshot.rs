@@ -1,0 +1,257 @@
+//! ARL's own CPython snapshot: the package's plain `python.wasm`, initialised and with the
+//! scientific stack imported, captured with wasmtime-wizer. Every session then starts with
+//! numpy and pandas already in memory (copy-on-write), instead of paying about a second to
+//! import them.
+//!
+//! The snapshot is built once per cache (about two minutes: the instrumented module is
+//! compiled, run, and its memory written out) and reused by every later start.
+//!
+//! What it freezes: the interpreter's string hash seed (as the package's snapshot did), and
+//! the state of every module it imported. The session's bootstrap turn reseeds `random` and
+//! `numpy.random`; the environment is read per session (see `check` below).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use arl_runtimes::Progress;
+use arl_runtimes::python::Artifacts;
+use sha2::{Digest, Sha256};
+use wasmtime::{Config, Engine, Linker, Module, Store};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
+
+use crate::output::{Capture, Stream};
+use crate::runtime::{Reports, door};
+use crate::{Error, Result};
+
+/// What the snapshot imports, after the interpreter's own initialisation. Each of these pays
+/// for itself: numpy ~0.3 s and pandas ~1 s per fresh session otherwise.
+pub const PRELOAD: &[&str] = &["numpy", "pandas"];
+
+/// Bumped when the way the snapshot is made changes, so that caches rebuild it.
+const RECIPE: &str = "arl-snapshot-1 wasmtime-wizer-48";
+
+struct InitState {
+    wasi: WasiP1Ctx,
+    report: Option<Vec<u8>>,
+}
+
+impl Reports for InitState {
+    fn report(&mut self, frame: Vec<u8>) {
+        self.report = Some(frame);
+    }
+}
+
+/// The snapshot module for `artifacts` and its sha256, built into `cache_dir/snapshots` first
+/// if missing. Blocking.
+pub fn python(
+    artifacts: &Artifacts,
+    cache_dir: &Path,
+    progress: Progress<'_>,
+) -> Result<(PathBuf, String)> {
+    let key = {
+        let mut h = Sha256::new();
+        h.update(arl_runtimes::python::PLAIN_SHA256);
+        h.update(RECIPE);
+        for m in PRELOAD {
+            h.update(m);
+            h.update([0]);
+        }
+        for m in &artifacts.mounts {
+            h.update(&m.guest);
+            h.update([0]);
+        }
+        hex::encode(&h.finalize()[..12])
+    };
+    let dir = cache_dir.join("snapshots");
+    let path = dir.join(format!("python-{key}.wasm"));
+    let digest_path = path.with_extension("wasm.sha256");
+    let io = |what: String| move |e| Error::Io(what, e);
+    let built = || {
+        std::fs::read_to_string(&digest_path)
+            .ok()
+            .filter(|_| path.exists())
+    };
+    if let Some(digest) = built() {
+        return Ok((path, digest));
+    }
+    std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+    let lock_path = dir.join(format!("python-{key}.lock"));
+    let lock = File::create(&lock_path).map_err(io(format!("opening {}", lock_path.display())))?;
+    lock.lock()
+        .map_err(io(format!("locking {}", lock_path.display())))?;
+    if let Some(digest) = built() {
+        return Ok((path, digest)); // another process built it while we waited
+    }
+    progress(&format!(
+        "building ARL's Python snapshot with {} imported (once, about two minutes)",
+        PRELOAD.join(", ")
+    ));
+    let started = std::time::Instant::now();
+    let wasm = build(artifacts, &dir)?;
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, &wasm).map_err(io(format!("writing {}", partial.display())))?;
+    std::fs::rename(&partial, &path).map_err(io(format!("moving to {}", path.display())))?;
+    let digest = hex::encode(Sha256::digest(&wasm));
+    std::fs::write(&digest_path, &digest)
+        .map_err(io(format!("writing {}", digest_path.display())))?;
+    progress(&format!(
+        "snapshot built in {:.0} s ({} MB)",
+        started.elapsed().as_secs_f64(),
+        wasm.len() >> 20
+    ));
+    Ok((path, digest))
+}
+
+fn build(artifacts: &Artifacts, scratch: &Path) -> Result<Vec<u8>> {
+    let wasm = std::fs::read(&artifacts.plain)
+        .map_err(|e| Error::Io(format!("reading {}", artifacts.plain.display()), e))?;
+    let mut wizer = wasmtime_wizer::Wizer::new();
+    wizer.init_func("wizer.initialize");
+    let (cx, instrumented) = wizer.instrument(&wasm).map_err(Error::Engine)?;
+
+    let mut config = Config::new();
+    config.wasm_exceptions(true).wasm_gc(true);
+    let engine = Engine::new(&config).map_err(Error::Engine)?;
+    let module = Module::new(&engine, &instrumented).map_err(Error::Engine)?;
+    drop(instrumented);
+    let mut linker = Linker::new(&engine);
+    wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut InitState| &mut s.wasi)
+        .map_err(Error::Engine)?;
+    linker
+        .func_wrap("host", "call", door::<InitState>)
+        .map_err(Error::Engine)?;
+
+    // The same preopens, in the same order, as a session has: wasi-libc keeps its table of
+    // them in linear memory, so the snapshot remembers it.
+    let empty = tempfile::Builder::new()
+        .prefix("snapshot-")
+        .tempdir_in(scratch)
+        .map_err(|e| Error::Io("making the snapshot's scratch folders".into(), e))?;
+    let (workspace, tmp) = (empty.path().join("workspace"), empty.path().join("tmp"));
+    for d in [&workspace, &tmp] {
+        std::fs::create_dir_all(d)
+            .map_err(|e| Error::Io(format!("creating {}", d.display()), e))?;
+    }
+    let stderr = Capture::new(Stream::Stderr);
+    stderr.reset(64 << 10, None);
+    let mut wasi = WasiCtxBuilder::new();
+    wasi.stderr(stderr.clone())
+        .arg("/usr/local/bin/python.wasm")
+        .envs(arl_runtimes::python::BASE_ENV);
+    let mounts = artifacts
+        .mounts
+        .iter()
+        .map(|m| (m.host.as_path(), m.guest.as_str(), FsPerms::ReadOnly));
+    let own = [
+        (workspace.as_path(), "/workspace", FsPerms::ReadWrite),
+        (tmp.as_path(), "/tmp", FsPerms::ReadWrite),
+    ];
+    for (host, guest, perms) in mounts.chain(own) {
+        wasi.preopened_dir(host, guest, perms).map_err(|e| {
+            Error::Io(
+                format!("opening {}", host.display()),
+                std::io::Error::other(e.to_string()),
+            )
+        })?;
+    }
+    let mut store = Store::new(
+        &engine,
+        InitState {
+            wasi: wasi.build_p1(),
+            report: None,
+        },
+    );
+    let instance = linker
+        .instantiate(&mut store, &module)
+        .map_err(Error::Instantiate)?;
+    let failed = |what: &str, e: wasmtime::Error| {
+        let (err, _) = stderr.take();
+        Error::Instantiate(e.context(format!(
+            "{what} (stderr: {})",
+            String::from_utf8_lossy(&err).trim()
+        )))
+    };
+    for init in ["_initialize", "wizer.initialize"] {
+        if let Ok(f) = instance.get_typed_func::<(), ()>(&mut store, init) {
+            f.call(&mut store, ()).map_err(|e| failed(init, e))?;
+        }
+    }
+    let code = format!(
+        "import _host\ntry:\n    import {}\n    _r = b'ok'\nexcept BaseException as e:\n    \
+         _r = repr(e).encode()\n_host.call(_r)\ndel _r, _host\n",
+        PRELOAD.join(", ")
+    );
+    turn(&mut store, &instance, code.as_bytes()).map_err(|e| failed("importing", e))?;
+    match store.data_mut().report.take() {
+        Some(frame) if frame == b"ok" => {}
+        other => {
+            let said = other.map(|f| String::from_utf8_lossy(&f).into_owned());
+            return Err(failed(
+                "importing",
+                wasmtime::format_err!("the preload did not succeed: {said:?}"),
+            ));
+        }
+    }
+    let mut state = Snapshotting {
+        store: &mut store,
+        instance,
+    };
+    let snapshot =
+        wasmtime_wasi::runtime::in_tokio(wizer.snapshot(&cx, &mut state)).map_err(Error::Engine)?;
+    Ok(snapshot)
+}
+
+/// Runs `code` through the reactor's `turn` export.
+fn turn(
+    store: &mut Store<InitState>,
+    instance: &wasmtime::Instance,
+    code: &[u8],
+) -> wasmtime::Result<()> {
+    let memory = instance
+        .get_memory(&mut *store, "memory")
+        .ok_or_else(|| wasmtime::format_err!("no memory export"))?;
+    let alloc = instance.get_typed_func::<i32, i32>(&mut *store, "host_alloc")?;
+    let turn = instance.get_typed_func::<(i32, i32), i32>(&mut *store, "turn")?;
+    let len = i32::try_from(code.len())?;
+    let ptr = alloc.call(&mut *store, len)?;
+    memory.write(&mut *store, ptr as u32 as usize, code)?;
+    turn.call(&mut *store, (ptr, len))?;
+    Ok(())
+}
+
+struct Snapshotting<'a> {
+    store: &'a mut Store<InitState>,
+    instance: wasmtime::Instance,
+}
+
+impl wasmtime_wizer::InstanceState for Snapshotting<'_> {
+    async fn global_get(
+        &mut self,
+        name: &str,
+        _: wasmtime_wizer::ValType,
+    ) -> wasmtime_wizer::SnapshotVal {
+        use wasmtime::Val;
+        use wasmtime_wizer::SnapshotVal;
+        let value = self
+            .instance
+            .get_global(&mut *self.store, name)
+            .map(|g| g.get(&mut *self.store));
+        match value {
+            Some(Val::I32(x)) => SnapshotVal::I32(x),
+            Some(Val::I64(x)) => SnapshotVal::I64(x),
+            Some(Val::F32(x)) => SnapshotVal::F32(x),
+            Some(Val::F64(x)) => SnapshotVal::F64(x),
+            Some(Val::V128(x)) => SnapshotVal::V128(x.as_u128()),
+            // Wizer only asks for the numeric globals it instrumented.
+            _ => SnapshotVal::I32(0),
+        }
+    }
+
+    async fn memory_contents(&mut self, name: &str, contents: impl FnOnce(&[u8]) + Send) {
+        match self.instance.get_memory(&mut *self.store, name) {
+            Some(memory) => contents(memory.data(&*self.store)),
+            None => contents(&[]),
+        }
+    }
+}
