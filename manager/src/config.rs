@@ -21,8 +21,11 @@ pub struct ManagerConfig {
     pub data_dir: Option<PathBuf>,
     /// Where the runtime packages and compiled modules are kept.
     pub cache_dir: PathBuf,
-    /// How often the reaper looks for idle and expired sessions.
+    /// How often the reaper looks for idle and expired sessions (and tops up warm ones).
     pub reap_interval: Duration,
+    /// Sessions kept started ahead per runtime with a bootstrap, for creates that ask for the
+    /// defaults. They hold pool slots until claimed, and give them up when a client needs one.
+    pub warm_sessions: u32,
 }
 
 impl ManagerConfig {
@@ -43,6 +46,7 @@ impl ManagerConfig {
             data_dir: None,
             cache_dir,
             reap_interval: Duration::from_secs(1),
+            warm_sessions: 4,
         }
     }
 

@@ -21,8 +21,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the session API (loads the Python runtime first; /readyz says when it is ready).
-    Serve(Serve),
-    /// Fetch, verify and precompile the Python runtime into the cache, then exit.
+    Serve(Box<Serve>),
+    /// Fetch, verify, snapshot and precompile the Python runtime into the cache, then exit.
     Prepare(Common),
 }
 
@@ -58,6 +58,10 @@ struct Serve {
     /// Sessions open at once; one more create answers 429.
     #[arg(long, env = "ARL_MAX_SESSIONS", default_value_t = 1024)]
     max_sessions: u32,
+    /// Python sessions kept started ahead (bootstrapped, one empty turn run), so that a
+    /// create asking for the defaults gets one at once; they give way when the manager is full.
+    #[arg(long, env = "ARL_WARM_SESSIONS", default_value_t = 4)]
+    warm_sessions: u32,
     /// Default wall-clock deadline of one execution, in milliseconds.
     #[arg(long, env = "ARL_TIMEOUT_MS", default_value_t = 30_000)]
     timeout_ms: u64,
@@ -109,7 +113,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
-        Command::Serve(serve) => runtime.block_on(run(serve)),
+        Command::Serve(serve) => runtime.block_on(run(*serve)),
         Command::Prepare(common) => {
             let config = ManagerConfig::new(cache_dir(common.cache_dir)?);
             let registry = runtime.block_on(async { Registry::new(config) })?;
@@ -136,6 +140,7 @@ fn progress(step: &str) {
 fn config(serve: &Serve) -> anyhow::Result<ManagerConfig> {
     let mut config = ManagerConfig::new(cache_dir(serve.common.cache_dir.clone())?);
     config.max_sessions = serve.max_sessions;
+    config.warm_sessions = serve.warm_sessions;
     config.defaults = Limits {
         timeout: Duration::from_millis(serve.timeout_ms),
         memory_bytes: serve.memory_mib << 20,

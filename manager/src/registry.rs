@@ -16,6 +16,8 @@ use crate::runtime::{Runtime, RuntimeSpec};
 use crate::session::{self, EndReason, Info, Limits, NewSession, Session};
 use crate::{Error, Result};
 
+/// How long a create waits for the slot of a warm session it evicted.
+const EVICT_WAIT: Duration = Duration::from_secs(2);
 /// Ended sessions remembered so that later calls answer "ended, because..." (410).
 const TOMBSTONES: usize = 100_000;
 /// Entries a request's `env` may have, and bytes each key or value may hold.
@@ -35,6 +37,16 @@ pub struct CreateRequest {
     pub memory_mib: Option<u64>,
     /// Added to the guest's fixed environment.
     pub env: Option<BTreeMap<String, String>>,
+}
+
+impl CreateRequest {
+    /// Whether it asks for nothing but the defaults (a runtime aside), so that a warm session
+    /// started ahead can serve it.
+    fn is_plain(&self) -> bool {
+        self.timeout_ms.is_none()
+            && self.memory_mib.is_none()
+            && self.env.as_ref().is_none_or(BTreeMap::is_empty)
+    }
 }
 
 /// How loaded a manager is: what the operator scales and places on.
@@ -64,6 +76,10 @@ struct Inner {
     sessions: RwLock<HashMap<String, Arc<Session>>>,
     tombstones: Mutex<Tombstones>,
     slots: Arc<Semaphore>,
+    /// Sessions started ahead of demand, per runtime, oldest first.
+    warm: Mutex<HashMap<String, VecDeque<Arc<Session>>>>,
+    /// A top-up is running.
+    filling: AtomicBool,
     metrics: Arc<Metrics>,
     draining: AtomicBool,
     stopping: AtomicBool,
@@ -87,6 +103,10 @@ impl Tombstones {
         self.order.push_back(id.clone());
         self.reasons.insert(id, reason);
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -127,6 +147,8 @@ impl Registry {
                 runtimes: RwLock::default(),
                 sessions: RwLock::default(),
                 tombstones: Mutex::default(),
+                warm: Mutex::default(),
+                filling: AtomicBool::new(false),
                 metrics: Arc::new(Metrics::new()),
                 draining: AtomicBool::new(false),
                 stopping: AtomicBool::new(false),
@@ -158,6 +180,9 @@ impl Registry {
     /// Starts (`true`) or stops refusing new sessions; existing ones carry on either way.
     pub fn set_draining(&self, draining: bool) {
         let was = self.inner.draining.swap(draining, Ordering::SeqCst);
+        if draining {
+            self.drop_warm();
+        }
         if was != draining {
             tracing::info!(draining, "drain changed");
         }
@@ -170,6 +195,7 @@ impl Registry {
     /// Refuses new sessions for good: the manager is stopping.
     pub fn stop_accepting(&self) {
         self.inner.stopping.store(true, Ordering::SeqCst);
+        self.drop_warm();
     }
 
     /// Loads a runtime (compiling it on first use) and makes it available to new sessions.
@@ -219,41 +245,169 @@ impl Registry {
                 Error::UnknownRuntime(name.to_owned(), names.join(", "))
             })?
         };
+        if request.is_plain()
+            && let Some(session) = self.take_warm(&runtime.name)
+        {
+            session.claim();
+            self.adopt(&session);
+            self.top_up_soon();
+            return Ok(session);
+        }
         let limits = self.limits(&request, &runtime)?;
         let env = check_env(request.env.unwrap_or_default())?;
-        let permit = self
-            .inner
-            .slots
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Error::Full(self.inner.config.max_sessions))?;
+        let permit = match self.inner.slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => self.evict_warm().await?,
+        };
+        let session = self.start(runtime, limits, env, permit, false).await?;
+        self.adopt(&session);
+        self.top_up_soon();
+        Ok(session)
+    }
+
+    /// Starts a session on `permit`'s slot.
+    async fn start(
+        &self,
+        runtime: Arc<Runtime>,
+        limits: Limits,
+        env: Vec<(String, String)>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        warm: bool,
+    ) -> Result<Arc<Session>> {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let dir = self.inner.data_dir.join("sessions").join(&id);
         let weak = Arc::downgrade(&self.inner);
         let on_end = move |session: &Session, reason: EndReason| {
             if let Some(inner) = weak.upgrade() {
-                inner.forget(&session.id, reason);
+                inner.forget(session, reason);
             }
         };
         let new = NewSession {
-            id: id.clone(),
+            id,
             runtime,
             limits,
             env,
             dir: dir.clone(),
             permit,
             metrics: self.inner.metrics.clone(),
+            warm,
         };
-        let session = match session::start(new, on_end).await {
-            Ok(session) => session,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(e);
-            }
-        };
+        session::start(new, on_end).await.inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&dir);
+        })
+    }
+
+    /// Makes `session` a client's: listed, counted, reaped.
+    fn adopt(&self, session: &Arc<Session>) {
         self.inner.metrics.session_created(&session.runtime);
-        write(&self.inner.sessions).insert(id, session.clone());
-        Ok(session)
+        write(&self.inner.sessions).insert(session.id.clone(), session.clone());
+    }
+
+    /// A warm session of `runtime` that is still alive, if one waits.
+    fn take_warm(&self, runtime: &str) -> Option<Arc<Session>> {
+        let mut warm = lock(&self.inner.warm);
+        let queue = warm.get_mut(runtime)?;
+        std::iter::from_fn(|| queue.pop_front()).find(|s| s.ended().is_none())
+    }
+
+    /// Frees a slot held by a warm session for a client's session (the manager is otherwise
+    /// full); `Full` when there is none to give up.
+    async fn evict_warm(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        let full = Error::Full(self.inner.config.max_sessions);
+        let victim = lock(&self.inner.warm)
+            .values_mut()
+            .find_map(VecDeque::pop_front)
+            .ok_or(full)?;
+        victim.end(EndReason::Deleted);
+        // The slot comes back once the victim's store is dropped, in a moment.
+        match tokio::time::timeout(EVICT_WAIT, self.inner.slots.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(Error::Full(self.inner.config.max_sessions)),
+        }
+    }
+
+    /// The ids of the warm sessions waiting, per runtime, oldest first.
+    pub fn warm(&self) -> Vec<String> {
+        lock(&self.inner.warm)
+            .values()
+            .flatten()
+            .map(|s| s.id.clone())
+            .collect()
+    }
+
+    /// Ends every warm session (draining or stopping: they would only hold slots).
+    fn drop_warm(&self) {
+        let all: Vec<_> = lock(&self.inner.warm)
+            .values_mut()
+            .flat_map(std::mem::take)
+            .collect();
+        for session in all {
+            session.end(EndReason::Deleted);
+        }
+    }
+
+    fn top_up_soon(&self) {
+        if self.inner.config.warm_sessions > 0 {
+            tokio::spawn(self.clone().top_up());
+        }
+    }
+
+    /// Starts warm sessions until every runtime with a bootstrap has `--warm-sessions` of
+    /// them ready: instantiated, bootstrapped, and through one empty turn, so that a client's
+    /// first execution costs what later ones do. Only one top-up runs at a time.
+    pub async fn top_up(self) {
+        let target = self.inner.config.warm_sessions as usize;
+        if target == 0 || self.inner.filling.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let runtimes: Vec<_> = read(&self.inner.runtimes)
+            .values()
+            .filter(|r| r.protocol.has_bootstrap())
+            .cloned()
+            .collect();
+        for runtime in runtimes {
+            loop {
+                let have = lock(&self.inner.warm)
+                    .get(&runtime.name)
+                    .map_or(0, VecDeque::len);
+                if have >= target || self.draining() || self.inner.stopping.load(Ordering::SeqCst) {
+                    break;
+                }
+                // One slot always stays free, so that a client's create never waits on a
+                // warm session still starting.
+                if self.inner.slots.available_permits() <= 1 {
+                    break;
+                }
+                let Ok(permit) = self.inner.slots.clone().try_acquire_owned() else {
+                    break;
+                };
+                let defaults = self.inner.config.defaults;
+                let session = match self
+                    .start(runtime.clone(), defaults, vec![], permit, true)
+                    .await
+                {
+                    Ok(session) => session,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not start a warm session");
+                        break;
+                    }
+                };
+                match session.execute(String::new(), None, None).await {
+                    Ok(outcome) if outcome.ended.is_none() && outcome.error.is_none() => {
+                        lock(&self.inner.warm)
+                            .entry(runtime.name.clone())
+                            .or_default()
+                            .push_back(session);
+                    }
+                    other => {
+                        tracing::warn!(?other, "a warm session failed its first turn");
+                        session.end(EndReason::Deleted);
+                        break;
+                    }
+                }
+            }
+        }
+        self.inner.filling.store(false, Ordering::SeqCst);
     }
 
     fn limits(&self, request: &CreateRequest, runtime: &Runtime) -> Result<Limits> {
@@ -353,7 +507,8 @@ impl Registry {
         self.inner.reap(now)
     }
 
-    /// Starts the reaper task; it stops when the registry is dropped.
+    /// Starts the reaper task, which also keeps the warm sessions topped up; it stops when the
+    /// registry is dropped.
     pub fn spawn_reaper(&self) {
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
         let every = self.inner.config.reap_interval;
@@ -364,12 +519,15 @@ impl Registry {
                 tick.tick().await;
                 let Some(inner) = weak.upgrade() else { break };
                 inner.reap(Instant::now());
+                Registry { inner }.top_up().await;
             }
         });
     }
 
     /// Ends every session (the manager is stopping) and waits until their stores are gone.
     pub async fn shutdown(&self, grace: Duration) {
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        self.drop_warm();
         let all: Vec<_> = read(&self.inner.sessions).values().cloned().collect();
         for session in &all {
             session.end(EndReason::Shutdown);
@@ -380,8 +538,12 @@ impl Registry {
 }
 
 impl Inner {
-    fn forget(&self, id: &str, reason: EndReason) {
+    fn forget(&self, session: &Session, reason: EndReason) {
+        let id = session.id.as_str();
         write(&self.sessions).remove(id);
+        if session.is_warm() {
+            return; // never a client's: nothing to count or remember
+        }
         self.metrics.session_ended(&reason);
         if reason != EndReason::Deleted {
             tracing::info!(session = id, %reason, "session ended");

@@ -149,6 +149,8 @@ pub struct Info {
 }
 
 struct Stats {
+    created_at: SystemTime,
+    created: Instant,
     phase: Phase,
     last_used_at: SystemTime,
     last_used: Instant,
@@ -167,9 +169,9 @@ struct Job {
 pub struct Session {
     pub id: String,
     pub runtime: String,
-    pub created_at: SystemTime,
-    pub created: Instant,
     pub limits: Limits,
+    /// Waiting in the warm pool, not yet any client's.
+    warm: std::sync::atomic::AtomicBool,
     /// The files under the guest's `/workspace`.
     pub workspace: Workspace,
     jobs: mpsc::Sender<Job>,
@@ -188,12 +190,35 @@ impl Session {
             id: self.id.clone(),
             runtime: self.runtime.clone(),
             phase: stats.phase.clone(),
-            created_at: self.created_at,
+            created_at: stats.created_at,
             last_used_at: stats.last_used_at,
             executions: stats.executions,
             memory_bytes: stats.memory_bytes,
             limits: self.limits,
         }
+    }
+
+    /// Whether the session waits in the warm pool, no client's yet.
+    pub fn is_warm(&self) -> bool {
+        self.warm.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// When the session was handed to its client.
+    pub fn created_at(&self) -> SystemTime {
+        self.stats().created_at
+    }
+
+    /// Hands a warm session (started ahead, its first turn already run) to a client: its
+    /// clocks and counters start now, as if it had just been created.
+    pub fn claim(&self) {
+        self.warm.store(false, std::sync::atomic::Ordering::SeqCst);
+        let mut stats = self.stats();
+        let (now, at) = (Instant::now(), SystemTime::now());
+        stats.created = now;
+        stats.created_at = at;
+        stats.last_used = now;
+        stats.last_used_at = at;
+        stats.executions = 0;
     }
 
     /// The reason the session ended, if it has.
@@ -206,10 +231,10 @@ impl Session {
 
     /// When the session's idle TTL or lifetime has passed at `now`, the reason.
     pub fn expired(&self, now: Instant) -> Option<EndReason> {
-        if now.duration_since(self.created) >= self.limits.lifetime {
+        let stats = self.stats();
+        if now.duration_since(stats.created) >= self.limits.lifetime {
             return Some(EndReason::Lifetime);
         }
-        let stats = self.stats();
         let idle = matches!(stats.phase, Phase::Idle | Phase::Starting);
         (idle && now.duration_since(stats.last_used) >= self.limits.idle_ttl)
             .then_some(EndReason::Idle)
@@ -328,6 +353,8 @@ pub struct NewSession {
     pub dir: PathBuf,
     pub permit: OwnedSemaphorePermit,
     pub metrics: Arc<Metrics>,
+    /// Started ahead of demand, for no client yet (see [`Session::claim`]).
+    pub warm: bool,
 }
 
 /// Instantiates the session and starts its task. `on_end` runs once, after the store is
@@ -344,6 +371,7 @@ pub async fn start(
         dir,
         permit,
         metrics,
+        warm,
     } = new;
     let workspace = dir.join("workspace");
     let tmp = dir.join("tmp");
@@ -413,13 +441,14 @@ pub async fn start(
     let session = Arc::new(Session {
         id,
         runtime: runtime.name.clone(),
-        created_at: now,
-        created: Instant::now(),
         limits,
+        warm: std::sync::atomic::AtomicBool::new(warm),
         workspace: files,
         jobs,
         stop,
         stats: Mutex::new(Stats {
+            created_at: now,
+            created: Instant::now(),
             phase: Phase::Starting,
             last_used_at: now,
             last_used: Instant::now(),
@@ -536,15 +565,18 @@ impl Driver {
             }
             let outcome = self.execute(&mut job, stopped).await;
             let ended = outcome.ended.clone();
-            self.metrics.execution(
-                match (&ended, &outcome.error) {
-                    (Some(EndReason::Cancelled), _) => ExecutionOutcome::Cancelled,
-                    (Some(_), _) => ExecutionOutcome::Ended,
-                    (None, Some(_)) => ExecutionOutcome::Error,
-                    (None, None) => ExecutionOutcome::Ok,
-                },
-                outcome.duration,
-            );
+            let counted = !self.session.is_warm(); // a warm-up turn is no client's
+            counted.then(|| {
+                self.metrics.execution(
+                    match (&ended, &outcome.error) {
+                        (Some(EndReason::Cancelled), _) => ExecutionOutcome::Cancelled,
+                        (Some(_), _) => ExecutionOutcome::Ended,
+                        (None, Some(_)) => ExecutionOutcome::Error,
+                        (None, None) => ExecutionOutcome::Ok,
+                    },
+                    outcome.duration,
+                )
+            });
             let _ = job.reply.send(outcome);
             if let Some(reason) = ended {
                 return reason;
@@ -571,9 +603,8 @@ impl Driver {
             stats.executions
         };
         let limits = self.session.limits;
-        let lifetime_left = limits
-            .lifetime
-            .saturating_sub(self.session.created.elapsed());
+        let age = self.session.stats().created.elapsed();
+        let lifetime_left = limits.lifetime.saturating_sub(age);
         let capped = job.timeout >= lifetime_left;
         let deadline = job.timeout.min(lifetime_left);
         let input = self.protocol.encode_turn(&job.code, n);

@@ -21,6 +21,7 @@ fn every_serve_flag_has_an_env_twin_in_help() {
         ("--insecure", "ARL_INSECURE"),
         ("--workspace-mib", "ARL_WORKSPACE_MIB"),
         ("--max-sessions", "ARL_MAX_SESSIONS"),
+        ("--warm-sessions", "ARL_WARM_SESSIONS"),
         ("--timeout-ms", "ARL_TIMEOUT_MS"),
         ("--max-timeout-ms", "ARL_MAX_TIMEOUT_MS"),
         ("--memory-mib", "ARL_MEMORY_MIB"),
@@ -42,7 +43,7 @@ fn every_serve_flag_has_an_env_twin_in_help() {
     }
     assert_eq!(
         help.matches("[env: ARL_").count(),
-        18,
+        19,
         "a flag without a documented twin:\n{help}"
     );
 }

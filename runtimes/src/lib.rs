@@ -86,6 +86,11 @@ impl Protocol {
         }
     }
 
+    /// Whether new sessions run a bootstrap turn (and so gain from being started ahead).
+    pub fn has_bootstrap(self) -> bool {
+        matches!(self, Protocol::Python)
+    }
+
     /// The bytes handed to `turn` for the user's `code`, the session's `n`th execution.
     pub fn encode_turn(self, code: &str, n: u64) -> Vec<u8> {
         match self {

@@ -376,3 +376,57 @@ async fn numpy_and_pandas_come_preloaded_with_fresh_random_streams() {
         assert_ne!(x["result"], y["result"], "{draw}: sessions share no stream");
     }
 }
+
+/// Waits until `m` has `n` warm sessions ready.
+async fn warm(m: &TestManager, n: usize) -> Vec<String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let ids = m.registry.warm();
+        if ids.len() >= n {
+            return ids;
+        }
+        assert!(std::time::Instant::now() < deadline, "{} warm", ids.len());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_plain_create_gets_a_warm_session_that_is_fresh_and_its_own() {
+    let mut c = python_config();
+    c.max_sessions = 3;
+    c.warm_sessions = 2;
+    let m = TestManager::start(c, Runtimes::python());
+    let ready = warm(&m, 2).await;
+    let a = m.create(json!({})).await;
+    assert!(ready.contains(&a), "{a} came from the warm pool {ready:?}");
+    let (_, info) = m.get(&format!("/v1/sessions/{a}")).await;
+    assert_eq!(
+        (info["executions"].as_u64(), info["state"].as_str()),
+        (Some(0), Some("idle"))
+    );
+    let v = m.exec(&a, "x").await;
+    assert_eq!(
+        v["error"]["type"], "NameError",
+        "nothing before the client's first turn: {v}"
+    );
+    m.exec(&a, "secret = 1; import os; os.environ['MINE'] = '1'")
+        .await;
+    let b = m.create(json!({})).await;
+    let v = m
+        .exec(&b, "import os; 'secret' in dir(), 'MINE' in os.environ")
+        .await;
+    assert_eq!(v["result"], "(False, False)");
+    // Full: a client's create takes the slot a warm session holds.
+    let c = m.create(json!({ "env": { "WHO": "cold" } })).await;
+    assert_eq!(
+        m.exec(&c, "import os; os.environ['WHO']").await["result"],
+        "'cold'"
+    );
+    let (status, v) = m.post("/v1/sessions", json!({})).await;
+    assert_eq!(status, 429, "three clients' sessions fill it: {v}");
+    let (_, load) = m.get("/v1/load").await;
+    assert_eq!(
+        load["sessions"], 3,
+        "warm sessions are not counted as load: {load}"
+    );
+}

@@ -58,7 +58,7 @@ pub async fn create(
             session_id: session.id.clone(),
             status: "created",
             runtime: session.runtime.clone(),
-            created_at: rfc3339(session.created_at),
+            created_at: rfc3339(session.created_at()),
         }),
     ))
 }

@@ -115,7 +115,7 @@ pub async fn create(
         Json(Created {
             id: session.id.clone(),
             runtime: session.runtime.clone(),
-            created_at: rfc3339(session.created_at),
+            created_at: rfc3339(session.created_at()),
             limits: session.limits.into(),
         }),
     ))
