@@ -213,6 +213,12 @@ impl TestManager {
         decode(client().get(self.url(path)).send().await.expect("get")).await
     }
 
+    /// Status and body text of a GET.
+    pub async fn get_text(&self, path: &str) -> (u16, String) {
+        let r = client().get(self.url(path)).send().await.expect("get");
+        (r.status().as_u16(), r.text().await.expect("body"))
+    }
+
     pub async fn delete(&self, path: &str) -> (u16, Value) {
         decode(
             client()

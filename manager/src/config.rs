@@ -26,6 +26,9 @@ pub struct ManagerConfig {
     /// Sessions kept started ahead per runtime with a bootstrap, for creates that ask for the
     /// defaults. They hold pool slots until claimed, and give them up when a client needs one.
     pub warm_sessions: u32,
+    /// Below this much free memory (the machine's or the cgroup's), idle sessions are evicted,
+    /// longest idle first; 0 turns eviction off.
+    pub min_free_bytes: u64,
 }
 
 impl ManagerConfig {
@@ -47,6 +50,7 @@ impl ManagerConfig {
             cache_dir,
             reap_interval: Duration::from_secs(1),
             warm_sessions: 4,
+            min_free_bytes: 256 << 20,
         }
     }
 

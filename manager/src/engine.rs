@@ -77,6 +77,8 @@ fn config(settings: EngineSettings) -> Config {
         .total_tables(slots)
         // A fiber stack is taken only while a turn runs, but each session may be mid-turn.
         .total_stacks(slots)
+        // And one GC heap each (exceptions live there); the default caps the pool at 1,000.
+        .total_gc_heaps(slots)
         .total_component_instances(0)
         .max_memories_per_module(1)
         .max_tables_per_module(1)

@@ -62,6 +62,10 @@ struct Serve {
     /// create asking for the defaults gets one at once; they give way when the manager is full.
     #[arg(long, env = "ARL_WARM_SESSIONS", default_value_t = 4)]
     warm_sessions: u32,
+    /// Below this much free memory (the machine's MemAvailable, or what the cgroup's limit
+    /// leaves), idle sessions are ended, longest idle first, with the reason `evicted`; 0: never.
+    #[arg(long, env = "ARL_MIN_FREE_MIB", default_value_t = 256)]
+    min_free_mib: u64,
     /// Default wall-clock deadline of one execution, in milliseconds.
     #[arg(long, env = "ARL_TIMEOUT_MS", default_value_t = 30_000)]
     timeout_ms: u64,
@@ -141,6 +145,7 @@ fn config(serve: &Serve) -> anyhow::Result<ManagerConfig> {
     let mut config = ManagerConfig::new(cache_dir(serve.common.cache_dir.clone())?);
     config.max_sessions = serve.max_sessions;
     config.warm_sessions = serve.warm_sessions;
+    config.min_free_bytes = serve.min_free_mib << 20;
     config.defaults = Limits {
         timeout: Duration::from_millis(serve.timeout_ms),
         memory_bytes: serve.memory_mib << 20,

@@ -562,7 +562,65 @@ impl Inner {
         for (session, reason) in &due {
             session.end(reason.clone());
         }
-        due.len()
+        due.len() + self.relieve_pressure()
+    }
+
+    /// When the memory left to the manager is under `--min-free-mib`, ends warm sessions and
+    /// then the idle sessions unused the longest (reason `evicted`), a few per tick, until it
+    /// is not. Sessions mid-turn are never evicted.
+    fn relieve_pressure(&self) -> usize {
+        let floor = self.config.min_free_bytes;
+        if floor == 0 || available_memory().is_none_or(|free| free >= floor) {
+            return 0;
+        }
+        let warm: Vec<_> = lock(&self.warm)
+            .values_mut()
+            .flat_map(std::mem::take)
+            .collect();
+        for session in &warm {
+            session.end(EndReason::Deleted);
+        }
+        let mut idle: Vec<_> = read(&self.sessions)
+            .values()
+            .filter_map(|s| s.idle_since().map(|t| (t, s.clone())))
+            .collect();
+        idle.sort_by_key(|(since, _)| *since);
+        let batch = (idle.len() / 100).max(1);
+        for (_, session) in idle.iter().take(batch) {
+            session.end(EndReason::Evicted);
+        }
+        let evicted = batch.min(idle.len());
+        tracing::warn!(
+            evicted,
+            warm = warm.len(),
+            floor_mib = floor >> 20,
+            "memory pressure: ending the longest-idle sessions"
+        );
+        evicted
+    }
+}
+
+/// Bytes the manager may still use: the smaller of the machine's `MemAvailable` and what its
+/// cgroup (the pod's limit) leaves. `None` where neither can be read.
+pub fn available_memory() -> Option<u64> {
+    let machine = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| {
+        t.lines()
+            .find(|l| l.starts_with("MemAvailable:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kib| kib.parse::<u64>().ok())
+            .map(|kib| kib << 10)
+    });
+    let number = |path: &str| {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+    };
+    let cgroup = number("/sys/fs/cgroup/memory.max")
+        .zip(number("/sys/fs/cgroup/memory.current"))
+        .map(|(max, current)| max.saturating_sub(current));
+    match (machine, cgroup) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 

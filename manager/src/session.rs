@@ -64,6 +64,8 @@ pub enum EndReason {
     Lifetime,
     /// Deleted by a client.
     Deleted,
+    /// Ended, idle, to relieve memory pressure on the node.
+    Evicted,
     /// The manager is shutting down.
     Shutdown,
     /// The caller went away mid-turn, so the turn was stopped.
@@ -80,6 +82,7 @@ impl EndReason {
             EndReason::Idle => "idle",
             EndReason::Lifetime => "lifetime",
             EndReason::Deleted => "deleted",
+            EndReason::Evicted => "evicted",
             EndReason::Shutdown => "shutdown",
             EndReason::Cancelled => "cancelled",
         }
@@ -227,6 +230,12 @@ impl Session {
             Phase::Ended(reason) => Some(reason.clone()),
             _ => None,
         }
+    }
+
+    /// Since when the session has been at rest between turns; `None` while a turn runs.
+    pub fn idle_since(&self) -> Option<Instant> {
+        let stats = self.stats();
+        matches!(stats.phase, Phase::Idle).then_some(stats.last_used)
     }
 
     /// When the session's idle TTL or lifetime has passed at `now`, the reason.
@@ -741,6 +750,9 @@ fn ended_error(reason: &EndReason, deadline: Duration) -> GuestError {
         ),
         EndReason::Exit(code) => {
             format!("the code exited with status {code}; the session has ended")
+        }
+        EndReason::Evicted => {
+            "the node ran short of memory and this session, idle the longest, was ended".into()
         }
         EndReason::Cancelled => {
             "the caller went away mid-turn, so the turn was stopped; the session has ended".into()

@@ -7,8 +7,8 @@
 //! compiled, run, and its memory written out) and reused by every later start.
 //!
 //! What it freezes: the interpreter's string hash seed (as the package's snapshot did), and
-//! the state of every module it imported. The session's bootstrap turn reseeds `random` and
-//! `numpy.random`; the environment is read per session (see `check` below).
+//! the state of every module it imported, ARL's driver among them. Each session's bootstrap
+//! turn (`_arl.start`) gives it its own environment and reseeds `random` and `numpy.random`.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -29,7 +29,7 @@ use crate::{Error, Result};
 pub const PRELOAD: &[&str] = &["numpy", "pandas"];
 
 /// Bumped when the way the snapshot is made changes, so that caches rebuild it.
-const RECIPE: &str = "arl-snapshot-1 wasmtime-wizer-48";
+const RECIPE: &str = "arl-snapshot-2 wasmtime-wizer-48";
 
 struct InitState {
     wasi: WasiP1Ctx,
@@ -53,6 +53,7 @@ pub fn python(
         let mut h = Sha256::new();
         h.update(arl_runtimes::python::PLAIN_SHA256);
         h.update(RECIPE);
+        h.update(arl_runtimes::python::DRIVER);
         for m in PRELOAD {
             h.update(m);
             h.update([0]);
@@ -177,20 +178,28 @@ fn build(artifacts: &Artifacts, scratch: &Path) -> Result<Vec<u8>> {
             f.call(&mut store, ()).map_err(|e| failed(init, e))?;
         }
     }
-    let code = format!(
-        "import _host\ntry:\n    import {}\n    _r = b'ok'\nexcept BaseException as e:\n    \
-         _r = repr(e).encode()\n_host.call(_r)\ndel _r, _host\n",
-        PRELOAD.join(", ")
-    );
-    turn(&mut store, &instance, code.as_bytes()).map_err(|e| failed("importing", e))?;
-    match store.data_mut().report.take() {
-        Some(frame) if frame == b"ok" => {}
-        other => {
-            let said = other.map(|f| String::from_utf8_lossy(&f).into_owned());
-            return Err(failed(
-                "importing",
-                wasmtime::format_err!("the preload did not succeed: {said:?}"),
-            ));
+    // The preload, then ARL's driver, then everything alive is moved out of the collector's
+    // reach (`gc.freeze`): a collection in a session then never walks, and so never
+    // dirties, the snapshot's pages.
+    let preload = format!("import {}", PRELOAD.join(", "));
+    let steps = [
+        ("importing", preload.as_str()),
+        ("installing the driver", arl_runtimes::python::DRIVER),
+        ("freezing", "import gc\ngc.collect()\ngc.freeze()\ndel gc"),
+    ];
+    for (what, code) in steps {
+        let code = format!(
+            "try:\n    exec({})\n    _r = b'ok'\nexcept BaseException as e:\n    _r = repr(e).encode()\n\
+             __import__('_host').call(_r)\ndel _r\n",
+            serde_json::to_string(code).unwrap_or_default()
+        );
+        turn(&mut store, &instance, code.as_bytes()).map_err(|e| failed(what, e))?;
+        match store.data_mut().report.take() {
+            Some(frame) if frame == b"ok" => {}
+            other => {
+                let said = other.map(|f| String::from_utf8_lossy(&f).into_owned());
+                return Err(failed(what, wasmtime::format_err!("it failed: {said:?}")));
+            }
         }
     }
     let mut state = Snapshotting {

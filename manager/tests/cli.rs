@@ -22,6 +22,7 @@ fn every_serve_flag_has_an_env_twin_in_help() {
         ("--workspace-mib", "ARL_WORKSPACE_MIB"),
         ("--max-sessions", "ARL_MAX_SESSIONS"),
         ("--warm-sessions", "ARL_WARM_SESSIONS"),
+        ("--min-free-mib", "ARL_MIN_FREE_MIB"),
         ("--timeout-ms", "ARL_TIMEOUT_MS"),
         ("--max-timeout-ms", "ARL_MAX_TIMEOUT_MS"),
         ("--memory-mib", "ARL_MEMORY_MIB"),
@@ -43,7 +44,7 @@ fn every_serve_flag_has_an_env_twin_in_help() {
     }
     assert_eq!(
         help.matches("[env: ARL_").count(),
-        19,
+        20,
         "a flag without a documented twin:\n{help}"
     );
 }

@@ -25,7 +25,8 @@ const STDLIB_ZIP: &str = "python315.zip";
 /// Where matplotlib looks for its data, next to its package inside the zip.
 pub const MPL_DATA_GUEST: &str = "/usr/local/lib/python315.zip/matplotlib/mpl-data";
 
-/// ARL's in-guest turn driver (see the file for the frame it reports).
+/// ARL's in-guest turn driver (see the file for the frame it reports), run once when ARL's
+/// snapshot is built.
 pub const DRIVER: &str = include_str!("python/driver.py");
 
 /// The environment every Python session starts with, before the request's own `env`.
@@ -47,11 +48,12 @@ pub struct Artifacts {
     pub mounts: Vec<Mount>,
 }
 
-/// The source of the bootstrap turn: the driver, installed with the session's environment
-/// (later pairs win). A JSON array of pairs is a valid Python literal of the same value.
+/// The source of a session's bootstrap turn: the driver (already in the snapshot) starts the
+/// session with its environment (later pairs win). A JSON array of pairs is a valid Python
+/// literal of the same value.
 pub fn bootstrap_source(env: &[(String, String)]) -> String {
     let pairs = serde_json::to_string(env).unwrap_or_else(|_| "[]".to_owned());
-    format!("{DRIVER}\n_install({pairs})\ndel _install, sys, types\n")
+    format!("__import__('_arl').start({pairs})")
 }
 
 /// The source of the turn that runs `code` as the session's `n`th cell. A JSON string is a

@@ -430,3 +430,36 @@ async fn a_plain_create_gets_a_warm_session_that_is_fresh_and_its_own() {
         "warm sessions are not counted as load: {load}"
     );
 }
+
+#[tokio::test]
+async fn under_memory_pressure_idle_sessions_are_evicted_with_the_reason() {
+    let mut c = python_config();
+    c.warm_sessions = 0;
+    c.min_free_bytes = u64::MAX; // never enough: always under pressure
+    let m = TestManager::start(c, Runtimes::python());
+    let id = m.create(json!({})).await;
+    // Queued at once, the turn starts as the bootstrap ends: a running turn is not evicted.
+    let v = m
+        .exec(&id, "import time; time.sleep(0.5); 'finished'")
+        .await;
+    assert_eq!(v["result"], "'finished'", "{v}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (status, v) = m.get(&format!("/v1/sessions/{id}")).await;
+        if status == 410 {
+            assert_eq!(v["error"]["reason"], "evicted", "{v}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not evicted: {v}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Counted once the session's store is gone, a moment after it answers 410.
+    loop {
+        let (_, metrics) = m.get_text("/metrics").await;
+        if metrics.contains(r#"arl_sessions_ended_total{reason="evicted"} 1"#) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -1,5 +1,6 @@
-# ARL's turn driver, installed once per session by the bootstrap turn, which is this file
-# followed by `_install(<the session's environment>)` (see `bootstrap_source`).
+# ARL's turn driver, installed into ARL's snapshot once, at build time (see
+# manager/src/snapshot.rs). Each session's bootstrap turn is then the one line
+# `__import__('_arl').start(<the session's environment>)`.
 #
 # Every later turn is the one line `__import__('_arl').run(<code>, <n>)`: the driver runs the
 # cell in `__main__` as the interactive interpreter would, and reports what happened as one JSON
@@ -10,10 +11,10 @@
 import sys, types
 
 
-def _install(env):
+def _install():
     # Only modules the snapshot already holds: `traceback` (~30 ms) and `random` (~3 ms) are
     # imported when first needed, so a new session stays cheap.
-    import _host, ast, builtins, json, linecache, os
+    import _host, ast, builtins, json, linecache, os, sys
 
     main = sys.modules["__main__"].__dict__
     call = _host.call
@@ -61,22 +62,29 @@ def _install(env):
             frame["error"] = error_of(e, e.__traceback__.tb_next)
         report(frame)
 
-    # The snapshot froze the environment it was made in: give the session its own.
-    os.environ.clear()
-    os.environ.update(dict(env))
-    # The snapshot froze one random state for every session: draw new ones from WASI
-    # randomness (`random` seeds itself that way when it is first imported later).
-    if "random" in sys.modules:
-        sys.modules["random"].seed()
-    if "numpy" in sys.modules:
-        sys.modules["numpy"].random.seed()
-    os.chdir("/workspace")
-    # Streamed executes show each line as it is printed, not when an 8 KiB buffer fills.
-    try:
-        sys.stdout.reconfigure(line_buffering=True)
-    except (AttributeError, ValueError):
-        pass
+    def start(env):
+        # The snapshot froze the environment it was made in: give the session its own.
+        os.environ.clear()
+        os.environ.update(dict(env))
+        # The snapshot froze one random state for every session: draw new ones from WASI
+        # randomness (`random` seeds itself that way when it is first imported later).
+        if "random" in sys.modules:
+            sys.modules["random"].seed()
+        if "numpy" in sys.modules:
+            sys.modules["numpy"].random.seed()
+        os.chdir("/workspace")
+        # Streamed executes show each line as it is printed, not when 8 KiB have gathered.
+        try:
+            sys.stdout.reconfigure(line_buffering=True)
+        except (AttributeError, ValueError):
+            pass
+
     module = types.ModuleType("_arl")
     module.run = run
+    module.start = start
     sys.modules["_arl"] = module
+
+
+_install()
+del _install, sys, types
 

@@ -1,0 +1,275 @@
+//! ARL's side: a real `arl-manager serve`, driven over HTTP with one keep-alive client per
+//! caller, plus the figures only ARL has (streaming, gRPC, files, idle sessions per GB).
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use arl_proto::v1 as pb;
+use arl_proto::v1::sessions_client::SessionsClient;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+use crate::{Bench, Figure, Figures, Sandboxes, common, header, private_bytes};
+
+struct Manager {
+    child: Child,
+    base: String,
+    client: reqwest::Client,
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Manager {
+    async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let mut r = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(body) = body {
+            r = r.json(&body);
+        }
+        let response = r.send().await?;
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await?;
+        let value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)?
+        };
+        Ok((status, value))
+    }
+}
+
+impl Sandboxes for Manager {
+    type Session = String;
+
+    async fn create(&self) -> anyhow::Result<String> {
+        let (status, v) = self
+            .request(reqwest::Method::POST, "/v1/sessions", Some(json!({})))
+            .await?;
+        if status != 201 {
+            bail!("create answered {status}: {v}");
+        }
+        Ok(v["id"].as_str().context("no id")?.to_owned())
+    }
+
+    async fn execute(
+        &self,
+        id: &mut String,
+        code: &str,
+    ) -> anyhow::Result<(String, Option<String>)> {
+        let path = format!("/v1/sessions/{id}/execute");
+        let (status, v) = self
+            .request(reqwest::Method::POST, &path, Some(json!({ "code": code })))
+            .await?;
+        if status != 200 || !v["error"].is_null() {
+            bail!("execute {code:?} answered {status}: {v}");
+        }
+        let stdout = v["stdout"].as_str().unwrap_or_default().to_owned();
+        Ok((stdout, v["result"].as_str().map(str::to_owned)))
+    }
+
+    async fn delete(&self, id: String) -> anyhow::Result<()> {
+        let (status, v) = self
+            .request(reqwest::Method::DELETE, &format!("/v1/sessions/{id}"), None)
+            .await?;
+        if status != 204 {
+            bail!("delete answered {status}: {v}");
+        }
+        Ok(())
+    }
+}
+
+async fn start(bench: &Bench) -> anyhow::Result<Manager> {
+    let binary = match &bench.manager {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("this binary has no folder")?
+            .join("arl-manager"),
+    };
+    let mut command = Command::new(&binary);
+    command
+        .arg("serve")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{}", bench.port))
+        .arg("--grpc-listen")
+        .arg(format!("127.0.0.1:{}", bench.port + 1))
+        .arg("--max-sessions")
+        .arg((bench.sessions + bench.clients + 64).to_string())
+        .arg("--cache-dir")
+        .arg(bench.cache_dir())
+        .arg("--log")
+        .arg("warn")
+        .stdout(Stdio::null());
+    let child = command.spawn().with_context(|| {
+        format!(
+            "starting {} (build it with cargo build --release -p arl-manager)",
+            binary.display()
+        )
+    })?;
+    let manager = Manager {
+        child,
+        base: format!("http://127.0.0.1:{}", bench.port),
+        client: reqwest::Client::builder().tcp_nodelay(true).build()?,
+    };
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        let ready = manager
+            .client
+            .get(format!("{}/readyz", manager.base))
+            .send()
+            .await;
+        if ready.is_ok_and(|r| r.status().is_success()) {
+            // Let the warm pool fill, as it would have in a pod that has been up for a second.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            return Ok(manager);
+        }
+        if Instant::now() > deadline {
+            bail!("the manager was not ready within 15 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn run(bench: &Bench) -> anyhow::Result<Figures> {
+    let manager = start(bench).await?;
+    header(&format!("ARL: arl-manager on {}", manager.base));
+    let mut figures = common(&manager, bench.iterations, bench.clients, bench.seconds).await?;
+    let n = bench.iterations;
+
+    let mut id = manager.create().await?;
+    manager.execute(&mut id, "x = 1").await?;
+    let mut samples = Vec::new();
+    for _ in 0..n.min(500) {
+        samples.push(first_streamed_chunk(&manager, &id, "print(1)").await?);
+    }
+    figures.latency("streamed print(1): first chunk", &mut samples);
+
+    let grpc_url = format!("http://127.0.0.1:{}", bench.port + 1);
+    let mut grpc = SessionsClient::connect(grpc_url).await?;
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let result = grpc_execute(&mut grpc, &id, "x + 1").await?;
+        samples.push(t.elapsed());
+        if result.as_deref() != Some("2") {
+            bail!("gRPC x + 1 answered {result:?}");
+        }
+    }
+    figures.latency("gRPC execute x + 1", &mut samples);
+
+    let data: Vec<u8> = (0..10u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let url = format!("{}/v1/sessions/{id}/files/bench.bin", manager.base);
+    let (mut up, mut down) = (Vec::new(), Vec::new());
+    for _ in 0..20 {
+        let t = Instant::now();
+        let status = manager
+            .client
+            .put(&url)
+            .body(data.clone())
+            .send()
+            .await?
+            .status();
+        up.push(t.elapsed());
+        let t = Instant::now();
+        let back = manager.client.get(&url).send().await?.bytes().await?;
+        down.push(t.elapsed());
+        if !status.is_success() || back.len() != data.len() {
+            bail!(
+                "10 MiB upload answered {status}, download {} bytes",
+                back.len()
+            );
+        }
+    }
+    figures.latency("upload 10 MiB", &mut up);
+    figures.latency("download 10 MiB", &mut down);
+    manager.delete(id).await?;
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = manager.child.id();
+    let before = private_bytes(pid)?;
+    let t = Instant::now();
+    for _ in 0..bench.sessions {
+        let mut id = manager.create().await?;
+        manager.execute(&mut id, "x = 1").await?;
+    }
+    let opened = t.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = private_bytes(pid)?;
+    let per = after.saturating_sub(before) as f64 / bench.sessions as f64 / f64::from(1 << 20);
+    let detail = format!(
+        "({} idle sessions, {:.0} MiB in all, {:.0} per GiB, opened in {:.1} s)",
+        bench.sessions,
+        after.saturating_sub(before) as f64 / f64::from(1 << 20),
+        1024.0 / per,
+        opened.as_secs_f64()
+    );
+    figures.add(
+        "private memory per idle session",
+        Figure::MiBPerSession(per),
+        &detail,
+    );
+    let (_, all) = manager
+        .request(reqwest::Method::DELETE, "/sessions", None)
+        .await?;
+    if all["deleted"].as_u64() != Some(bench.sessions as u64) {
+        bail!("expected {} sessions to delete, got {all}", bench.sessions);
+    }
+    Ok(figures)
+}
+
+/// How long a streamed execute takes to deliver its first `stdout` event.
+async fn first_streamed_chunk(manager: &Manager, id: &str, code: &str) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let response = manager
+        .client
+        .post(format!("{}/v1/sessions/{id}/execute", manager.base))
+        .header("accept", "text/event-stream")
+        .json(&json!({ "code": code }))
+        .send()
+        .await?;
+    let mut body = response.bytes_stream();
+    let (mut seen, mut first) = (String::new(), None);
+    while let Some(chunk) = body.next().await {
+        seen.push_str(&String::from_utf8_lossy(&chunk?));
+        if first.is_none() && seen.contains("event: stdout") {
+            first = Some(t.elapsed());
+        }
+        if seen.contains("event: result") {
+            break;
+        }
+    }
+    first.with_context(|| format!("no stdout event in {seen}"))
+}
+
+async fn grpc_execute(
+    grpc: &mut SessionsClient<tonic::transport::Channel>,
+    id: &str,
+    code: &str,
+) -> anyhow::Result<Option<String>> {
+    let mut events = grpc
+        .execute(pb::ExecuteRequest {
+            session_id: id.to_owned(),
+            code: code.to_owned(),
+            timeout_ms: None,
+        })
+        .await?
+        .into_inner();
+    while let Some(event) = events.message().await? {
+        if let Some(pb::execute_event::Event::Result(r)) = event.event {
+            return Ok(r.result);
+        }
+    }
+    bail!("the gRPC stream ended without a result")
+}
