@@ -109,6 +109,7 @@ async fn start(bench: &Bench) -> anyhow::Result<Manager> {
         .arg(bench.cache_dir())
         .arg("--log")
         .arg("warn")
+        .args(&bench.manager_args)
         .stdout(Stdio::null());
     let child = command.spawn().with_context(|| {
         format!(
@@ -145,6 +146,21 @@ pub async fn run(bench: &Bench) -> anyhow::Result<Figures> {
     header(&format!("ARL: arl-manager on {}", manager.base));
     let mut figures = common(&manager, bench.iterations, bench.clients, bench.seconds).await?;
     let n = bench.iterations;
+
+    // Creates arriving 100 ms apart, so that the warm pool keeps up (back to back, as above,
+    // the pool's refills compete with the creates for the same two cores).
+    let (mut create, mut first) = (Vec::new(), Vec::new());
+    for _ in 0..n.min(200) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let t = Instant::now();
+        let mut id = manager.create().await?;
+        create.push(t.elapsed());
+        manager.execute(&mut id, "print(1)").await?;
+        first.push(t.elapsed());
+        manager.delete(id).await?;
+    }
+    figures.latency("create, 100 ms apart", &mut create);
+    figures.latency("create + first print(1), 100 ms apart", &mut first);
 
     let mut id = manager.create().await?;
     manager.execute(&mut id, "x = 1").await?;

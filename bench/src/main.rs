@@ -45,6 +45,9 @@ pub struct Bench {
     /// Kernels held open for Jupyter's memory figure.
     #[arg(long, default_value_t = 20)]
     kernels: usize,
+    /// More flags for `arl-manager serve`, e.g. `--manager-arg=--warm-sessions=0`.
+    #[arg(long = "manager-arg", allow_hyphen_values = true)]
+    manager_args: Vec<String>,
     /// Passed to the manager as --cache-dir; also where Jupyter is installed.
     #[arg(long, env = "ARL_CACHE_DIR")]
     cache_dir: Option<PathBuf>,

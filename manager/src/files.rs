@@ -6,7 +6,7 @@
 //! the guest never sees half a file; a per-session quota bounds what uploads may add.
 
 use std::io;
-use std::path::{Component, Path};
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
@@ -57,8 +57,8 @@ pub struct Entry {
 /// The workspace of one session, with its upload staging folder and quota.
 #[derive(Debug)]
 pub struct Workspace {
-    root: Dir,
-    staging: Dir,
+    root: PathBuf,
+    staging: PathBuf,
     quota: u64,
     uploads: AtomicU64,
 }
@@ -77,17 +77,27 @@ pub struct Upload {
 impl Workspace {
     /// Opens the workspace folder `root`, staging uploads in `staging` (outside the guest's
     /// view), with `quota` bytes for the workspace as a whole.
+    ///
+    /// The folders are opened for each operation rather than held: a session then costs no
+    /// file descriptors beyond its WASI preopens, which matters at ten thousand sessions.
     pub fn open(root: &Path, staging: &Path, quota: u64) -> Result<Self> {
-        let open = |p: &Path| {
-            Dir::open_ambient_dir(p, ambient_authority())
-                .map_err(|e| Error::Io(format!("opening {}", p.display()), e))
-        };
-        Ok(Self {
-            root: open(root)?,
-            staging: open(staging)?,
+        let this = Self {
+            root: root.to_owned(),
+            staging: staging.to_owned(),
             quota,
             uploads: AtomicU64::new(0),
-        })
+        };
+        this.root()?;
+        this.staging()?;
+        Ok(this)
+    }
+
+    fn root(&self) -> Result<Dir> {
+        open_dir(&self.root)
+    }
+
+    fn staging(&self) -> Result<Dir> {
+        open_dir(&self.staging)
     }
 
     pub fn quota(&self) -> u64 {
@@ -109,14 +119,14 @@ impl Workspace {
             }
             Ok(total)
         }
-        walk(&self.root).map_err(|e| Error::Io("measuring the workspace".into(), e))
+        walk(&self.root()?).map_err(|e| Error::Io("measuring the workspace".into(), e))
     }
 
     /// Starts an upload to `path`: checks the path and how much room the quota leaves
     /// (counting a file it replaces as freed), and opens the staged file to write to.
     pub fn begin(&self, path: &str) -> Result<(Upload, std::fs::File)> {
         let rel = check(path)?;
-        let replaced = match self.root.symlink_metadata(rel) {
+        let replaced = match self.root()?.symlink_metadata(rel) {
             Ok(meta) if meta.is_dir() => return Err(Error::BadPath(path.into(), "is a folder")),
             Ok(meta) => Some(meta.len()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
@@ -127,7 +137,7 @@ impl Workspace {
         let n = self.uploads.fetch_add(1, Ordering::Relaxed);
         let staged = format!("upload-{n}");
         let file = self
-            .staging
+            .staging()?
             .create(&staged)
             .map_err(|e| Error::Io("staging an upload".into(), e))?
             .into_std();
@@ -145,31 +155,37 @@ impl Workspace {
         let Upload { staged, path, .. } = upload;
         let result = (|| {
             let rel = check(&path)?;
+            let (root, staging) = (self.root()?, self.staging()?);
             if let Some(parent) = rel.parent().filter(|p| !p.as_os_str().is_empty()) {
-                self.root
-                    .create_dir_all(parent)
+                root.create_dir_all(parent)
                     .map_err(|e| fs_error(&path, e))?;
             }
-            self.staging
-                .rename(&staged, &self.root, rel)
+            staging
+                .rename(&staged, &root, rel)
                 .map_err(|e| fs_error(&path, e))?;
             self.stat(&path)
         })();
         if result.is_err() {
-            let _ = self.staging.remove_file(&staged);
+            self.unstage(&staged);
         }
         result
     }
 
     /// Drops an upload that will not be committed.
     pub fn abort(&self, upload: Upload) {
-        let _ = self.staging.remove_file(&upload.staged);
+        self.unstage(&upload.staged);
+    }
+
+    fn unstage(&self, staged: &str) {
+        if let Ok(staging) = self.staging() {
+            let _ = staging.remove_file(staged);
+        }
     }
 
     /// Opens the file at `path` for reading, with its length.
     pub fn open_file(&self, path: &str) -> Result<(std::fs::File, u64)> {
         let rel = check(path)?;
-        let file = self.root.open(rel).map_err(|e| fs_error(path, e))?;
+        let file = self.root()?.open(rel).map_err(|e| fs_error(path, e))?;
         let meta = file.metadata().map_err(|e| fs_error(path, e))?;
         if meta.is_dir() {
             return Err(Error::BadPath(
@@ -184,7 +200,7 @@ impl Workspace {
     pub fn stat(&self, path: &str) -> Result<Entry> {
         let rel = check(path)?;
         let meta = self
-            .root
+            .root()?
             .symlink_metadata(rel)
             .map_err(|e| fs_error(path, e))?;
         Ok(entry(slashed(rel), &meta))
@@ -197,7 +213,7 @@ impl Workspace {
         } else {
             check(path)?
         };
-        let dir = self.root.open_dir(rel).map_err(|e| {
+        let dir = self.root()?.open_dir(rel).map_err(|e| {
             if e.kind() == io::ErrorKind::NotADirectory {
                 Error::BadPath(path.into(), "is a file, not a folder")
             } else {
@@ -220,14 +236,12 @@ impl Workspace {
     /// Removes the file, symlink or folder (with everything in it) at `path`.
     pub fn delete(&self, path: &str) -> Result<()> {
         let rel = check(path)?;
-        let meta = self
-            .root
-            .symlink_metadata(rel)
-            .map_err(|e| fs_error(path, e))?;
+        let root = self.root()?;
+        let meta = root.symlink_metadata(rel).map_err(|e| fs_error(path, e))?;
         if meta.is_dir() {
-            self.root.remove_dir_all(rel)
+            root.remove_dir_all(rel)
         } else {
-            self.root.remove_file(rel)
+            root.remove_file(rel)
         }
         .map_err(|e| fs_error(path, e))
     }
@@ -286,6 +300,11 @@ pub async fn upload(
             Err(e)
         }
     }
+}
+
+fn open_dir(path: &Path) -> Result<Dir> {
+    Dir::open_ambient_dir(path, ambient_authority())
+        .map_err(|e| Error::Io(format!("opening {}", path.display()), e))
 }
 
 /// Checks a client's path: relative, without `..`, NUL or an empty name; `.` parts dropped.

@@ -178,8 +178,36 @@ fn check_exposure(serve: &Serve) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Raises the open-files limit as far as this process may: each session holds its WASI
+/// preopens (four for Python), so thousands of sessions need tens of thousands.
+fn raise_open_files(max_sessions: u32) {
+    use rlimit::Resource;
+    let wanted = u64::from(max_sessions) * 4 + 1024;
+    let Ok((soft, hard)) = Resource::NOFILE.get() else {
+        return;
+    };
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .unwrap_or(hard);
+    let target = wanted.max(soft);
+    let raised = Resource::NOFILE.set(target.min(ceiling), target.min(ceiling).max(hard));
+    if raised.is_err() {
+        let _ = Resource::NOFILE.set(target.min(hard), hard);
+    }
+    let now = Resource::NOFILE.get().map_or(soft, |(s, _)| s);
+    if now < wanted {
+        tracing::warn!(
+            open_files = now,
+            wanted,
+            "the open-files limit is below what --max-sessions needs; raise `ulimit -n`"
+        );
+    }
+}
+
 async fn run(serve: Serve) -> anyhow::Result<()> {
     check_exposure(&serve)?;
+    raise_open_files(serve.max_sessions);
     if serve.auth_token.as_deref() == Some("") {
         anyhow::bail!("--auth-token must not be empty");
     }

@@ -16,6 +16,8 @@ use crate::runtime::{Runtime, RuntimeSpec};
 use crate::session::{self, EndReason, Info, Limits, NewSession, Session};
 use crate::{Error, Result};
 
+/// How long after a create the warm pool is refilled.
+const REFILL_DELAY: Duration = Duration::from_millis(25);
 /// How long a create waits for the slot of a warm session it evicted.
 const EVICT_WAIT: Duration = Duration::from_secs(2);
 /// Ended sessions remembered so that later calls answer "ended, because..." (410).
@@ -346,9 +348,15 @@ impl Registry {
         }
     }
 
+    /// Tops up a moment after a create: the client's first turns, which usually follow at
+    /// once, go first on the cores.
     fn top_up_soon(&self) {
         if self.inner.config.warm_sessions > 0 {
-            tokio::spawn(self.clone().top_up());
+            let registry = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(REFILL_DELAY).await;
+                registry.top_up().await;
+            });
         }
     }
 
