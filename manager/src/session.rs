@@ -366,6 +366,33 @@ pub struct NewSession {
     pub warm: bool,
 }
 
+/// Gives a guest its folders: the runtime's read-only mounts, then its own `/workspace` and
+/// `/tmp`. ARL's snapshot is made with the same call, because wasi-libc keeps the table of
+/// preopens it saw in linear memory: a session must open the same ones in the same order.
+pub(crate) fn preopen(
+    wasi: &mut WasiCtxBuilder,
+    mounts: &[arl_runtimes::Mount],
+    workspace: &std::path::Path,
+    tmp: &std::path::Path,
+) -> Result<()> {
+    let mounts = mounts
+        .iter()
+        .map(|m| (m.host.as_path(), m.guest.as_str(), FsPerms::ReadOnly));
+    let own = [
+        (workspace, "/workspace", FsPerms::ReadWrite),
+        (tmp, "/tmp", FsPerms::ReadWrite),
+    ];
+    for (host, guest, perms) in mounts.chain(own) {
+        wasi.preopened_dir(host, guest, perms).map_err(|e| {
+            Error::Io(
+                format!("opening {}", host.display()),
+                std::io::Error::other(e.to_string()),
+            )
+        })?;
+    }
+    Ok(())
+}
+
 /// Instantiates the session and starts its task. `on_end` runs once, after the store is
 /// dropped and the folder removed.
 pub async fn start(
@@ -398,22 +425,7 @@ pub async fn start(
         .stderr(stderr.clone())
         .arg("/usr/local/bin/python.wasm")
         .envs(&full_env);
-    let mounts = runtime
-        .mounts
-        .iter()
-        .map(|m| (m.host.as_path(), m.guest.as_str(), FsPerms::ReadOnly));
-    let own = [
-        (workspace.as_path(), "/workspace", FsPerms::ReadWrite),
-        (tmp.as_path(), "/tmp", FsPerms::ReadWrite),
-    ];
-    for (host, guest, perms) in mounts.chain(own) {
-        wasi.preopened_dir(host, guest, perms).map_err(|e| {
-            Error::Io(
-                format!("opening {}", host.display()),
-                std::io::Error::other(e.to_string()),
-            )
-        })?;
-    }
+    preopen(&mut wasi, &runtime.mounts, &workspace, &tmp)?;
     let state = SessionState {
         wasi: wasi.build_p1(),
         limits: StoreLimitsBuilder::new()

@@ -17,8 +17,8 @@ use arl_runtimes::Progress;
 use arl_runtimes::python::Artifacts;
 use sha2::{Digest, Sha256};
 use wasmtime::{Config, Engine, Linker, Module, Store};
+use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p1::WasiP1Ctx;
-use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use crate::output::{Capture, Stream};
 use crate::runtime::{Reports, door};
@@ -123,8 +123,7 @@ fn build(artifacts: &Artifacts, scratch: &Path) -> Result<Vec<u8>> {
         .func_wrap("host", "call", door::<InitState>)
         .map_err(Error::Engine)?;
 
-    // The same preopens, in the same order, as a session has: wasi-libc keeps its table of
-    // them in linear memory, so the snapshot remembers it.
+    // The same preopens, in the same order, as a session has (`session::preopen`).
     let empty = tempfile::Builder::new()
         .prefix("snapshot-")
         .tempdir_in(scratch)
@@ -140,22 +139,7 @@ fn build(artifacts: &Artifacts, scratch: &Path) -> Result<Vec<u8>> {
     wasi.stderr(stderr.clone())
         .arg("/usr/local/bin/python.wasm")
         .envs(arl_runtimes::python::BASE_ENV);
-    let mounts = artifacts
-        .mounts
-        .iter()
-        .map(|m| (m.host.as_path(), m.guest.as_str(), FsPerms::ReadOnly));
-    let own = [
-        (workspace.as_path(), "/workspace", FsPerms::ReadWrite),
-        (tmp.as_path(), "/tmp", FsPerms::ReadWrite),
-    ];
-    for (host, guest, perms) in mounts.chain(own) {
-        wasi.preopened_dir(host, guest, perms).map_err(|e| {
-            Error::Io(
-                format!("opening {}", host.display()),
-                std::io::Error::other(e.to_string()),
-            )
-        })?;
-    }
+    crate::session::preopen(&mut wasi, &artifacts.mounts, &workspace, &tmp)?;
     let mut store = Store::new(
         &engine,
         InitState {
