@@ -18,7 +18,7 @@ use crate::files::{self, Entry, READ_CHUNK, on_workspace};
 use crate::output;
 use crate::registry::{CreateRequest, Load, Registry};
 use crate::session::{Info, Limits, Outcome, TurnEvent};
-use crate::{Error, Result};
+use crate::{Error, Result, rfc3339};
 
 /// The name health checks use for the session service.
 pub const SERVICE: &str = "arl.v1.Sessions";
@@ -117,10 +117,6 @@ fn limits(l: Limits) -> pb::Limits {
         lifetime_s: l.lifetime.as_secs(),
         workspace_bytes: l.workspace_bytes,
     }
-}
-
-fn rfc3339(t: std::time::SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
 }
 
 fn session(i: Info) -> pb::Session {

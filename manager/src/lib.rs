@@ -61,5 +61,10 @@ pub enum Error {
     Runtime(#[from] arl_runtimes::Error),
 }
 
+/// A time as the APIs show it: RFC 3339, milliseconds, UTC.
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

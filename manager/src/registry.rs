@@ -174,7 +174,7 @@ impl Registry {
         Load {
             sessions: sessions.len() as u64,
             capacity: u64::from(self.inner.config.max_sessions),
-            memory_bytes: sessions.values().map(|s| s.info().memory_bytes).sum(),
+            memory_bytes: sessions.values().map(|s| s.memory_bytes()).sum(),
             draining: self.draining(),
         }
     }

@@ -206,6 +206,11 @@ impl Session {
         self.warm.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// The guest's linear memory after its last turn.
+    pub fn memory_bytes(&self) -> u64 {
+        self.stats().memory_bytes
+    }
+
     /// When the session was handed to its client.
     pub fn created_at(&self) -> SystemTime {
         self.stats().created_at

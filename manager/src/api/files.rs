@@ -9,10 +9,11 @@ use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::{ApiResult, ErrorBody, rfc3339};
+use super::{ApiResult, ErrorBody};
 use crate::Error;
 use crate::files::{self, Entry, on_workspace};
 use crate::registry::Registry;
+use crate::rfc3339;
 
 /// A file or folder of the workspace.
 #[derive(Debug, Serialize, utoipa::ToSchema)]

@@ -28,8 +28,6 @@ use crate::auth::Auth;
 use crate::registry::Registry;
 use crate::{EndReason, Error};
 
-pub use sessions::ExecuteResponse;
-
 /// Request bodies larger than this answer 413 unless the router is given another limit.
 /// File uploads are bounded by the workspace quota instead.
 pub const DEFAULT_BODY_LIMIT: usize = 8 << 20;
@@ -339,10 +337,6 @@ async fn method_not_allowed() -> ApiError {
         "method_not_allowed",
         "this route does not take that method",
     )
-}
-
-fn rfc3339(t: std::time::SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
 }
 
 /// Serves `router` on `listener` with TCP_NODELAY on every connection (small JSON answers

@@ -11,8 +11,9 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::sessions::prepare;
-use super::{ApiResult, ErrorBody, parse, rfc3339};
+use super::{ApiResult, ErrorBody, parse};
 use crate::registry::{CreateRequest, Registry};
+use crate::rfc3339;
 
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 pub struct RlmCreate {

@@ -15,10 +15,11 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::{ApiError, ApiResult, ErrorBody, parse, rfc3339};
+use super::{ApiError, ApiResult, ErrorBody, parse};
 use crate::Result;
 use crate::output::Stream;
 use crate::registry::{CreateRequest, Registry};
+use crate::rfc3339;
 use crate::session::{Info, Limits, Outcome, Session, TurnEvent, TurnStream};
 
 /// How often a silent stream sends a comment, so that a client that went away is noticed
