@@ -28,6 +28,47 @@ pub fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| std::env::temp_dir().join("arl-cache"))
 }
 
+/// The Python interpreter tools run with (`ARL_PYTHON`, else `python3`).
+pub fn python() -> String {
+    std::env::var("ARL_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// A folder holding the PyPI `packages` (pinned `name==version`), installed with pip into
+/// the shared cache on first use; put it on `sys.path` to import them.
+pub fn pytools(packages: &[&str]) -> PathBuf {
+    let name = packages.join("+").replace("==", "-");
+    let target = cache_dir().join("pytools").join(name);
+    if target.join("READY").exists() {
+        return target;
+    }
+    let staging = target.with_extension(format!("partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    let out = std::process::Command::new(python())
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--target",
+        ])
+        .arg(&staging)
+        .args(packages)
+        .output()
+        .expect("running pip");
+    assert!(
+        out.status.success(),
+        "pip install {packages:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(staging.join("READY"), "").unwrap();
+    // Another test binary may have won the race; its copy is as good as ours.
+    if std::fs::rename(&staging, &target).is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    target
+}
+
 /// A default configuration for tests, with the shared cache.
 pub fn config() -> ManagerConfig {
     let mut config = ManagerConfig::new(cache_dir());

@@ -29,6 +29,9 @@ pub struct ManagerConfig {
     /// Below this much free memory (the machine's or the cgroup's), idle sessions are evicted,
     /// longest idle first; 0 turns eviction off.
     pub min_free_bytes: u64,
+    /// Put before every session id as `<prefix>.<hex>`, so that a gateway in front of many
+    /// managers routes by id alone; pods set it to their own name. Empty: bare hex ids.
+    pub id_prefix: String,
 }
 
 impl ManagerConfig {
@@ -51,6 +54,7 @@ impl ManagerConfig {
             reap_interval: Duration::from_secs(1),
             warm_sessions: 4,
             min_free_bytes: 256 << 20,
+            id_prefix: String::new(),
         }
     }
 
@@ -73,6 +77,13 @@ impl ManagerConfig {
         }
         if d.idle_ttl.is_zero() || d.lifetime.is_zero() {
             return bad("--idle-ttl-secs and --lifetime-secs must be at least 1".into());
+        }
+        if !self
+            .id_prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        {
+            return bad("--id-prefix may hold only letters, digits, '-' and '.'".into());
         }
         if d.workspace_bytes == 0 {
             return bad("--workspace-mib must be at least 1".into());

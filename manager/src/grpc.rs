@@ -181,6 +181,8 @@ impl Sessions for SessionService {
             timeout_ms: r.timeout_ms,
             memory_mib: r.memory_mib,
             env: (!r.env.is_empty()).then(|| r.env.into_iter().collect()),
+            idle_ttl_secs: r.idle_ttl_secs,
+            lifetime_secs: r.lifetime_secs,
         };
         let created = self.registry.create(request).await.map_err(status)?;
         Ok(Response::new(session(created.info())))

@@ -101,6 +101,10 @@ struct Serve {
     /// session is ended.
     #[arg(long, env = "ARL_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     shutdown_grace_secs: u64,
+    /// Put before every session id (`<prefix>.<hex>`) so that a gateway routes by id alone;
+    /// pods of a WarmPool get their own name here.
+    #[arg(long, env = "ARL_ID_PREFIX", default_value = "")]
+    id_prefix: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -146,6 +150,7 @@ fn config(serve: &Serve) -> anyhow::Result<ManagerConfig> {
     config.max_sessions = serve.max_sessions;
     config.warm_sessions = serve.warm_sessions;
     config.min_free_bytes = serve.min_free_mib << 20;
+    config.id_prefix = serve.id_prefix.clone();
     config.defaults = Limits {
         timeout: Duration::from_millis(serve.timeout_ms),
         memory_bytes: serve.memory_mib << 20,

@@ -39,7 +39,15 @@ pub struct CreateRequest {
     pub memory_mib: Option<u64>,
     /// Added to the guest's fixed environment.
     pub env: Option<BTreeMap<String, String>>,
+    /// End the session after this long unused; the manager's default when absent.
+    pub idle_ttl_secs: Option<u64>,
+    /// End the session this long after its creation, even mid-turn; the manager's default
+    /// when absent.
+    pub lifetime_secs: Option<u64>,
 }
+
+/// The longest idle TTL or lifetime a request may ask for: 30 days.
+const MAX_TTL_SECS: u64 = 30 * 24 * 3600;
 
 impl CreateRequest {
     /// Whether it asks for nothing but the defaults (a runtime aside), so that a warm session
@@ -47,6 +55,8 @@ impl CreateRequest {
     fn is_plain(&self) -> bool {
         self.timeout_ms.is_none()
             && self.memory_mib.is_none()
+            && self.idle_ttl_secs.is_none()
+            && self.lifetime_secs.is_none()
             && self.env.as_ref().is_none_or(BTreeMap::is_empty)
     }
 }
@@ -276,7 +286,11 @@ impl Registry {
         permit: tokio::sync::OwnedSemaphorePermit,
         warm: bool,
     ) -> Result<Arc<Session>> {
-        let id = uuid::Uuid::new_v4().simple().to_string();
+        let hex = uuid::Uuid::new_v4().simple();
+        let id = match self.inner.config.id_prefix.as_str() {
+            "" => hex.to_string(),
+            prefix => format!("{prefix}.{hex}"),
+        };
         let dir = self.inner.data_dir.join("sessions").join(&id);
         let weak = Arc::downgrade(&self.inner);
         let on_end = move |session: &Session, reason: EndReason| {
@@ -441,6 +455,19 @@ impl Registry {
                 )));
             }
             limits.memory_bytes = bytes;
+        }
+        for (name, asked, limit) in [
+            ("idle_ttl_secs", request.idle_ttl_secs, &mut limits.idle_ttl),
+            ("lifetime_secs", request.lifetime_secs, &mut limits.lifetime),
+        ] {
+            if let Some(secs) = asked {
+                if secs == 0 || secs > MAX_TTL_SECS {
+                    return Err(Error::InvalidRequest(format!(
+                        "{name} must be between 1 and {MAX_TTL_SECS}"
+                    )));
+                }
+                *limit = Duration::from_secs(secs);
+            }
         }
         Ok(limits)
     }

@@ -35,6 +35,7 @@ fn every_serve_flag_has_an_env_twin_in_help() {
         ("--data-dir", "ARL_DATA_DIR"),
         ("--shutdown-grace-secs", "ARL_SHUTDOWN_GRACE_SECS"),
         ("--log", "ARL_LOG"),
+        ("--id-prefix", "ARL_ID_PREFIX"),
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");
         assert!(
@@ -44,7 +45,7 @@ fn every_serve_flag_has_an_env_twin_in_help() {
     }
     assert_eq!(
         help.matches("[env: ARL_").count(),
-        20,
+        21,
         "a flag without a documented twin:\n{help}"
     );
 }

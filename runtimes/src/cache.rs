@@ -41,12 +41,30 @@ impl ModuleCache {
             None => sha256_file(wasm)?,
         };
         let path = self.dir.join(format!("{}.cwasm", key(engine, &digest)));
-        fs::create_dir_all(&self.dir).map_err(io(format!("creating {}", self.dir.display())))?;
-        let lock_path = path.with_extension("lock");
+        // A baked, read-only cache (a container image) is read without taking the lock.
+        if path.exists()
+            && let Ok(module) = deserialize(engine, &path)
+        {
+            return Ok(module);
+        }
         let lock =
-            File::create(&lock_path).map_err(io(format!("opening {}", lock_path.display())))?;
-        lock.lock()
-            .map_err(io(format!("locking {}", lock_path.display())))?;
+            fs::create_dir_all(&self.dir).and_then(|()| File::create(path.with_extension("lock")));
+        let lock = match lock {
+            Ok(lock) => lock,
+            Err(e) => {
+                // Nowhere to keep it: compile for this process only.
+                tracing::warn!(dir = %self.dir.display(), error = %e, "the module cache is not writable; compiling in memory");
+                progress(&format!("compiling {} (not cached: {e})", wasm.display()));
+                return Module::from_file(engine, wasm).map_err(|source| Error::Compile {
+                    path: wasm.to_owned(),
+                    source,
+                });
+            }
+        };
+        lock.lock().map_err(io(format!(
+            "locking {}",
+            path.with_extension("lock").display()
+        )))?;
         if path.exists() {
             match deserialize(engine, &path) {
                 Ok(module) => return Ok(module),

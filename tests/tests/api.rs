@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use arl_e2e::{Runtimes, TestManager, cache_dir, client, decode, python_config};
+use arl_e2e::{Runtimes, TestManager, client, decode, python_config};
 use arl_manager::ServeOptions;
 use arl_proto::v1 as pb;
 use futures_util::StreamExt;
@@ -834,37 +834,10 @@ async fn decode_any(r: reqwest::Response) -> (u16, Value) {
 
 /// Checks `doc` with the PyPI package `openapi-spec-validator`, installed once into the cache.
 fn validate_openapi(doc: &Value) {
-    const PACKAGE: &str = "openapi-spec-validator==0.7.2";
-    let python = std::env::var("ARL_PYTHON").unwrap_or_else(|_| "python3".into());
-    let target = cache_dir().join("pytools").join(PACKAGE.replace("==", "-"));
-    if !target.join("READY").exists() {
-        let staging = target.with_extension("partial");
-        let _ = std::fs::remove_dir_all(&staging);
-        let out = std::process::Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--target",
-            ])
-            .arg(&staging)
-            .arg(PACKAGE)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "pip install {PACKAGE}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let _ = std::fs::remove_dir_all(&target);
-        std::fs::rename(&staging, &target).unwrap();
-        std::fs::write(target.join("READY"), "").unwrap();
-    }
+    let target = arl_e2e::pytools(&["openapi-spec-validator==0.7.2"]);
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), serde_json::to_vec(doc).unwrap()).unwrap();
-    let out = std::process::Command::new(&python)
+    let out = std::process::Command::new(arl_e2e::python())
         .arg("-c")
         .arg(
             "import json, sys; sys.path.insert(0, sys.argv[1])\n\

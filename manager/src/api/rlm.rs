@@ -51,6 +51,7 @@ pub async fn create(
         timeout_ms: r.timeout_ms,
         memory_mib: r.memory_mib,
         env: r.env,
+        ..CreateRequest::default()
     };
     let session = registry.create(request).await?;
     Ok((

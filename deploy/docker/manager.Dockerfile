@@ -1,0 +1,39 @@
+# syntax=docker/dockerfile:1.7
+# arl-manager with the Python runtime baked in: the runtime package, its snapshot and the
+# precompiled .cwasm sit in a read-only cache, so a pod serves its first session without
+# fetching or compiling anything.
+#
+#   docker build -f deploy/docker/manager.Dockerfile -t ghcr.io/arl-dev/arl-manager:0.1.0 .
+#
+# The build context is the repository root. `arl-manager prepare` needs about 2 GB of RAM
+# and a minute, and network access for `pip download`.
+
+FROM rust:1.95-bookworm AS build
+# python3 + pip are for `arl-manager prepare` only; they do not reach the final image.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-pip \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/usr/local/cargo/git \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p arl-manager \
+ && install -D -m 0755 target/release/arl-manager /out/arl-manager
+ENV ARL_CACHE_DIR=/opt/arl/cache
+RUN /out/arl-manager prepare \
+ && chmod -R a+rX,go-w "$ARL_CACHE_DIR"
+
+# glibc from bookworm, like the build stage; runs as uid 65532.
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /out/arl-manager /usr/local/bin/arl-manager
+# Owned by root and read-only to the manager (uid 65532).
+COPY --from=build /opt/arl/cache /opt/arl/cache
+ENV ARL_CACHE_DIR=/opt/arl/cache \
+    ARL_LISTEN=0.0.0.0:8080 \
+    ARL_GRPC_LISTEN=0.0.0.0:50051 \
+    ARL_DATA_DIR=/var/lib/arl
+USER 65532:65532
+EXPOSE 8080 50051
+ENTRYPOINT ["arl-manager"]
+CMD ["serve"]

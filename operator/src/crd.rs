@@ -1,0 +1,325 @@
+//! The custom resources of `arl.infra.io/v1alpha1`: WarmPool and Sandbox.
+//!
+//! NOTE: `deploy/crds/` is generated from these types by `cargo run -p arl-operator --bin
+//! crdgen`; a test fails when the checked-in YAML differs, so regenerate after a change.
+
+// `printcolumn(..)` repeats `type_ = ..`, which clippy takes for a repeated attribute.
+#![allow(clippy::duplicated_attributes)]
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// API group of every ARL resource.
+pub const GROUP: &str = "arl.infra.io";
+/// Label naming the WarmPool a pod belongs to.
+pub const POOL_LABEL: &str = "arl.infra.io/pool";
+/// Finalizer that ends a Sandbox's session before the Sandbox goes.
+pub const SESSION_FINALIZER: &str = "arl.infra.io/session";
+
+/// A pool of `arl-manager` pods kept warm, scaled on session load.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "arl.infra.io",
+    version = "v1alpha1",
+    kind = "WarmPool",
+    namespaced,
+    shortname = "wp",
+    category = "arl",
+    status = "WarmPoolStatus",
+    derive = "PartialEq",
+    cel,
+    doc = "A pool of arl-manager pods kept warm and scaled on session load",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas"),
+    printcolumn(name = "Sessions", type_ = "integer", json_path = ".status.sessions"),
+    printcolumn(name = "Capacity", type_ = "integer", json_path = ".status.capacity"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(validation = Rule::new("self.replicas <= self.maxReplicas").message("replicas must not exceed maxReplicas"))]
+#[serde(rename_all = "camelCase")]
+pub struct WarmPoolSpec {
+    /// What the pods run sessions of.
+    pub runtime: PoolRuntime,
+    /// Pods kept at least, busy or not: the floor the autoscaler never goes below. Set by
+    /// `kubectl scale` and HPA/KEDA through the scale subresource.
+    #[serde(default = "defaults::replicas")]
+    #[x_kube(validation = Rule::new("self >= 0").message("replicas must not be negative"))]
+    pub replicas: i32,
+    /// Pods kept at most.
+    #[serde(default = "defaults::max_replicas")]
+    #[x_kube(validation = Rule::new("self >= 1").message("maxReplicas must be at least 1"))]
+    pub max_replicas: i32,
+    /// Sessions one pod holds at once (its manager's `--max-sessions`).
+    #[serde(default = "defaults::sessions_per_pod")]
+    #[x_kube(validation = Rule::new("self >= 1").message("sessionsPerPod must be at least 1"))]
+    pub sessions_per_pod: i32,
+    /// Share of the pool's capacity that sessions should fill; the rest is warm headroom.
+    #[serde(default = "defaults::target_utilization")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 1.0").message("targetUtilization must be in (0, 1]"))]
+    pub target_utilization: f64,
+    /// Sessions of room kept on top of the live ones, so a burst never waits for a pod.
+    #[serde(default = "defaults::headroom_sessions")]
+    #[x_kube(validation = Rule::new("self >= 0").message("headroomSessions must not be negative"))]
+    pub headroom_sessions: i32,
+    /// How long load must stay low before pods are removed.
+    #[serde(default = "defaults::scale_down_delay_seconds")]
+    #[x_kube(validation = Rule::new("self >= 0").message("scaleDownDelaySeconds must not be negative"))]
+    pub scale_down_delay_seconds: i64,
+    /// How long a draining pod may keep live sessions before it is deleted anyway.
+    #[serde(default = "defaults::drain_timeout_seconds")]
+    #[x_kube(validation = Rule::new("self >= 0").message("drainTimeoutSeconds must not be negative"))]
+    pub drain_timeout_seconds: i64,
+    /// Overrides for the pods' template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<PodOverrides>,
+}
+
+/// A WASM runtime served by `arl-manager`, or a container image for one that cannot be
+/// WebAssembly. Exactly one is set.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = Rule::new("has(self.wasm) != has(self.container)").message("set exactly one of runtime.wasm and runtime.container"))]
+#[serde(rename_all = "camelCase")]
+pub struct PoolRuntime {
+    /// The manager's runtime name, e.g. `python`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wasm: Option<String>,
+    /// A container that runs beside `arl-manager` in every pod, sharing `/workspace`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerRuntime>,
+}
+
+/// A non-WASM runtime: its image and what it runs.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerRuntime {
+    /// The image.
+    pub image: String,
+    /// Its entrypoint; the image's own when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Its arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Vec<String>>,
+}
+
+/// What a pool may change in its pods.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PodOverrides {
+    /// The `arl-manager` image; the operator's `--manager-image` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Requests and limits of the manager container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Nodes the pods may run on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// Taints the pods tolerate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+    /// A RuntimeClass, e.g. gVisor for a second wall around the container runtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_class_name: Option<String>,
+}
+
+/// What the WarmPool controller observed at its last reconcile.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WarmPoolStatus {
+    /// Pods that exist and are not being drained.
+    pub replicas: i32,
+    /// Of those, pods whose manager is ready.
+    pub ready_replicas: i32,
+    /// Pods the autoscaler asks for.
+    pub desired_replicas: i32,
+    /// Live sessions over the ready pods.
+    pub sessions: i64,
+    /// Sessions the ready pods can hold.
+    pub capacity: i64,
+    /// `sessions / capacity`, as a decimal string (`"0.42"`).
+    pub utilization: String,
+    /// Pods being drained before deletion.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub draining: Vec<String>,
+    /// Label selector of the pool's pods, for the scale subresource.
+    pub selector: String,
+    /// The spec generation this status reflects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready` (at least `replicas` pods are ready) and `Scaling`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// When the autoscaler last saw the load need more pods than it has now (RFC 3339); the
+    /// scale-down delay counts from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_up_need: Option<String>,
+}
+
+/// A sandbox: one session in a pod of a WarmPool, for as long as the object lives.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "arl.infra.io",
+    version = "v1alpha1",
+    kind = "Sandbox",
+    namespaced,
+    shortname = "sbx",
+    category = "arl",
+    status = "SandboxStatus",
+    derive = "PartialEq",
+    cel,
+    doc = "One stateful session placed in a pod of a WarmPool",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Pool", type_ = "string", json_path = ".spec.poolRef"),
+    printcolumn(name = "Pod", type_ = "string", json_path = ".status.podName"),
+    printcolumn(
+        name = "Session",
+        type_ = "string",
+        json_path = ".status.sessionID",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxSpec {
+    /// The WarmPool (same namespace) to place the session in.
+    #[x_kube(validation = Rule::new("self != ''").message("poolRef must name a WarmPool"))]
+    pub pool_ref: String,
+    /// Keep the session however long it sits unused (only its lifetime ends it); `false`
+    /// lets the idle timeout end it, after which the Sandbox is `Terminated`.
+    #[serde(default = "defaults::keep_alive")]
+    pub keep_alive: bool,
+    /// Deadlines; the manager's defaults where absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<SandboxTimeouts>,
+    /// Added to the guest's environment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+    /// Linear memory limit of the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+}
+
+/// A Sandbox's deadlines.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxTimeouts {
+    /// Wall-clock deadline of one execution.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("executeMs must be at least 1"))]
+    pub execute_ms: Option<u64>,
+    /// End the session after this long unused (ignored with `keepAlive`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("idleSeconds must be at least 1"))]
+    pub idle_seconds: Option<u64>,
+    /// End the session this long after it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("lifetimeSeconds must be at least 1"))]
+    pub lifetime_seconds: Option<u64>,
+}
+
+/// Where a Sandbox is in its life.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
+pub enum SandboxPhase {
+    /// Waiting for a ready pod with room.
+    #[default]
+    Pending,
+    /// The session is live; status names its pod and endpoint.
+    Ready,
+    /// The session was lost (its pod went away) or could not be made; see the reason.
+    Failed,
+    /// The session ended on its own (idle timeout, lifetime, exit).
+    Terminated,
+}
+
+/// What the Sandbox controller knows of a Sandbox's session.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxStatus {
+    /// Pending, Ready, Failed or Terminated.
+    pub phase: SandboxPhase,
+    /// The pod holding the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_name: Option<String>,
+    /// Its IP.
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "podIP")]
+    pub pod_ip: Option<String>,
+    /// The session's id, which names the pod (`<pod>.<hex>`), so the gateway routes it.
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "sessionID")]
+    pub session_id: Option<String>,
+    /// The session's URL on its pod's manager.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Why the phase is what it is, in one CamelCase word.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The same for a human.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The spec generation this status reflects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+mod defaults {
+    pub fn replicas() -> i32 {
+        1
+    }
+    pub fn max_replicas() -> i32 {
+        10
+    }
+    pub fn sessions_per_pod() -> i32 {
+        256
+    }
+    pub fn target_utilization() -> f64 {
+        0.7
+    }
+    pub fn headroom_sessions() -> i32 {
+        16
+    }
+    pub fn scale_down_delay_seconds() -> i64 {
+        300
+    }
+    pub fn drain_timeout_seconds() -> i64 {
+        600
+    }
+    pub fn keep_alive() -> bool {
+        true
+    }
+}
+
+/// The CRDs as `kubectl apply` takes them, one YAML document each, named by file.
+pub fn crd_files() -> Result<Vec<(String, String)>, serde_yaml::Error> {
+    use kube::CustomResourceExt;
+    [WarmPool::crd(), Sandbox::crd()]
+        .into_iter()
+        .map(|crd| {
+            let name = format!("{}.yaml", crd.metadata.name.as_deref().unwrap_or_default());
+            let header = "# Generated by `cargo run -p arl-operator --bin crdgen` from \
+                          operator/src/crd.rs; do not edit.\n";
+            Ok((name, format!("{header}{}", serde_yaml::to_string(&crd)?)))
+        })
+        .collect()
+}

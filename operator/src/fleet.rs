@@ -1,0 +1,219 @@
+//! Every manager pod the operator knows, with its last load: what placement, autoscaling and
+//! the gateway read. Filled from a Pod watch in a cluster, or from a static list.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Instant, SystemTime};
+
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::crd::POOL_LABEL;
+use crate::manager::{Endpoint, Load, Managers};
+use crate::token::TokenKey;
+
+/// Annotation a pod carries while it drains: since when (RFC 3339).
+pub const DRAINING_ANNOTATION: &str = "arl.infra.io/draining-since";
+/// Name of the manager container and of its ports.
+pub const MANAGER_CONTAINER: &str = "manager";
+
+/// One manager.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member {
+    /// The pod's name: the prefix of every session id it hands out.
+    pub name: String,
+    pub namespace: String,
+    /// The WarmPool it belongs to (empty for a static backend).
+    pub pool: String,
+    /// The runtime its pool serves.
+    pub runtime: Option<String>,
+    pub endpoint: Endpoint,
+    /// `ip:port` of its gRPC API, if it has one.
+    pub grpc: Option<String>,
+    /// Kubernetes says it is Ready (a static backend always is).
+    pub ready: bool,
+    /// It is being drained and takes no new sessions.
+    pub draining: bool,
+    /// Its last load, and when it was read; `None` until read, or after a failed read.
+    pub load: Option<(Load, Instant)>,
+}
+
+impl Member {
+    /// Whether it can take a new session now.
+    pub fn accepts(&self) -> bool {
+        self.ready
+            && !self.draining
+            && self
+                .load
+                .is_some_and(|(l, _)| !l.draining && l.sessions < l.capacity)
+    }
+
+    /// What a Pod of a WarmPool makes; `None` until it has an IP.
+    pub fn from_pod(pod: &Pod, tokens: &TokenKey) -> Option<Self> {
+        let meta = &pod.metadata;
+        let name = meta.name.clone()?;
+        let namespace = meta.namespace.clone().unwrap_or_default();
+        let pool = meta.labels.as_ref()?.get(POOL_LABEL)?.clone();
+        let status = pod.status.as_ref()?;
+        let ip = status.pod_ip.clone()?;
+        let container = pod
+            .spec
+            .as_ref()?
+            .containers
+            .iter()
+            .find(|c| c.name == MANAGER_CONTAINER)?;
+        let port = |wanted: &str| {
+            container
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some(wanted))
+                .map(|p| p.container_port)
+        };
+        let host = if ip.contains(':') {
+            format!("[{ip}]")
+        } else {
+            ip
+        };
+        let ready = status.phase.as_deref() == Some("Running")
+            && meta.deletion_timestamp.is_none()
+            && status
+                .conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+        let draining = meta
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(DRAINING_ANNOTATION));
+        let runtime = meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(crate::pods::RUNTIME_ANNOTATION))
+            .cloned();
+        Some(Self {
+            endpoint: Endpoint {
+                http: format!("http://{host}:{}", port("http").unwrap_or(8080)),
+                token: Some(tokens.pool_token(&namespace, &pool)),
+            },
+            grpc: port("grpc").map(|p| format!("{host}:{p}")),
+            name,
+            namespace,
+            pool,
+            runtime,
+            ready,
+            draining,
+            load: None,
+        })
+    }
+}
+
+/// The shared map of members by pod name. Cheap to clone.
+#[derive(Clone, Default, Debug)]
+pub struct Fleet {
+    members: Arc<RwLock<BTreeMap<String, Member>>>,
+}
+
+impl Fleet {
+    fn read(&self) -> RwLockReadGuard<'_, BTreeMap<String, Member>> {
+        self.members.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, BTreeMap<String, Member>> {
+        self.members.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds or updates `member`, keeping its last load if its address is unchanged.
+    pub fn upsert(&self, mut member: Member) {
+        let mut members = self.write();
+        if let Some(old) = members.get(&member.name)
+            && old.endpoint == member.endpoint
+        {
+            member.load = old.load;
+        }
+        members.insert(member.name.clone(), member);
+    }
+
+    /// Makes the fleet exactly `members` (loads kept where addresses match).
+    pub fn replace(&self, members: impl IntoIterator<Item = Member>) {
+        let fresh: BTreeMap<_, _> = members.into_iter().map(|m| (m.name.clone(), m)).collect();
+        self.write().retain(|name, _| fresh.contains_key(name));
+        for member in fresh.into_values() {
+            self.upsert(member);
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<Member> {
+        self.read().get(name).cloned()
+    }
+
+    pub fn members(&self) -> Vec<Member> {
+        self.read().values().cloned().collect()
+    }
+
+    /// Records a load read (or, with `None`, that the manager did not answer).
+    pub fn set_load(&self, name: &str, load: Option<Load>) {
+        if let Some(m) = self.write().get_mut(name) {
+            m.load = load.map(|l| (l, Instant::now()));
+        }
+    }
+
+    /// Counts a session just placed on `name`, so that placements between two load reads
+    /// spread instead of piling onto the pod that looked emptiest.
+    pub fn note_placed(&self, name: &str) {
+        if let Some(m) = self.write().get_mut(name)
+            && let Some((load, _)) = m.load.as_mut()
+        {
+            load.sessions += 1;
+        }
+    }
+
+    /// Members that take new sessions and match `wanted`, least utilised first.
+    pub fn candidates(&self, wanted: impl Fn(&Member) -> bool) -> Vec<Member> {
+        let mut found: Vec<Member> = self
+            .read()
+            .values()
+            .filter(|m| m.accepts() && wanted(m))
+            .cloned()
+            .collect();
+        found.sort_by(|a, b| {
+            let u = |m: &Member| m.load.map_or(1.0, |(l, _)| l.utilization());
+            u(a).total_cmp(&u(b)).then_with(|| a.name.cmp(&b.name))
+        });
+        found
+    }
+
+    /// Reads every ready member's load, all at once.
+    pub async fn poll(&self, managers: &Managers) {
+        let ready: Vec<Member> = self.read().values().filter(|m| m.ready).cloned().collect();
+        let reads = ready
+            .iter()
+            .map(|m| async move { (m.name.as_str(), managers.load(&m.endpoint).await) });
+        for (name, load) in futures_util::future::join_all(reads).await {
+            if let Err(e) = &load {
+                tracing::debug!(pod = name, error = %e, "load not read");
+            }
+            self.set_load(name, load.ok());
+        }
+    }
+
+    /// Polls every `interval` until the task is dropped.
+    pub async fn poll_every(self, managers: Managers, interval: std::time::Duration) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.poll(&managers).await;
+        }
+    }
+}
+
+/// When a pod started draining, from its annotation.
+pub fn draining_since(pod: &Pod) -> Option<SystemTime> {
+    let value = pod
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(DRAINING_ANNOTATION)?;
+    let ts: k8s_openapi::jiff::Timestamp = value.parse().ok()?;
+    Some(SystemTime::from(ts))
+}

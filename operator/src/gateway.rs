@@ -1,0 +1,425 @@
+//! The gateway: one HTTP entry for every session of the cluster.
+//!
+//! It serves the manager's `/v1/sessions` routes. A create goes to the least-utilised
+//! manager that accepts sessions (of the asked runtime, and of `?pool=` if given); the id the
+//! manager returns is `<pod>.<hex>` (its `--id-prefix` is its pod name), so every later call
+//! is routed by the id alone, with no table to keep or lose. Bodies and responses, server-sent
+//! events included, are streamed through untouched. A session whose pod is gone, or no longer
+//! answers, is `410 session_gone`: a manager's sessions die with it.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::fleet::{Fleet, Member};
+use crate::manager::Load;
+
+/// Largest create body the gateway reads (it must look at `runtime`).
+const CREATE_BODY_LIMIT: usize = 1 << 20;
+/// Headers passed from client to manager and back.
+const PASSED: [header::HeaderName; 5] = [
+    header::CONTENT_TYPE,
+    header::ACCEPT,
+    header::CACHE_CONTROL,
+    header::RETRY_AFTER,
+    header::LOCATION,
+];
+
+/// The gateway's state. Cheap to clone.
+#[derive(Clone)]
+pub struct Gateway {
+    fleet: Fleet,
+    http: reqwest::Client,
+    token: Option<[u8; 32]>,
+}
+
+impl Gateway {
+    /// A gateway over `fleet`; clients must send `token` as a bearer token when it is set.
+    pub fn new(fleet: Fleet, token: Option<&str>) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .unwrap_or_default();
+        Self {
+            fleet,
+            http,
+            token: token.map(|t| Sha256::digest(t.as_bytes()).into()),
+        }
+    }
+}
+
+/// A JSON error in the manager's shape.
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    let body = json!({ "error": { "code": code, "message": message.into() } });
+    (status, axum::Json(body)).into_response()
+}
+
+/// The gateway's routes.
+pub fn router(gateway: Gateway) -> Router {
+    let v1 = Router::new()
+        .route("/v1/sessions", post(create).get(list))
+        .route("/v1/sessions/{id}", any(forward))
+        .route("/v1/sessions/{id}/{*rest}", any(forward))
+        .route("/v1/load", get(load))
+        .route_layer(middleware::from_fn_with_state(
+            gateway.clone(),
+            authenticate,
+        ));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .merge(v1)
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no_route", "no such route") })
+        .with_state(gateway)
+}
+
+/// Serves `router` on `listener` with TCP_NODELAY until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn authenticate(State(gateway): State<Gateway>, request: Request, next: Next) -> Response {
+    let Some(expected) = gateway.token else {
+        return next.run(request).await;
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| Sha256::digest(t.as_bytes()));
+    match given {
+        Some(digest) if bool::from(digest.as_slice().ct_eq(&expected)) => next.run(request).await,
+        _ => {
+            let mut response = error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "send the gateway's token as `Authorization: Bearer <token>`",
+            );
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response
+        }
+    }
+}
+
+async fn ready(State(gateway): State<Gateway>) -> Response {
+    let accepting = gateway
+        .fleet
+        .members()
+        .iter()
+        .filter(|m| m.accepts())
+        .count();
+    if accepting == 0 {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_backends",
+            "no manager accepts sessions yet",
+        );
+    }
+    (
+        StatusCode::OK,
+        axum::Json(json!({ "ready": true, "accepting": accepting })),
+    )
+        .into_response()
+}
+
+/// The summed load of every manager whose load is known.
+async fn load(State(gateway): State<Gateway>) -> Response {
+    let members = gateway.fleet.members();
+    let mut sum = Load::default();
+    for (l, _) in members.iter().filter_map(|m| m.load) {
+        sum.sessions += l.sessions;
+        sum.capacity += l.capacity;
+        sum.memory_bytes += l.memory_bytes;
+    }
+    let body = json!({
+        "sessions": sum.sessions,
+        "capacity": sum.capacity,
+        "memory_bytes": sum.memory_bytes,
+        "managers": members.len(),
+        "accepting": members.iter().filter(|m| m.accepts()).count(),
+    });
+    axum::Json(body).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct Placement {
+    /// Only pods of this WarmPool.
+    pool: Option<String>,
+}
+
+/// Places a session on the least-utilised manager that takes it.
+async fn create(
+    State(gateway): State<Gateway>,
+    Query(placement): Query<Placement>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let body = match axum::body::to_bytes(body, CREATE_BODY_LIMIT).await {
+        Ok(body) => body,
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                "a create body is at most 1 MiB",
+            );
+        }
+    };
+    let runtime = if body.iter().all(u8::is_ascii_whitespace) {
+        "python".to_owned()
+    } else {
+        match serde_json::from_slice::<Value>(&body) {
+            Ok(Value::Object(fields)) => match fields.get("runtime") {
+                None | Some(Value::Null) => "python".to_owned(),
+                Some(Value::String(r)) => r.clone(),
+                Some(_) => {
+                    return error(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "invalid_request",
+                        "runtime must be a string",
+                    );
+                }
+            },
+            Ok(_) => {
+                return error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_request",
+                    "the body must be a JSON object",
+                );
+            }
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_json",
+                    format!("the body is not JSON: {e}"),
+                );
+            }
+        }
+    };
+    let serves = |m: &Member| {
+        m.runtime.as_deref().is_none_or(|r| r == runtime)
+            && placement.pool.as_deref().is_none_or(|p| p == m.pool)
+    };
+    let candidates = gateway.fleet.candidates(serves);
+    if candidates.is_empty() {
+        let known = gateway.fleet.members().iter().any(serves);
+        return if known {
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "capacity_exhausted",
+                "every manager for this runtime is full or draining",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        } else {
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_backends",
+                format!("no manager serves runtime `{runtime}`"),
+            )
+        };
+    }
+    let mut last = None;
+    for member in candidates {
+        match send(
+            &gateway,
+            &member,
+            Method::POST,
+            "/v1/sessions",
+            &headers,
+            Body::from(body.clone()),
+        )
+        .await
+        {
+            Ok(response) if matches!(response.status().as_u16(), 429 | 503) => {
+                last = Some(response)
+            }
+            Ok(response) => {
+                if response.status() == StatusCode::CREATED {
+                    gateway.fleet.note_placed(&member.name);
+                }
+                return relay(response);
+            }
+            Err(e) => {
+                tracing::warn!(pod = %member.name, error = %e, "manager unreachable; trying the next");
+                gateway.fleet.set_load(&member.name, None);
+            }
+        }
+    }
+    match last {
+        Some(response) => relay(response),
+        None => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_backends",
+            "no manager answered",
+        ),
+    }
+}
+
+/// Every session of every manager.
+async fn list(State(gateway): State<Gateway>, headers: HeaderMap) -> Response {
+    let members: Vec<Member> = gateway
+        .fleet
+        .members()
+        .into_iter()
+        .filter(|m| m.ready)
+        .collect();
+    let calls = members.iter().map(|m| {
+        send(
+            &gateway,
+            m,
+            Method::GET,
+            "/v1/sessions",
+            &headers,
+            Body::empty(),
+        )
+    });
+    let mut sessions = Vec::new();
+    let mut unreachable = Vec::new();
+    for (member, result) in members
+        .iter()
+        .zip(futures_util::future::join_all(calls).await)
+    {
+        let listed = match result {
+            Ok(r) if r.status().is_success() => r.json::<Value>().await.ok(),
+            _ => None,
+        };
+        match listed.as_ref().and_then(|v| v["sessions"].as_array()) {
+            Some(found) => sessions.extend(found.iter().cloned()),
+            None => unreachable.push(member.name.clone()),
+        }
+    }
+    axum::Json(json!({ "sessions": sessions, "unreachable": unreachable })).into_response()
+}
+
+/// The pod that owns session `id`: the part before its last `.`.
+pub fn owner(id: &str) -> Option<&str> {
+    id.rsplit_once('.')
+        .map(|(pod, _)| pod)
+        .filter(|pod| !pod.is_empty())
+}
+
+/// Passes a call about one session to the manager that owns it.
+async fn forward(State(gateway): State<Gateway>, request: Request) -> Response {
+    let path = request.uri().path().to_owned();
+    let id = path
+        .trim_start_matches("/v1/sessions/")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let Some(pod) = owner(&id) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "session_not_found",
+            format!("`{id}` is not a session id this gateway handed out (`<pod>.<hex>`)"),
+        );
+    };
+    let Some(member) = gateway.fleet.get(pod) else {
+        return error(
+            StatusCode::GONE,
+            "session_gone",
+            format!("pod {pod}, which held session {id}, is gone; its sessions are lost"),
+        );
+    };
+    let path_and_query = request
+        .uri()
+        .path_and_query()
+        .map_or(path.clone(), |p| p.to_string());
+    let (parts, body) = request.into_parts();
+    match send(
+        &gateway,
+        &member,
+        parts.method,
+        &path_and_query,
+        &parts.headers,
+        body,
+    )
+    .await
+    {
+        Ok(response) => relay(response),
+        Err(e) if e.is_connect() => {
+            gateway.fleet.set_load(&member.name, None);
+            error(
+                StatusCode::GONE,
+                "session_gone",
+                format!(
+                    "pod {pod}, which held session {id}, does not answer; its sessions are lost"
+                ),
+            )
+        }
+        Err(e) => error(
+            StatusCode::BAD_GATEWAY,
+            "bad_gateway",
+            format!("pod {pod}: {e}"),
+        ),
+    }
+}
+
+async fn send(
+    gateway: &Gateway,
+    member: &Member,
+    method: Method,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> reqwest::Result<reqwest::Response> {
+    let mut request = gateway
+        .http
+        .request(method, format!("{}{path_and_query}", member.endpoint.http))
+        .body(reqwest::Body::wrap_stream(body.into_data_stream()));
+    for name in PASSED {
+        if let Some(value) = headers.get(&name) {
+            request = request.header(name, value);
+        }
+    }
+    if let Some(token) = &member.endpoint.token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await
+}
+
+/// The manager's response, streamed back as it comes.
+fn relay(response: reqwest::Response) -> Response {
+    let mut out = Response::builder().status(response.status().as_u16());
+    for name in PASSED {
+        if let Some(value) = response.headers().get(&name) {
+            out = out.header(name, value);
+        }
+    }
+    let body = Body::from_stream(response.bytes_stream());
+    out.body(body).unwrap_or_else(|_| {
+        error(
+            StatusCode::BAD_GATEWAY,
+            "bad_gateway",
+            "unreadable response",
+        )
+    })
+}

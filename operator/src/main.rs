@@ -1,0 +1,245 @@
+//! `arl-operator`: the WarmPool and Sandbox controllers and the gateway, in one process.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use arl_operator::crd::{POOL_LABEL, Sandbox, WarmPool};
+use arl_operator::fleet::{Fleet, Member};
+use arl_operator::gateway::{self, Gateway};
+use arl_operator::manager::{Endpoint, Managers};
+use arl_operator::token::TokenKey;
+use arl_operator::{Context, pool, sandbox};
+use clap::{Args, Parser, Subcommand};
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+
+/// ARL's Kubernetes operator: keeps WarmPools of arl-manager pods sized to their session load,
+/// places Sandboxes as sessions, and serves one gateway for every session of the cluster.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the controllers and the gateway in a cluster (in-cluster config or ~/.kube/config).
+    Run(Box<Run>),
+    /// Run only the gateway, over managers given by address (no cluster needed).
+    Gateway(GatewayOnly),
+}
+
+#[derive(Debug, Args)]
+struct Common {
+    /// Address of the gateway's HTTP API (the manager's /v1/sessions routes, /healthz, /readyz).
+    #[arg(long, env = "ARL_GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
+    gateway_listen: SocketAddr,
+    /// Bearer token the gateway's clients must send. Prefer the environment variable.
+    #[arg(long, env = "ARL_AUTH_TOKEN", hide_env_values = true)]
+    auth_token: Option<String>,
+    /// Listen on a non-loopback address without --auth-token.
+    #[arg(long, env = "ARL_INSECURE")]
+    insecure: bool,
+    /// Seconds between two reads of every manager's /v1/load.
+    #[arg(long, env = "ARL_LOAD_INTERVAL_SECS", default_value_t = 3)]
+    load_interval_secs: u64,
+    /// Log filter (tracing-subscriber syntax).
+    #[arg(long, env = "ARL_LOG", default_value = "info")]
+    log: String,
+}
+
+#[derive(Debug, Args)]
+struct Run {
+    #[command(flatten)]
+    common: Common,
+    /// Watch only this namespace [default: all].
+    #[arg(long, env = "ARL_NAMESPACE")]
+    namespace: Option<String>,
+    /// Image of the arl-manager container of pool pods whose template names none.
+    #[arg(
+        long,
+        env = "ARL_MANAGER_IMAGE",
+        default_value = "ghcr.io/arl-dev/arl-manager:0.1.0"
+    )]
+    manager_image: String,
+    /// Key (at least 16 bytes) from which every pool's manager token is derived.
+    #[arg(long, env = "ARL_TOKEN_KEY", hide_env_values = true)]
+    token_key: String,
+}
+
+#[derive(Debug, Args)]
+struct GatewayOnly {
+    #[command(flatten)]
+    common: Common,
+    /// A manager as NAME=URL, e.g. `m1=http://127.0.0.1:8081`; NAME must be its --id-prefix.
+    #[arg(
+        long = "backend",
+        env = "ARL_BACKENDS",
+        value_delimiter = ',',
+        required = true
+    )]
+    backends: Vec<String>,
+    /// Bearer token of the managers.
+    #[arg(long, env = "ARL_BACKEND_TOKEN", hide_env_values = true)]
+    backend_token: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let common = match &cli.command {
+        Command::Run(run) => &run.common,
+        Command::Gateway(g) => &g.common,
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&common.log).context("--log")?)
+        .init();
+    if !common.gateway_listen.ip().is_loopback() && common.auth_token.is_none() && !common.insecure
+    {
+        anyhow::bail!(
+            "refusing to serve the gateway on {} without --auth-token (ARL_AUTH_TOKEN): anyone who \
+             reaches it could run code; set a token, or --insecure behind something that authenticates",
+            common.gateway_listen
+        );
+    }
+    if common.load_interval_secs == 0 {
+        anyhow::bail!("--load-interval-secs must be at least 1");
+    }
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Run(run) => run_cluster(*run).await,
+            Command::Gateway(g) => run_gateway(g).await,
+        }
+    })
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn stop_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn serve_gateway(fleet: Fleet, common: &Common) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(common.gateway_listen)
+        .await
+        .with_context(|| format!("binding {}", common.gateway_listen))?;
+    tracing::info!(addr = %common.gateway_listen, "gateway listening");
+    let router = gateway::router(Gateway::new(fleet, common.auth_token.as_deref()));
+    gateway::serve(listener, router, stop_signal()).await?;
+    Ok(())
+}
+
+async fn run_gateway(g: GatewayOnly) -> anyhow::Result<()> {
+    let fleet = Fleet::default();
+    for backend in &g.backends {
+        let (name, url) = backend
+            .split_once('=')
+            .with_context(|| format!("--backend {backend}: expected NAME=URL"))?;
+        let url = url.trim_end_matches('/');
+        if !url.starts_with("http://") && !url.starts_with("https://") {
+            anyhow::bail!("--backend {backend}: the URL must start with http:// or https://");
+        }
+        fleet.upsert(Member {
+            name: name.to_owned(),
+            namespace: String::new(),
+            pool: String::new(),
+            runtime: None,
+            endpoint: Endpoint {
+                http: url.to_owned(),
+                token: g.backend_token.clone(),
+            },
+            grpc: None,
+            ready: true,
+            draining: false,
+            load: None,
+        });
+    }
+    let managers = Managers::new();
+    fleet.poll(&managers).await;
+    let interval = Duration::from_secs(g.common.load_interval_secs);
+    let poller = tokio::spawn(fleet.clone().poll_every(managers, interval));
+    let served = serve_gateway(fleet, &g.common).await;
+    poller.abort();
+    served
+}
+
+async fn run_cluster(run: Run) -> anyhow::Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
+    let tokens = TokenKey::new(run.token_key.as_bytes().to_vec())?;
+    let (pools, pods, sandboxes): (Api<WarmPool>, Api<Pod>, Api<Sandbox>) = match &run.namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
+    };
+    let fleet = Fleet::default();
+    let managers = Managers::new();
+    let interval = Duration::from_secs(run.common.load_interval_secs);
+
+    // Every pool pod, as a fleet member, kept current by a watch.
+    let (store, writer) = reflector::store::<Pod>();
+    let watched = reflector(
+        writer,
+        watcher(pods.clone(), watcher::Config::default().labels(POOL_LABEL)),
+    );
+    let (fleet_w, tokens_w) = (fleet.clone(), tokens.clone());
+    let pod_watch = tokio::spawn(async move {
+        let mut events = std::pin::pin!(watched.default_backoff().touched_objects());
+        while let Some(event) = events.next().await {
+            if let Err(e) = event {
+                tracing::warn!(error = %e, "pod watch");
+                continue;
+            }
+            fleet_w.replace(
+                store
+                    .state()
+                    .iter()
+                    .filter_map(|p| Member::from_pod(p, &tokens_w)),
+            );
+        }
+    });
+    let poller = tokio::spawn(fleet.clone().poll_every(managers.clone(), interval));
+
+    let ctx = Context {
+        client,
+        fleet: fleet.clone(),
+        managers,
+        tokens,
+        manager_image: run.manager_image,
+        interval,
+    }
+    .shared();
+    let pools_ctl = tokio::spawn(pool::run(ctx.clone(), pools, pods));
+    let sandboxes_ctl = tokio::spawn(sandbox::run(ctx, sandboxes));
+    let served = serve_gateway(fleet, &run.common).await;
+    for task in [pod_watch, poller, pools_ctl, sandboxes_ctl] {
+        task.abort();
+    }
+    served
+}

@@ -1,0 +1,190 @@
+//! Calls to `arl-manager` pods: load, drain, and the sessions of Sandboxes.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{Error, Result};
+
+/// A manager's `/v1/load`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Load {
+    pub sessions: u64,
+    pub capacity: u64,
+    #[serde(default)]
+    pub memory_bytes: u64,
+    #[serde(default)]
+    pub draining: bool,
+}
+
+impl Load {
+    /// Share of the capacity in use; full when there is none.
+    pub fn utilization(&self) -> f64 {
+        if self.capacity == 0 {
+            1.0
+        } else {
+            self.sessions as f64 / self.capacity as f64
+        }
+    }
+}
+
+/// Where one manager answers and how to authenticate to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `http://ip:port`, no trailing slash.
+    pub http: String,
+    /// Bearer token, if the manager wants one.
+    pub token: Option<String>,
+}
+
+/// A session a manager created.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Created {
+    pub id: String,
+}
+
+/// How a session lookup went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionState {
+    Live,
+    /// Ended, with the manager's reason.
+    Ended(String),
+    /// The manager does not know it.
+    Unknown,
+}
+
+/// An HTTP client for managers, with short timeouts: a pod that does not answer is skipped,
+/// not waited for.
+#[derive(Clone, Debug)]
+pub struct Managers {
+    http: reqwest::Client,
+}
+
+impl Default for Managers {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Managers {
+    pub fn new() -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(10))
+            .tcp_nodelay(true)
+            .build()
+            .unwrap_or_default();
+        Self { http }
+    }
+
+    fn request(
+        &self,
+        method: reqwest::Method,
+        at: &Endpoint,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
+        let builder = self.http.request(method, format!("{}{path}", at.http));
+        match &at.token {
+            Some(token) => builder.bearer_auth(token),
+            None => builder,
+        }
+    }
+
+    async fn send(&self, at: &Endpoint, builder: reqwest::RequestBuilder) -> Result<(u16, Value)> {
+        let response = builder.send().await.map_err(|e| Error::Manager {
+            url: at.http.clone(),
+            status: None,
+            code: "unreachable".into(),
+            message: e.to_string(),
+        })?;
+        let status = response.status().as_u16();
+        let body = response.json::<Value>().await.unwrap_or(Value::Null);
+        Ok((status, body))
+    }
+
+    fn refused(at: &Endpoint, status: u16, body: &Value) -> Error {
+        let error = &body["error"];
+        Error::Manager {
+            url: at.http.clone(),
+            status: Some(status),
+            code: error["code"].as_str().unwrap_or("unexpected").to_owned(),
+            message: error["message"]
+                .as_str()
+                .map_or_else(|| body.to_string(), str::to_owned),
+        }
+    }
+
+    /// `GET /v1/load`.
+    pub async fn load(&self, at: &Endpoint) -> Result<Load> {
+        let (status, body) = self
+            .send(at, self.request(reqwest::Method::GET, at, "/v1/load"))
+            .await?;
+        if status != 200 {
+            return Err(Self::refused(at, status, &body));
+        }
+        serde_json::from_value(body).map_err(|e| Error::Manager {
+            url: at.http.clone(),
+            status: Some(status),
+            code: "bad_load".into(),
+            message: e.to_string(),
+        })
+    }
+
+    /// `POST /v1/drain` (`on`) or `DELETE /v1/drain`.
+    pub async fn drain(&self, at: &Endpoint, on: bool) -> Result<()> {
+        let method = if on {
+            reqwest::Method::POST
+        } else {
+            reqwest::Method::DELETE
+        };
+        let (status, body) = self.send(at, self.request(method, at, "/v1/drain")).await?;
+        if !(200..300).contains(&status) {
+            return Err(Self::refused(at, status, &body));
+        }
+        Ok(())
+    }
+
+    /// `POST /v1/sessions` with `request` as the body.
+    pub async fn create_session(&self, at: &Endpoint, request: &Value) -> Result<Created> {
+        let builder = self
+            .request(reqwest::Method::POST, at, "/v1/sessions")
+            .json(request);
+        let (status, body) = self.send(at, builder).await?;
+        if status != 201 {
+            return Err(Self::refused(at, status, &body));
+        }
+        serde_json::from_value(body.clone()).map_err(|_| Self::refused(at, status, &body))
+    }
+
+    /// `GET /v1/sessions/{id}`.
+    pub async fn session(&self, at: &Endpoint, id: &str) -> Result<SessionState> {
+        let path = format!("/v1/sessions/{id}");
+        let (status, body) = self
+            .send(at, self.request(reqwest::Method::GET, at, &path))
+            .await?;
+        match status {
+            200 => Ok(SessionState::Live),
+            404 => Ok(SessionState::Unknown),
+            410 => Ok(SessionState::Ended(
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap_or("ended")
+                    .to_owned(),
+            )),
+            _ => Err(Self::refused(at, status, &body)),
+        }
+    }
+
+    /// `DELETE /v1/sessions/{id}`; a session already gone counts as deleted.
+    pub async fn delete_session(&self, at: &Endpoint, id: &str) -> Result<()> {
+        let path = format!("/v1/sessions/{id}");
+        let (status, body) = self
+            .send(at, self.request(reqwest::Method::DELETE, at, &path))
+            .await?;
+        match status {
+            200..=299 | 404 | 410 => Ok(()),
+            _ => Err(Self::refused(at, status, &body)),
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! The pods and Secret a WarmPool owns, built from its spec.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    HTTPGetAction, ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, Probe, SeccompProfile,
+    Secret, SecretKeySelector, SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
+
+use crate::crd::{POOL_LABEL, WarmPool};
+use crate::fleet::MANAGER_CONTAINER;
+use crate::token::TokenKey;
+
+/// Annotation naming the runtime a pod serves, for the gateway's placement.
+pub const RUNTIME_ANNOTATION: &str = "arl.infra.io/runtime";
+/// Port of the manager's HTTP API in a pod.
+pub const HTTP_PORT: i32 = 8080;
+/// Port of its gRPC API.
+pub const GRPC_PORT: i32 = 50051;
+
+/// Labels on every pod of `pool`: also its selector.
+pub fn labels(pool: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_owned(),
+            "arl-manager".to_owned(),
+        ),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            "arl-operator".to_owned(),
+        ),
+        (POOL_LABEL.to_owned(), pool.to_owned()),
+    ])
+}
+
+/// `labels` as a selector string.
+pub fn selector(pool: &str) -> String {
+    format!("{POOL_LABEL}={pool}")
+}
+
+/// Name of the Secret holding the pool's manager token.
+pub fn token_secret_name(pool: &str) -> String {
+    format!("{pool}-manager-token")
+}
+
+/// The Secret holding the pool's manager token, owned by the pool.
+pub fn token_secret(pool: &WarmPool, tokens: &TokenKey) -> Secret {
+    let name = pool.metadata.name.clone().unwrap_or_default();
+    let namespace = pool.metadata.namespace.clone().unwrap_or_default();
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(token_secret_name(&name)),
+            namespace: Some(namespace.clone()),
+            labels: Some(labels(&name)),
+            owner_references: pool.controller_owner_ref(&()).map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        string_data: Some(BTreeMap::from([(
+            "token".to_owned(),
+            tokens.pool_token(&namespace, &name),
+        )])),
+        type_: Some("Opaque".to_owned()),
+        ..Secret::default()
+    }
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..EnvVar::default()
+    }
+}
+
+fn probe(path: &str, period: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(3),
+        ..Probe::default()
+    }
+}
+
+fn locked_down() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Capabilities::default()
+        }),
+        ..SecurityContext::default()
+    }
+}
+
+/// A new pod for `pool` (named by the API server from `<pool>-`).
+pub fn manager_pod(pool: &WarmPool, default_image: &str) -> Pod {
+    let name = pool.metadata.name.clone().unwrap_or_default();
+    let spec = &pool.spec;
+    let overrides = spec.template.clone().unwrap_or_default();
+    let runtime = spec.runtime.wasm.clone().unwrap_or_else(|| "python".into());
+    let workspace = VolumeMount {
+        name: "data".into(),
+        mount_path: "/var/lib/arl".into(),
+        ..VolumeMount::default()
+    };
+    let manager = Container {
+        name: MANAGER_CONTAINER.into(),
+        image: Some(
+            overrides
+                .image
+                .clone()
+                .unwrap_or_else(|| default_image.to_owned()),
+        ),
+        args: Some(vec!["serve".into()]),
+        env: Some(vec![
+            env("ARL_LISTEN", format!("0.0.0.0:{HTTP_PORT}")),
+            env("ARL_GRPC_LISTEN", format!("0.0.0.0:{GRPC_PORT}")),
+            env("ARL_MAX_SESSIONS", spec.sessions_per_pod.to_string()),
+            env("ARL_DATA_DIR", "/var/lib/arl"),
+            EnvVar {
+                name: "ARL_ID_PREFIX".into(),
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector {
+                        field_path: "metadata.name".into(),
+                        ..ObjectFieldSelector::default()
+                    }),
+                    ..EnvVarSource::default()
+                }),
+                ..EnvVar::default()
+            },
+            EnvVar {
+                name: "ARL_AUTH_TOKEN".into(),
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: token_secret_name(&name),
+                        key: "token".into(),
+                        optional: Some(false),
+                    }),
+                    ..EnvVarSource::default()
+                }),
+                ..EnvVar::default()
+            },
+        ]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("http".into()),
+                container_port: HTTP_PORT,
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("grpc".into()),
+                container_port: GRPC_PORT,
+                ..ContainerPort::default()
+            },
+        ]),
+        readiness_probe: Some(probe("/readyz", 2)),
+        liveness_probe: Some(probe("/healthz", 10)),
+        resources: overrides.resources.clone(),
+        security_context: Some(locked_down()),
+        volume_mounts: Some(vec![workspace.clone()]),
+        ..Container::default()
+    };
+    let mut containers = Vec::new();
+    if let Some(runtime) = &spec.runtime.container {
+        // The non-WASM runtime runs beside the manager and shares its data folder.
+        containers.push(Container {
+            name: "runtime".into(),
+            image: Some(runtime.image.clone()),
+            command: runtime.command.clone(),
+            args: runtime.args.clone(),
+            volume_mounts: Some(vec![VolumeMount {
+                mount_path: "/workspace".into(),
+                ..workspace
+            }]),
+            security_context: Some(SecurityContext {
+                read_only_root_filesystem: Some(false),
+                ..locked_down()
+            }),
+            ..Container::default()
+        });
+    }
+    containers.insert(0, manager);
+    Pod {
+        metadata: ObjectMeta {
+            generate_name: Some(format!("{name}-")),
+            namespace: pool.metadata.namespace.clone(),
+            labels: Some(labels(&name)),
+            annotations: Some(BTreeMap::from([(RUNTIME_ANNOTATION.to_owned(), runtime)])),
+            owner_references: pool.controller_owner_ref(&()).map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            containers,
+            volumes: Some(vec![Volume {
+                name: "data".into(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Volume::default()
+            }]),
+            node_selector: overrides.node_selector,
+            tolerations: overrides.tolerations,
+            runtime_class_name: overrides.runtime_class_name,
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            restart_policy: Some("Always".into()),
+            // A drain has its own timeout; SIGTERM then gives running turns this long.
+            termination_grace_period_seconds: Some(15),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(65532),
+                run_as_group: Some(65532),
+                fs_group: Some(65532),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    ..SeccompProfile::default()
+                }),
+                ..PodSecurityContext::default()
+            }),
+            ..PodSpec::default()
+        }),
+        ..Pod::default()
+    }
+}
