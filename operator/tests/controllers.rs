@@ -1,0 +1,691 @@
+//! The WarmPool and Sandbox reconcilers against a mocked API server, the way kube-rs tests
+//! controllers: a `tower_test` service pair and one scenario per behaviour, each asserting
+//! the exact calls (method, path, body) the reconcile makes and answering them. Managers are
+//! real: an in-process `arl-manager` serving the `counter` guest on loopback.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arl_e2e::{Runtimes, TestManager, guests};
+use arl_operator::crd::{Sandbox, WarmPool};
+use arl_operator::fleet::{Fleet, Member};
+use arl_operator::manager::{Endpoint, Load, Managers};
+use arl_operator::token::TokenKey;
+use arl_operator::{Context, pool, rfc3339, sandbox};
+use http::{Method, Request, Response, StatusCode};
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use serde_json::{Value, json};
+use tower_test::mock::{self, Handle, SendResponse};
+
+const NS: &str = "agents";
+const KEY: &[u8] = b"a key of at least sixteen bytes";
+
+/// The mocked API server's side: every request the reconcile sends, in order.
+struct ApiServer(Handle<Request<Body>, Response<Body>>);
+
+/// One request the reconcile made, and the way to answer it.
+struct Call {
+    method: Method,
+    path: String,
+    query: String,
+    body: Value,
+    reply: SendResponse<Response<Body>>,
+}
+
+impl Call {
+    fn ok(self, body: Value) {
+        self.status(StatusCode::OK, body);
+    }
+
+    fn status(self, status: StatusCode, body: Value) {
+        let response = Response::builder()
+            .status(status)
+            .body(Body::from(serde_json::to_vec(&body).unwrap()))
+            .unwrap();
+        self.reply.send_response(response);
+    }
+
+    fn not_found(self, kind: &str, name: &str) {
+        let status = json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
+            "message": format!("{kind} \"{name}\" not found"), "code": 404,
+        });
+        self.status(StatusCode::NOT_FOUND, status);
+    }
+}
+
+impl ApiServer {
+    /// The next request, which must be `method` on `path` (query aside).
+    async fn expect(&mut self, method: Method, path: &str) -> Call {
+        let (request, reply) = tokio::time::timeout(Duration::from_secs(5), self.0.next_request())
+            .await
+            .unwrap_or_else(|_| panic!("no {method} {path} within 5 s"))
+            .unwrap_or_else(|| panic!("the client went away before {method} {path}"));
+        let (parts, body) = request.into_parts();
+        let bytes = body.collect_bytes().await.unwrap();
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        let call = Call {
+            method: parts.method,
+            path: parts.uri.path().to_owned(),
+            query: parts.uri.query().unwrap_or_default().to_owned(),
+            body,
+            reply,
+        };
+        assert_eq!(
+            (&call.method, call.path.as_str()),
+            (&method, path),
+            "unexpected call ({})",
+            call.body
+        );
+        call
+    }
+
+    /// Asserts that the reconcile made no further call.
+    async fn done(mut self) {
+        let next = tokio::time::timeout(Duration::from_millis(200), self.0.next_request()).await;
+        if let Ok(Some((request, _))) = next {
+            panic!("unexpected call: {} {}", request.method(), request.uri());
+        }
+    }
+}
+
+fn context(fleet: Fleet) -> (Arc<Context>, ApiServer) {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = Context {
+        client: kube::Client::new(service, NS),
+        fleet,
+        managers: Managers::new(),
+        tokens: TokenKey::new(KEY).unwrap(),
+        manager_image: "arl-manager:test".into(),
+        interval: Duration::from_secs(3),
+    };
+    (ctx.shared(), ApiServer(handle))
+}
+
+/// Runs `reconcile` beside the scenario that answers its calls; both must finish.
+async fn run<R, S>(reconcile: R, scenario: S) -> Action
+where
+    R: Future<Output = arl_operator::Result<Action>>,
+    S: Future<Output = ()> + Send + 'static,
+{
+    let scenario = tokio::spawn(scenario);
+    let action = tokio::time::timeout(Duration::from_secs(10), reconcile)
+        .await
+        .expect("reconcile timed out");
+    scenario.await.expect("scenario");
+    action.expect("reconcile")
+}
+
+/// An in-process manager serving the `counter` guest, prefixing its ids with `pod`, the
+/// name of the pod it stands for. Each test has its own, since one drains it.
+fn manager(pod: &str) -> Arc<TestManager> {
+    let mut config = arl_e2e::config();
+    config.id_prefix = pod.into();
+    TestManager::start(
+        config,
+        Runtimes {
+            python: false,
+            guests: vec![("counter", guests::COUNTER)],
+        },
+    )
+}
+
+fn warm_pool(spec: Value, status: Option<Value>) -> WarmPool {
+    let mut pool = json!({
+        "apiVersion": "arl.infra.io/v1alpha1",
+        "kind": "WarmPool",
+        "metadata": { "name": "counter", "namespace": NS, "uid": "pool-uid", "generation": 3 },
+        "spec": spec,
+    });
+    if let Some(status) = status {
+        pool["status"] = status;
+    }
+    serde_json::from_value(pool).unwrap()
+}
+
+/// A Running, Ready pod of the pool, created `age` ago, draining since `draining` if set.
+fn pod(name: &str, age: Duration, draining: Option<SystemTime>) -> Value {
+    let mut annotations = json!({ "arl.infra.io/runtime": "counter" });
+    if let Some(since) = draining {
+        annotations["arl.infra.io/draining-since"] = json!(rfc3339(since));
+    }
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name, "namespace": NS,
+            "labels": { "arl.infra.io/pool": "counter" },
+            "annotations": annotations,
+            "creationTimestamp": rfc3339(SystemTime::now() - age),
+        },
+        "spec": { "containers": [{ "name": "manager", "image": "arl-manager:test" }] },
+        "status": {
+            "phase": "Running", "podIP": "127.0.0.1",
+            "conditions": [{ "type": "Ready", "status": "True" }],
+        },
+    })
+}
+
+fn pod_list(pods: Vec<Value>) -> Value {
+    json!({ "apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": pods })
+}
+
+/// A fleet member for `name` at `url`, with `sessions` of `capacity` live.
+fn member(name: &str, url: &str, sessions: u64, capacity: u64) -> Member {
+    Member {
+        name: name.into(),
+        namespace: NS.into(),
+        pool: "counter".into(),
+        runtime: Some("counter".into()),
+        endpoint: Endpoint {
+            http: url.into(),
+            token: None,
+        },
+        grpc: None,
+        ready: true,
+        draining: false,
+        load: Some((
+            Load {
+                sessions,
+                capacity,
+                memory_bytes: 0,
+                draining: false,
+            },
+            std::time::Instant::now(),
+        )),
+    }
+}
+
+const SECRET: &str = "/api/v1/namespaces/agents/secrets/counter-manager-token";
+const PODS: &str = "/api/v1/namespaces/agents/pods";
+const POOL_STATUS: &str = "/apis/arl.infra.io/v1alpha1/namespaces/agents/warmpools/counter/status";
+
+/// The Secret apply every pool reconcile starts with: the pool's token, owned by the pool.
+async fn expect_token_secret(server: &mut ApiServer) {
+    let call = server.expect(Method::PATCH, SECRET).await;
+    assert!(
+        call.query.contains("fieldManager=arl-operator") && call.query.contains("force=true"),
+        "{}",
+        call.query
+    );
+    let token = TokenKey::new(KEY).unwrap().pool_token(NS, "counter");
+    assert_eq!(call.body["stringData"]["token"], token);
+    assert_eq!(
+        call.body["metadata"]["ownerReferences"][0]["kind"],
+        "WarmPool"
+    );
+    assert_eq!(
+        call.body["metadata"]["ownerReferences"][0]["uid"],
+        "pool-uid"
+    );
+    let body = call.body.clone();
+    call.ok(body);
+}
+
+async fn expect_pod_list(server: &mut ApiServer, pods: Vec<Value>) {
+    let call = server.expect(Method::GET, PODS).await;
+    assert!(
+        call.query
+            .contains("labelSelector=arl.infra.io%2Fpool%3Dcounter"),
+        "{}",
+        call.query
+    );
+    call.ok(pod_list(pods));
+}
+
+/// The status apply; returns the status it wrote.
+async fn expect_pool_status(server: &mut ApiServer) -> Value {
+    let call = server.expect(Method::PATCH, POOL_STATUS).await;
+    assert!(
+        call.query.contains("fieldManager=arl-operator"),
+        "{}",
+        call.query
+    );
+    let status = call.body["status"].clone();
+    call.ok(json!({
+        "apiVersion": "arl.infra.io/v1alpha1", "kind": "WarmPool",
+        "metadata": { "name": "counter", "namespace": NS },
+        "spec": { "runtime": { "wasm": "counter" } },
+        "status": status,
+    }));
+    status
+}
+
+fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == type_)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_empty_pool_gets_its_token_and_its_minimum_of_pods() {
+    let pool = warm_pool(
+        json!({ "runtime": { "wasm": "counter" }, "replicas": 2, "sessionsPerPod": 32 }),
+        None,
+    );
+    let (ctx, mut server) = context(Fleet::default());
+    let action = run(pool::reconcile(Arc::new(pool), ctx), async move {
+        expect_token_secret(&mut server).await;
+        expect_pod_list(&mut server, vec![]).await;
+        for n in 0..2 {
+            let call = server.expect(Method::POST, PODS).await;
+            let pod = &call.body;
+            assert_eq!(pod["metadata"]["generateName"], "counter-");
+            assert_eq!(pod["metadata"]["labels"]["arl.infra.io/pool"], "counter");
+            assert_eq!(pod["metadata"]["ownerReferences"][0]["controller"], true);
+            let manager = &pod["spec"]["containers"][0];
+            assert_eq!(manager["name"], "manager");
+            assert_eq!(manager["image"], "arl-manager:test");
+            let env = |name: &str| {
+                manager["env"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|e| e["name"] == name)
+                    .cloned()
+                    .unwrap()
+            };
+            assert_eq!(env("ARL_MAX_SESSIONS")["value"], "32");
+            assert_eq!(
+                env("ARL_ID_PREFIX")["valueFrom"]["fieldRef"]["fieldPath"],
+                "metadata.name"
+            );
+            assert_eq!(
+                env("ARL_AUTH_TOKEN")["valueFrom"]["secretKeyRef"]["name"],
+                "counter-manager-token"
+            );
+            assert_eq!(pod["spec"]["securityContext"]["runAsNonRoot"], true);
+            let mut created = call.body.clone();
+            created["metadata"]["name"] = json!(format!("counter-{n}"));
+            call.status(StatusCode::CREATED, created);
+        }
+        let status = expect_pool_status(&mut server).await;
+        assert_eq!(status["replicas"], 2);
+        assert_eq!(status["desiredReplicas"], 2);
+        assert_eq!(status["readyReplicas"], 0);
+        assert_eq!(status["selector"], "arl.infra.io/pool=counter");
+        assert_eq!(status["observedGeneration"], 3);
+        assert_eq!(condition(&status, "Ready")["status"], "False");
+        assert_eq!(condition(&status, "Scaling")["status"], "False");
+        server.done().await;
+    })
+    .await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(3)));
+}
+
+#[tokio::test]
+async fn status_reports_sessions_and_capacity_from_the_pods_loads() {
+    let pool = warm_pool(
+        json!({ "runtime": { "wasm": "counter" }, "replicas": 2, "sessionsPerPod": 100 }),
+        None,
+    );
+    let fleet = Fleet::default();
+    fleet.upsert(member("counter-a", "http://127.0.0.1:1", 30, 100));
+    fleet.upsert(member("counter-b", "http://127.0.0.1:1", 12, 100));
+    let (ctx, mut server) = context(fleet);
+    run(pool::reconcile(Arc::new(pool), ctx), async move {
+        expect_token_secret(&mut server).await;
+        let hour = Duration::from_secs(3600);
+        expect_pod_list(
+            &mut server,
+            vec![pod("counter-a", hour, None), pod("counter-b", hour, None)],
+        )
+        .await;
+        let status = expect_pool_status(&mut server).await;
+        assert_eq!(status["replicas"], 2);
+        assert_eq!(status["readyReplicas"], 2);
+        assert_eq!(status["sessions"], 42);
+        assert_eq!(status["capacity"], 200);
+        assert_eq!(status["utilization"], "0.21");
+        assert_eq!(condition(&status, "Ready")["status"], "True");
+        assert!(status["lastScaleUpNeed"].is_string());
+        server.done().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn load_beyond_the_pods_scales_up_at_once() {
+    // 150 sessions + 16 headroom over 100 * 0.7 per pod: 3 pods.
+    let pool = warm_pool(
+        json!({ "runtime": { "wasm": "counter" }, "replicas": 1, "sessionsPerPod": 100 }),
+        None,
+    );
+    let fleet = Fleet::default();
+    fleet.upsert(member("counter-a", "http://127.0.0.1:1", 80, 100));
+    fleet.upsert(member("counter-b", "http://127.0.0.1:1", 70, 100));
+    let (ctx, mut server) = context(fleet);
+    run(pool::reconcile(Arc::new(pool), ctx), async move {
+        expect_token_secret(&mut server).await;
+        let hour = Duration::from_secs(3600);
+        expect_pod_list(
+            &mut server,
+            vec![pod("counter-a", hour, None), pod("counter-b", hour, None)],
+        )
+        .await;
+        let call = server.expect(Method::POST, PODS).await;
+        let mut created = call.body.clone();
+        created["metadata"]["name"] = json!("counter-c");
+        call.status(StatusCode::CREATED, created);
+        let status = expect_pool_status(&mut server).await;
+        assert_eq!(
+            (
+                status["desiredReplicas"].as_i64(),
+                status["replicas"].as_i64()
+            ),
+            (Some(3), Some(3))
+        );
+        assert_eq!(condition(&status, "Scaling")["status"], "False");
+        server.done().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn scale_down_drains_the_emptiest_pod_through_its_manager_before_marking_it() {
+    let manager = manager("pod-idle");
+    // Its load, read now: the fleet records what the poller would.
+    let load: Load = serde_json::from_value(manager.get("/v1/load").await.1).unwrap();
+    assert!(!load.draining);
+    let spec = json!({
+        "runtime": { "wasm": "counter" }, "replicas": 1, "sessionsPerPod": 10,
+        "targetUtilization": 1.0, "headroomSessions": 0, "scaleDownDelaySeconds": 300,
+    });
+    // The load has been low for an hour: past the scale-down delay.
+    let status = json!({
+        "replicas": 2, "readyReplicas": 2, "desiredReplicas": 2, "sessions": 5, "capacity": 20,
+        "utilization": "0.25", "selector": "arl.infra.io/pool=counter",
+        "lastScaleUpNeed": rfc3339(SystemTime::now() - Duration::from_secs(3600)),
+    });
+    let pool = warm_pool(spec, Some(status));
+    let fleet = Fleet::default();
+    fleet.upsert(member("counter-busy", "http://127.0.0.1:1", 5, 10));
+    fleet.upsert(member("pod-idle", &manager.base, 0, 10));
+    let (ctx, mut server) = context(fleet);
+    let watched = manager.clone();
+    run(pool::reconcile(Arc::new(pool), ctx), async move {
+        expect_token_secret(&mut server).await;
+        let hour = Duration::from_secs(3600);
+        expect_pod_list(
+            &mut server,
+            vec![pod("counter-busy", hour, None), pod("pod-idle", hour, None)],
+        )
+        .await;
+        let call = server
+            .expect(Method::PATCH, &format!("{PODS}/pod-idle"))
+            .await;
+        // The manager was told first, so that no session lands on it from now on.
+        let (_, load) = watched.get("/v1/load").await;
+        assert_eq!(
+            load["draining"], true,
+            "the manager was not drained before the pod was marked"
+        );
+        let since = call.body["metadata"]["annotations"]["arl.infra.io/draining-since"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            since.parse::<k8s_openapi::jiff::Timestamp>().is_ok(),
+            "{since}"
+        );
+        call.ok(pod("pod-idle", hour, Some(SystemTime::now())));
+        // Nothing is deleted while it drains.
+        let status = expect_pool_status(&mut server).await;
+        assert_eq!(status["draining"], json!(["pod-idle"]));
+        assert_eq!(status["replicas"], 1);
+        assert_eq!(condition(&status, "Scaling")["status"], "True");
+        server.done().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_drained_pod_is_deleted_once_empty_and_a_busy_one_is_kept() {
+    let spec = json!({ "runtime": { "wasm": "counter" }, "replicas": 1, "sessionsPerPod": 10, "headroomSessions": 0 });
+    let pool = warm_pool(spec, None);
+    let fleet = Fleet::default();
+    fleet.upsert(member("counter-a", "http://127.0.0.1:1", 1, 10));
+    fleet.upsert(member("counter-empty", "http://127.0.0.1:1", 0, 10));
+    fleet.upsert(member("counter-busy", "http://127.0.0.1:1", 2, 10));
+    let (ctx, mut server) = context(fleet);
+    run(pool::reconcile(Arc::new(pool), ctx), async move {
+        expect_token_secret(&mut server).await;
+        let (hour, now) = (Duration::from_secs(3600), SystemTime::now());
+        let pods = vec![
+            pod("counter-a", hour, None),
+            pod("counter-empty", hour, Some(now - Duration::from_secs(60))),
+            pod("counter-busy", hour, Some(now - Duration::from_secs(60))),
+        ];
+        expect_pod_list(&mut server, pods).await;
+        let call = server
+            .expect(Method::DELETE, &format!("{PODS}/counter-empty"))
+            .await;
+        call.ok(pod("counter-empty", hour, Some(now)));
+        let status = expect_pool_status(&mut server).await;
+        assert_eq!(status["draining"], json!(["counter-busy"]));
+        assert_eq!(
+            status["sessions"], 3,
+            "the draining pod's sessions still count"
+        );
+        server.done().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_failed_pod_is_replaced() {
+    let pool = warm_pool(
+        json!({ "runtime": { "wasm": "counter" }, "replicas": 1 }),
+        None,
+    );
+    let (ctx, mut server) = context(Fleet::default());
+    run(pool::reconcile(Arc::new(pool), ctx), async move {
+        expect_token_secret(&mut server).await;
+        let mut failed = pod("counter-old", Duration::from_secs(60), None);
+        failed["status"] = json!({ "phase": "Failed", "reason": "Evicted" });
+        expect_pod_list(&mut server, vec![failed.clone()]).await;
+        let call = server.expect(Method::POST, PODS).await;
+        let mut created = call.body.clone();
+        created["metadata"]["name"] = json!("counter-new");
+        call.status(StatusCode::CREATED, created);
+        server
+            .expect(Method::DELETE, &format!("{PODS}/counter-old"))
+            .await
+            .ok(failed);
+        let status = expect_pool_status(&mut server).await;
+        assert_eq!(status["replicas"], 1);
+        server.done().await;
+    })
+    .await;
+}
+
+const SANDBOX: &str = "/apis/arl.infra.io/v1alpha1/namespaces/agents/sandboxes/box";
+
+fn a_sandbox(finalizers: &[&str], status: Option<Value>, deleting: bool) -> Sandbox {
+    let mut object = json!({
+        "apiVersion": "arl.infra.io/v1alpha1",
+        "kind": "Sandbox",
+        "metadata": { "name": "box", "namespace": NS, "uid": "box-uid", "generation": 1, "finalizers": finalizers },
+        "spec": { "poolRef": "counter", "keepAlive": false, "timeouts": { "idleSeconds": 120 }, "env": { "TASK": "t1" } },
+    });
+    if let Some(status) = status {
+        object["status"] = status;
+    }
+    if deleting {
+        object["metadata"]["deletionTimestamp"] = json!(rfc3339(SystemTime::now()));
+    }
+    serde_json::from_value(object).unwrap()
+}
+
+#[tokio::test]
+async fn a_new_sandbox_gets_the_session_finalizer_first() {
+    let (ctx, mut server) = context(Fleet::default());
+    let sandbox = a_sandbox(&[], None, false);
+    let reply = sandbox.clone();
+    run(sandbox::reconcile(Arc::new(sandbox), ctx), async move {
+        let call = server.expect(Method::PATCH, SANDBOX).await;
+        let ops = call.body.to_string();
+        assert!(
+            ops.contains("/metadata/finalizers") && ops.contains("arl.infra.io/session"),
+            "{ops}"
+        );
+        call.ok(serde_json::to_value(&reply).unwrap());
+        server.done().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_sandbox_is_placed_on_the_least_loaded_ready_pod_of_its_pool() {
+    let manager = manager("pod-idle");
+    let fleet = Fleet::default();
+    // Busier, and unreachable: placing there would fail the test.
+    fleet.upsert(member("counter-busy", "http://127.0.0.1:1", 8, 10));
+    fleet.upsert(member("pod-idle", &manager.base, 0, 10));
+    // Another pool's empty pod is not a candidate.
+    let mut other = member("other-pod", "http://127.0.0.1:1", 0, 10);
+    other.pool = "other".into();
+    fleet.upsert(other);
+    let (ctx, mut server) = context(fleet.clone());
+    let sandbox = a_sandbox(&["arl.infra.io/session"], None, false);
+    let reply = sandbox.clone();
+    let (status_tx, status_rx) = tokio::sync::oneshot::channel();
+    run(sandbox::reconcile(Arc::new(sandbox), ctx), async move {
+        let pool = warm_pool(json!({ "runtime": { "wasm": "counter" } }), None);
+        server
+            .expect(
+                Method::GET,
+                "/apis/arl.infra.io/v1alpha1/namespaces/agents/warmpools/counter",
+            )
+            .await
+            .ok(serde_json::to_value(&pool).unwrap());
+        let call = server
+            .expect(Method::PATCH, &format!("{SANDBOX}/status"))
+            .await;
+        let status = call.body["status"].clone();
+        let mut patched = serde_json::to_value(&reply).unwrap();
+        patched["status"] = status.clone();
+        call.ok(patched);
+        status_tx.send(status).unwrap();
+        server.done().await;
+    })
+    .await;
+    let status = status_rx.await.unwrap();
+    assert_eq!(status["phase"], "Ready");
+    assert_eq!(status["podName"], "pod-idle");
+    assert_eq!(status["podIP"], "127.0.0.1");
+    let id = status["sessionID"].as_str().unwrap();
+    assert!(id.starts_with("pod-idle."), "{id}");
+    assert_eq!(
+        status["endpoint"],
+        format!("{}/v1/sessions/{id}", manager.base)
+    );
+    assert_eq!(status["conditions"][0]["type"], "Ready");
+    assert_eq!(status["conditions"][0]["status"], "True");
+    // The session is real, with the Sandbox's settings.
+    let (code, session) = manager.get(&format!("/v1/sessions/{id}")).await;
+    assert_eq!(code, 200, "{session}");
+    assert_eq!(session["runtime"], "counter");
+    // And counted at once, so that the next placement spreads.
+    assert_eq!(fleet.get("pod-idle").unwrap().load.unwrap().0.sessions, 1);
+    manager.delete(&format!("/v1/sessions/{id}")).await;
+}
+
+#[tokio::test]
+async fn a_sandbox_waits_pending_while_no_pod_has_room() {
+    let fleet = Fleet::default();
+    fleet.upsert(member("counter-full", "http://127.0.0.1:1", 10, 10));
+    let (ctx, mut server) = context(fleet);
+    let sandbox = a_sandbox(&["arl.infra.io/session"], None, false);
+    let reply = serde_json::to_value(&sandbox).unwrap();
+    let action = run(sandbox::reconcile(Arc::new(sandbox), ctx), async move {
+        let pool = warm_pool(json!({ "runtime": { "wasm": "counter" } }), None);
+        server
+            .expect(
+                Method::GET,
+                "/apis/arl.infra.io/v1alpha1/namespaces/agents/warmpools/counter",
+            )
+            .await
+            .ok(serde_json::to_value(&pool).unwrap());
+        let call = server
+            .expect(Method::PATCH, &format!("{SANDBOX}/status"))
+            .await;
+        assert_eq!(call.body["status"]["phase"], "Pending");
+        assert_eq!(call.body["status"]["reason"], "NoCapacity");
+        call.ok(reply);
+        server.done().await;
+    })
+    .await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(2)));
+}
+
+#[tokio::test]
+async fn deleting_a_sandbox_ends_its_session_then_releases_the_finalizer() {
+    let manager = manager("pod-idle");
+    let id = manager.create(json!({ "runtime": "counter" })).await;
+    let fleet = Fleet::default();
+    fleet.upsert(member("pod-idle", &manager.base, 1, 10));
+    let (ctx, mut server) = context(fleet);
+    let status = json!({ "phase": "Ready", "podName": "pod-idle", "sessionID": id });
+    let sandbox = a_sandbox(&["arl.infra.io/session"], Some(status), true);
+    let reply = serde_json::to_value(&sandbox).unwrap();
+    let watched = manager.clone();
+    let ended = id.clone();
+    run(sandbox::reconcile(Arc::new(sandbox), ctx), async move {
+        let call = server.expect(Method::PATCH, SANDBOX).await;
+        // By the time the finalizer goes, the session has ended.
+        let (code, _) = watched.get(&format!("/v1/sessions/{ended}")).await;
+        assert!(
+            code == 404 || code == 410,
+            "the session is still there ({code})"
+        );
+        let ops = call.body.to_string();
+        assert!(
+            ops.contains("remove") && ops.contains("/metadata/finalizers"),
+            "{ops}"
+        );
+        call.ok(reply);
+        server.done().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_sandbox_whose_pod_disappears_fails_with_a_reason() {
+    let (ctx, mut server) = context(Fleet::default());
+    let status =
+        json!({ "phase": "Ready", "podName": "counter-gone", "sessionID": "counter-gone.ab12" });
+    let sandbox = a_sandbox(&["arl.infra.io/session"], Some(status), false);
+    let reply = serde_json::to_value(&sandbox).unwrap();
+    let action = run(sandbox::reconcile(Arc::new(sandbox), ctx), async move {
+        server
+            .expect(Method::GET, &format!("{PODS}/counter-gone"))
+            .await
+            .not_found("pods", "counter-gone");
+        let call = server
+            .expect(Method::PATCH, &format!("{SANDBOX}/status"))
+            .await;
+        let status = &call.body["status"];
+        assert_eq!(status["phase"], "Failed");
+        assert_eq!(status["reason"], "PodGone");
+        assert_eq!(
+            status["sessionID"], "counter-gone.ab12",
+            "the lost session stays named"
+        );
+        assert_eq!(status["conditions"][0]["status"], "False");
+        assert_eq!(status["conditions"][0]["reason"], "PodGone");
+        call.ok(reply);
+        server.done().await;
+    })
+    .await;
+    assert_eq!(action, Action::await_change());
+}
