@@ -38,13 +38,14 @@ pub struct Member {
 }
 
 impl Member {
-    /// Whether it can take a new session now.
+    /// Whether it can take a new session now, as far as its last load says.
     pub fn accepts(&self) -> bool {
-        self.ready
-            && !self.draining
-            && self
-                .load
-                .is_some_and(|(l, _)| !l.draining && l.sessions < l.capacity)
+        self.serving() && self.load.is_some_and(|(l, _)| l.sessions < l.capacity)
+    }
+
+    /// Whether it answers and takes sessions at all, full or not.
+    pub fn serving(&self) -> bool {
+        self.ready && !self.draining && self.load.is_some_and(|(l, _)| !l.draining)
     }
 
     /// What a Pod of a WarmPool makes; `None` until it has an IP.
@@ -167,12 +168,26 @@ impl Fleet {
         }
     }
 
+    /// Records that `name` refused a session for want of room, until its next load read.
+    pub fn note_full(&self, name: &str) {
+        if let Some(m) = self.write().get_mut(name)
+            && let Some((load, _)) = m.load.as_mut()
+        {
+            load.sessions = load.sessions.max(load.capacity);
+        }
+    }
+
     /// Members that take new sessions and match `wanted`, least utilised first.
     pub fn candidates(&self, wanted: impl Fn(&Member) -> bool) -> Vec<Member> {
+        self.ranked(|m| m.accepts() && wanted(m))
+    }
+
+    /// Members matching `wanted`, least utilised first.
+    pub fn ranked(&self, wanted: impl Fn(&Member) -> bool) -> Vec<Member> {
         let mut found: Vec<Member> = self
             .read()
             .values()
-            .filter(|m| m.accepts() && wanted(m))
+            .filter(|m| wanted(m))
             .cloned()
             .collect();
         found.sort_by(|a, b| {

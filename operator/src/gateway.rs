@@ -226,7 +226,12 @@ async fn create(
         m.runtime.as_deref().is_none_or(|r| r == runtime)
             && placement.pool.as_deref().is_none_or(|p| p == m.pool)
     };
-    let candidates = gateway.fleet.candidates(serves);
+    let mut candidates = gateway.fleet.candidates(serves);
+    if candidates.is_empty() {
+        // Loads are a few seconds old and placements since are estimates: before refusing,
+        // let the managers themselves say whether they are full.
+        candidates = gateway.fleet.ranked(|m| m.serving() && serves(m));
+    }
     if candidates.is_empty() {
         let known = gateway.fleet.members().iter().any(serves);
         return if known {
@@ -259,7 +264,8 @@ async fn create(
         .await
         {
             Ok(response) if matches!(response.status().as_u16(), 429 | 503) => {
-                last = Some(response)
+                gateway.fleet.note_full(&member.name);
+                last = Some(response);
             }
             Ok(response) => {
                 if response.status() == StatusCode::CREATED {

@@ -1,0 +1,316 @@
+//! The operator's gateway end to end over three real `arl-manager serve` processes on
+//! loopback: creates spread over them, every later call reaches the session's owner by its
+//! id alone, and once one is killed its sessions answer 410 while new ones go to the others.
+//!
+//! It lives with the manager because that is the crate whose binary it runs.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use arl_operator::fleet::{Fleet, Member};
+use arl_operator::gateway::{self, Gateway};
+use arl_operator::manager::{Endpoint, Managers};
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_arl-manager");
+const MANAGER_TOKEN: &str = "manager-token-for-the-test";
+const GATEWAY_TOKEN: &str = "gateway-token-for-the-test";
+
+fn port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A manager process named `name` (its id prefix), killed when dropped.
+struct Manager {
+    name: String,
+    base: String,
+    child: Child,
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(name: &str) -> Manager {
+    let http = port();
+    let child = Command::new(BIN)
+        .args([
+            "serve",
+            "--log",
+            "warn",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--warm-sessions",
+            "1",
+        ])
+        .args(["--id-prefix", name, "--max-sessions", "16"])
+        .env("ARL_LISTEN", format!("127.0.0.1:{http}"))
+        .env("ARL_AUTH_TOKEN", MANAGER_TOKEN)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    Manager {
+        name: name.into(),
+        base: format!("http://127.0.0.1:{http}"),
+        child,
+    }
+}
+
+async fn wait_ready(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        if let Ok(r) = reqwest::get(format!("{url}/readyz")).await
+            && r.status() == 200
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{url} not ready in 15 minutes");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Client {
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(GATEWAY_TOKEN);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn create(&self) -> String {
+        let (status, v) = self
+            .call(reqwest::Method::POST, "/v1/sessions", Some(json!({})))
+            .await;
+        assert_eq!(status, 201, "create: {v}");
+        v["id"].as_str().unwrap().to_owned()
+    }
+
+    async fn execute(&self, id: &str, code: &str) -> (u16, Value) {
+        let path = format!("/v1/sessions/{id}/execute");
+        self.call(reqwest::Method::POST, &path, Some(json!({ "code": code })))
+            .await
+    }
+}
+
+/// Asks `manager` directly whether it holds session `id`.
+async fn holds(manager: &Manager, id: &str) -> bool {
+    let r = reqwest::Client::new()
+        .get(format!("{}/v1/sessions/{id}", manager.base))
+        .bearer_auth(MANAGER_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    r.status() == 200
+}
+
+fn owner(id: &str) -> &str {
+    gateway::owner(id).unwrap()
+}
+
+#[test]
+fn the_gateway_spreads_sessions_routes_by_id_and_answers_410_for_a_dead_manager() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut managers: Vec<Manager> = ["m1", "m2", "m3"].into_iter().map(spawn).collect();
+        for m in &managers {
+            wait_ready(&m.base).await;
+        }
+
+        // The gateway as `arl-operator gateway --backend m1=...` runs it.
+        let fleet = Fleet::default();
+        for m in &managers {
+            fleet.upsert(Member {
+                name: m.name.clone(),
+                namespace: String::new(),
+                pool: String::new(),
+                runtime: None,
+                endpoint: Endpoint {
+                    http: m.base.clone(),
+                    token: Some(MANAGER_TOKEN.into()),
+                },
+                grpc: None,
+                ready: true,
+                draining: false,
+                load: None,
+            });
+        }
+        let polled = Managers::new();
+        fleet.poll(&polled).await;
+        let poller = tokio::spawn(fleet.clone().poll_every(polled, Duration::from_millis(200)));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let router = gateway::router(Gateway::new(fleet.clone(), Some(GATEWAY_TOKEN)));
+        let served = tokio::spawn(gateway::serve(listener, router, std::future::pending()));
+        let client = Client {
+            http: reqwest::Client::new(),
+            base: base.clone(),
+        };
+
+        // Without the gateway's token: 401, with a JSON body.
+        let r = reqwest::get(format!("{base}/v1/sessions")).await.unwrap();
+        assert_eq!(r.status(), 401);
+        assert_eq!(
+            r.json::<Value>().await.unwrap()["error"]["code"],
+            "unauthorized"
+        );
+        let (status, ready) = client.call(reqwest::Method::GET, "/readyz", None).await;
+        assert_eq!((status, ready["accepting"].as_u64()), (200, Some(3)));
+
+        // Six creates spread two by two: the least utilised manager takes each.
+        let mut ids = Vec::new();
+        for _ in 0..6 {
+            ids.push(client.create().await);
+        }
+        let mut per_owner: BTreeMap<&str, usize> = BTreeMap::new();
+        for id in &ids {
+            *per_owner.entry(owner(id)).or_default() += 1;
+        }
+        assert_eq!(
+            per_owner,
+            BTreeMap::from([("m1", 2), ("m2", 2), ("m3", 2)]),
+            "{ids:?}"
+        );
+
+        // Every call reaches the owner: state persists across turns, and only the owner
+        // holds the session.
+        for (n, id) in ids.iter().enumerate() {
+            let (status, v) = client.execute(id, &format!("x = {n} * 10")).await;
+            assert_eq!(status, 200, "{v}");
+            let (status, v) = client.execute(id, "x + 2").await;
+            assert_eq!(
+                (status, v["result"].as_str()),
+                (200, Some(format!("{}", n * 10 + 2).as_str())),
+                "{v}"
+            );
+            for m in &managers {
+                assert_eq!(
+                    holds(m, id).await,
+                    m.name == owner(id),
+                    "{} holding {id}",
+                    m.name
+                );
+            }
+        }
+        // Streamed executions pass through as Server-Sent Events.
+        let r = client
+            .http
+            .post(format!("{base}/v1/sessions/{}/execute", ids[0]))
+            .bearer_auth(GATEWAY_TOKEN)
+            .header("accept", "text/event-stream")
+            .json(&json!({ "code": "print('streamed'); 7 * 6" }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(
+            r.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/event-stream")
+        );
+        let events = r.text().await.unwrap();
+        assert!(
+            events.contains("streamed") && events.contains("42"),
+            "{events}"
+        );
+        // The list spans every manager.
+        let (status, listed) = client
+            .call(reqwest::Method::GET, "/v1/sessions", None)
+            .await;
+        assert_eq!(status, 200);
+        assert_eq!(listed["sessions"].as_array().unwrap().len(), 6, "{listed}");
+        // A manager's own errors come back as they are.
+        let (status, v) = client
+            .call(reqwest::Method::GET, "/v1/sessions/m1.0000", None)
+            .await;
+        assert_eq!(
+            (status, v["error"]["code"].as_str()),
+            (404, Some("session_not_found")),
+            "{v}"
+        );
+        let (status, v) = client
+            .call(reqwest::Method::GET, "/v1/sessions/not-an-id", None)
+            .await;
+        assert_eq!(
+            (status, v["error"]["code"].as_str()),
+            (404, Some("session_not_found")),
+            "{v}"
+        );
+
+        // m2 dies: its sessions are gone (410), the others' live on, and new sessions go
+        // to the survivors.
+        let dead = managers.remove(1);
+        drop(dead);
+        for id in &ids {
+            let (status, v) = client.execute(id, "x").await;
+            if owner(id) == "m2" {
+                assert_eq!(
+                    (status, v["error"]["code"].as_str()),
+                    (410, Some("session_gone")),
+                    "{v}"
+                );
+            } else {
+                assert_eq!(status, 200, "{v}");
+            }
+        }
+        for _ in 0..4 {
+            let id = client.create().await;
+            assert_ne!(owner(&id), "m2", "placed on a dead manager");
+            let (status, v) = client.execute(&id, "1 + 1").await;
+            assert_eq!((status, v["result"].as_str()), (200, Some("2")), "{v}");
+        }
+        let (_, listed) = client
+            .call(reqwest::Method::GET, "/v1/sessions", None)
+            .await;
+        assert_eq!(listed["unreachable"], json!(["m2"]), "{listed}");
+        assert_eq!(listed["sessions"].as_array().unwrap().len(), 8, "{listed}");
+
+        // Full managers: 429 with Retry-After, never a 500.
+        let (_, load) = client.call(reqwest::Method::GET, "/v1/load", None).await;
+        let free = load["capacity"].as_u64().unwrap() - load["sessions"].as_u64().unwrap();
+        assert!(free > 0 && free <= 32, "{load}");
+        let mut statuses = BTreeMap::new();
+        for _ in 0..free + 2 {
+            let (status, _) = client
+                .call(reqwest::Method::POST, "/v1/sessions", Some(json!({})))
+                .await;
+            *statuses.entry(status).or_insert(0) += 1;
+        }
+        assert!(
+            statuses.keys().all(|s| *s == 201 || *s == 429),
+            "{statuses:?}"
+        );
+        assert_eq!(
+            statuses.get(&429),
+            Some(&2),
+            "{statuses:?} with {free} free"
+        );
+
+        poller.abort();
+        served.abort();
+    });
+}
