@@ -11,8 +11,13 @@ use std::time::{Duration, Instant};
 
 use arl_operator::fleet::{Fleet, Member};
 use arl_operator::gateway::{self, Gateway};
+use arl_operator::grpc::{self, GrpcGateway};
 use arl_operator::manager::{Endpoint, Managers};
+use arl_proto::v1 as pb;
+use arl_proto::v1::sessions_client::SessionsClient;
 use serde_json::{Value, json};
+use tonic::Code;
+use tonic::transport::Channel;
 
 const BIN: &str = env!("CARGO_BIN_EXE_arl-manager");
 const MANAGER_TOKEN: &str = "manager-token-for-the-test";
@@ -30,6 +35,7 @@ fn port() -> u16 {
 struct Manager {
     name: String,
     base: String,
+    grpc: String,
     child: Child,
 }
 
@@ -41,14 +47,14 @@ impl Drop for Manager {
 }
 
 fn spawn(name: &str) -> Manager {
-    let http = port();
+    let (http, grpc) = (port(), format!("127.0.0.1:{}", port()));
     let child = Command::new(BIN)
         .args([
             "serve",
             "--log",
             "warn",
             "--grpc-listen",
-            "127.0.0.1:0",
+            &grpc,
             "--warm-sessions",
             "1",
         ])
@@ -61,6 +67,7 @@ fn spawn(name: &str) -> Manager {
     Manager {
         name: name.into(),
         base: format!("http://127.0.0.1:{http}"),
+        grpc,
         child,
     }
 }
@@ -123,6 +130,33 @@ async fn holds(manager: &Manager, id: &str) -> bool {
     r.status() == 200
 }
 
+/// `message` with the gateway's token.
+fn authed<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {GATEWAY_TOKEN}").parse().unwrap(),
+    );
+    request
+}
+
+/// Runs `code` in `id` over the gateway's gRPC and returns the final result event.
+async fn execute_rpc(rpc: &mut SessionsClient<Channel>, id: &str, code: &str) -> pb::ExecuteResult {
+    let request = pb::ExecuteRequest {
+        session_id: id.into(),
+        code: code.into(),
+        timeout_ms: None,
+    };
+    let mut events = rpc.execute(authed(request)).await.unwrap().into_inner();
+    let mut last = None;
+    while let Some(event) = events.message().await.unwrap() {
+        if let Some(pb::execute_event::Event::Result(result)) = event.event {
+            last = Some(result);
+        }
+    }
+    last.expect("a result event")
+}
+
 fn owner(id: &str) -> &str {
     gateway::owner(id).unwrap()
 }
@@ -152,7 +186,7 @@ fn the_gateway_spreads_sessions_routes_by_id_and_answers_410_for_a_dead_manager(
                     http: m.base.clone(),
                     token: Some(MANAGER_TOKEN.into()),
                 },
-                grpc: None,
+                grpc: Some(m.grpc.clone()),
                 ready: true,
                 draining: false,
                 load: None,
@@ -169,6 +203,16 @@ fn the_gateway_spreads_sessions_routes_by_id_and_answers_410_for_a_dead_manager(
             http: reqwest::Client::new(),
             base: base.clone(),
         };
+        let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc_url = format!("http://{}", grpc_listener.local_addr().unwrap());
+        let grpc_gateway = GrpcGateway::new(fleet.clone());
+        let grpc_served = tokio::spawn(grpc::serve(
+            grpc_listener,
+            grpc_gateway,
+            Some(GATEWAY_TOKEN),
+            std::future::pending(),
+        ));
+        let mut rpc = SessionsClient::connect(grpc_url).await.unwrap();
 
         // Without the gateway's token: 401, with a JSON body.
         let r = reqwest::get(format!("{base}/v1/sessions")).await.unwrap();
@@ -261,6 +305,53 @@ fn the_gateway_spreads_sessions_routes_by_id_and_answers_410_for_a_dead_manager(
             "{v}"
         );
 
+        // gRPC: the same placement and routing; three creates land one on each manager.
+        let refused = rpc
+            .list_sessions(pb::ListSessionsRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated);
+        let mut rpc_ids = Vec::new();
+        for _ in 0..3 {
+            let created = rpc
+                .create_session(authed(pb::CreateSessionRequest::default()))
+                .await
+                .unwrap();
+            rpc_ids.push(created.into_inner().id);
+        }
+        let mut owners: Vec<&str> = rpc_ids.iter().map(|id| owner(id)).collect();
+        owners.sort_unstable();
+        assert_eq!(owners, ["m1", "m2", "m3"], "{rpc_ids:?}");
+        for id in &rpc_ids {
+            let upload = pb::WriteFileRequest {
+                session_id: id.clone(),
+                path: "in.txt".into(),
+                data: b"forty-two".to_vec(),
+            };
+            let written = rpc
+                .write_file(authed(tokio_stream::iter([upload])))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(written.size, 9);
+            let code = "open('in.txt').read().upper()".to_owned();
+            let result = execute_rpc(&mut rpc, id, &code).await;
+            assert_eq!(result.result.as_deref(), Some("'FORTY-TWO'"), "{result:?}");
+        }
+        let listed = rpc
+            .list_sessions(authed(pb::ListSessionsRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(listed.sessions.len(), 9);
+        let unknown = rpc
+            .get_session(authed(pb::GetSessionRequest {
+                id: "m9.0000".into(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(unknown.code(), Code::FailedPrecondition, "{unknown:?}");
+
         // m2 dies: its sessions are gone (410), the others' live on, and new sessions go
         // to the survivors.
         let dead = managers.remove(1);
@@ -277,6 +368,23 @@ fn the_gateway_spreads_sessions_routes_by_id_and_answers_410_for_a_dead_manager(
                 assert_eq!(status, 200, "{v}");
             }
         }
+        for id in rpc_ids.iter().filter(|id| owner(id) == "m2") {
+            let lost = rpc
+                .get_session(authed(pb::GetSessionRequest { id: id.clone() }))
+                .await
+                .unwrap_err();
+            assert_eq!(lost.code(), Code::FailedPrecondition, "{lost:?}");
+            assert!(lost.message().starts_with("session_gone"), "{lost:?}");
+        }
+        let created = rpc
+            .create_session(authed(pb::CreateSessionRequest::default()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_ne!(owner(&created.id), "m2", "placed on a dead manager");
+        rpc.delete_session(authed(pb::DeleteSessionRequest { id: created.id }))
+            .await
+            .unwrap();
         for _ in 0..4 {
             let id = client.create().await;
             assert_ne!(owner(&id), "m2", "placed on a dead manager");
@@ -287,12 +395,25 @@ fn the_gateway_spreads_sessions_routes_by_id_and_answers_410_for_a_dead_manager(
             .call(reqwest::Method::GET, "/v1/sessions", None)
             .await;
         assert_eq!(listed["unreachable"], json!(["m2"]), "{listed}");
-        assert_eq!(listed["sessions"].as_array().unwrap().len(), 8, "{listed}");
+        // Two and one of each survivor's, and the four new ones.
+        assert_eq!(listed["sessions"].as_array().unwrap().len(), 10, "{listed}");
 
-        // Full managers: 429 with Retry-After, never a 500.
-        let (_, load) = client.call(reqwest::Method::GET, "/v1/load", None).await;
-        let free = load["capacity"].as_u64().unwrap() - load["sessions"].as_u64().unwrap();
-        assert!(free > 0 && free <= 32, "{load}");
+        // Full managers: 429, never a 500. The survivors themselves say how much room is
+        // left (the gateway's own view lags by up to one load read).
+        let mut free = 0;
+        for m in &managers {
+            let load: Value = reqwest::Client::new()
+                .get(format!("{}/v1/load", m.base))
+                .bearer_auth(MANAGER_TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            free += load["capacity"].as_u64().unwrap() - load["sessions"].as_u64().unwrap();
+        }
+        assert_eq!(free, 22, "32 places, 10 sessions");
         let mut statuses = BTreeMap::new();
         for _ in 0..free + 2 {
             let (status, _) = client
@@ -312,5 +433,6 @@ fn the_gateway_spreads_sessions_routes_by_id_and_answers_410_for_a_dead_manager(
 
         poller.abort();
         served.abort();
+        grpc_served.abort();
     });
 }

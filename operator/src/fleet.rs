@@ -197,6 +197,17 @@ impl Fleet {
         found
     }
 
+    /// The loads of every member whose load is known, summed.
+    pub fn total_load(&self) -> Load {
+        let mut total = Load::default();
+        for (load, _) in self.read().values().filter_map(|m| m.load) {
+            total.sessions += load.sessions;
+            total.capacity += load.capacity;
+            total.memory_bytes += load.memory_bytes;
+        }
+        total
+    }
+
     /// Reads every ready member's load, all at once.
     pub async fn poll(&self, managers: &Managers) {
         let ready: Vec<Member> = self.read().values().filter(|m| m.ready).cloned().collect();

@@ -22,7 +22,6 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::fleet::{Fleet, Member};
-use crate::manager::Load;
 
 /// Largest create body the gateway reads (it must look at `runtime`).
 const CREATE_BODY_LIMIT: usize = 1 << 20;
@@ -152,12 +151,7 @@ async fn ready(State(gateway): State<Gateway>) -> Response {
 /// The summed load of every manager whose load is known.
 async fn load(State(gateway): State<Gateway>) -> Response {
     let members = gateway.fleet.members();
-    let mut sum = Load::default();
-    for (l, _) in members.iter().filter_map(|m| m.load) {
-        sum.sessions += l.sessions;
-        sum.capacity += l.capacity;
-        sum.memory_bytes += l.memory_bytes;
-    }
+    let sum = gateway.fleet.total_load();
     let body = json!({
         "sessions": sum.sessions,
         "capacity": sum.capacity,

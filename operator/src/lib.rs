@@ -5,13 +5,14 @@
 //! - [`autoscale`]: pods needed and pods to drain, a pure function of observed load.
 //! - [`fleet`]: every manager pod with its last `/v1/load`, shared by controllers and gateway.
 //! - [`pool`] and [`sandbox`]: the reconcilers.
-//! - [`gateway`]: one HTTP entry for the cluster's sessions.
+//! - [`gateway`] and [`grpc`]: one HTTP and one gRPC entry for the cluster's sessions.
 #![forbid(unsafe_code)]
 
 pub mod autoscale;
 pub mod crd;
 pub mod fleet;
 pub mod gateway;
+pub mod grpc;
 pub mod manager;
 pub mod pods;
 pub mod pool;

@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use arl_operator::crd::{POOL_LABEL, Sandbox, WarmPool};
 use arl_operator::fleet::{Fleet, Member};
 use arl_operator::gateway::{self, Gateway};
+use arl_operator::grpc::{self, GrpcGateway};
 use arl_operator::manager::{Endpoint, Managers};
 use arl_operator::token::TokenKey;
 use arl_operator::{Context, pool, sandbox};
@@ -39,6 +40,13 @@ struct Common {
     /// Address of the gateway's HTTP API (the manager's /v1/sessions routes, /healthz, /readyz).
     #[arg(long, env = "ARL_GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
     gateway_listen: SocketAddr,
+    /// Address of the gateway's gRPC API (arl.v1.Sessions and grpc.health.v1.Health).
+    #[arg(
+        long,
+        env = "ARL_GATEWAY_GRPC_LISTEN",
+        default_value = "127.0.0.1:50051"
+    )]
+    gateway_grpc_listen: SocketAddr,
     /// Bearer token the gateway's clients must send. Prefer the environment variable.
     #[arg(long, env = "ARL_AUTH_TOKEN", hide_env_values = true)]
     auth_token: Option<String>,
@@ -76,7 +84,8 @@ struct Run {
 struct GatewayOnly {
     #[command(flatten)]
     common: Common,
-    /// A manager as NAME=URL, e.g. `m1=http://127.0.0.1:8081`; NAME must be its --id-prefix.
+    /// A manager as NAME=URL[+GRPC_ADDR], e.g. `m1=http://127.0.0.1:8081+127.0.0.1:50052`;
+    /// NAME must be its --id-prefix, and without GRPC_ADDR it is reached over HTTP only.
     #[arg(
         long = "backend",
         env = "ARL_BACKENDS",
@@ -98,13 +107,17 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&common.log).context("--log")?)
         .init();
-    if !common.gateway_listen.ip().is_loopback() && common.auth_token.is_none() && !common.insecure
-    {
-        anyhow::bail!(
-            "refusing to serve the gateway on {} without --auth-token (ARL_AUTH_TOKEN): anyone who \
-             reaches it could run code; set a token, or --insecure behind something that authenticates",
-            common.gateway_listen
-        );
+    for addr in [common.gateway_listen, common.gateway_grpc_listen] {
+        if !addr.ip().is_loopback() && common.auth_token.is_none() && !common.insecure {
+            anyhow::bail!(
+                "refusing to serve the gateway on {addr} without --auth-token (ARL_AUTH_TOKEN): \
+                 anyone who reaches it could run code; set a token, or --insecure behind \
+                 something that authenticates"
+            );
+        }
+    }
+    if common.auth_token.as_deref() == Some("") {
+        anyhow::bail!("--auth-token must not be empty");
     }
     if common.load_interval_secs == 0 {
         anyhow::bail!("--load-interval-secs must be at least 1");
@@ -137,22 +150,54 @@ async fn stop_signal() {
     let _ = ctrl_c.await;
 }
 
+/// Serves the gateway over `fleet`, HTTP and gRPC, until SIGTERM or Ctrl-C.
 async fn serve_gateway(fleet: Fleet, common: &Common) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(common.gateway_listen)
-        .await
-        .with_context(|| format!("binding {}", common.gateway_listen))?;
-    tracing::info!(addr = %common.gateway_listen, "gateway listening");
-    let router = gateway::router(Gateway::new(fleet, common.auth_token.as_deref()));
-    gateway::serve(listener, router, stop_signal()).await?;
+    let bind = |addr: SocketAddr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))
+    };
+    let (http, grpc) = (
+        bind(common.gateway_listen).await?,
+        bind(common.gateway_grpc_listen).await?,
+    );
+    tracing::info!(http = %common.gateway_listen, grpc = %common.gateway_grpc_listen, "gateway listening");
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut stopping = stopping.clone();
+        async move {
+            let _ = stopping.wait_for(|s| *s).await;
+        }
+    };
+    let token = common.auth_token.as_deref();
+    let router = gateway::router(Gateway::new(fleet.clone(), token));
+    let http = gateway::serve(http, router, stopped());
+    let grpc = grpc::serve(grpc, GrpcGateway::new(fleet), token, stopped());
+    let signal = async move {
+        stop_signal().await;
+        let _ = stop.send(true);
+    };
+    let (http, grpc, ()) = tokio::join!(http, grpc, signal);
+    http.context("the gateway's HTTP server")?;
+    grpc.context("the gateway's gRPC server")?;
     Ok(())
 }
 
 async fn run_gateway(g: GatewayOnly) -> anyhow::Result<()> {
     let fleet = Fleet::default();
     for backend in &g.backends {
-        let (name, url) = backend
+        let (name, address) = backend
             .split_once('=')
-            .with_context(|| format!("--backend {backend}: expected NAME=URL"))?;
+            .with_context(|| format!("--backend {backend}: expected NAME=URL[+GRPC_ADDR]"))?;
+        let (url, grpc) = match address.split_once('+') {
+            Some((url, grpc)) => (url, Some(grpc.to_owned())),
+            None => (address, None),
+        };
+        if let Some(grpc) = &grpc
+            && grpc.parse::<SocketAddr>().is_err()
+        {
+            anyhow::bail!("--backend {backend}: the gRPC address must be IP:PORT");
+        }
         let url = url.trim_end_matches('/');
         if !url.starts_with("http://") && !url.starts_with("https://") {
             anyhow::bail!("--backend {backend}: the URL must start with http:// or https://");
@@ -166,7 +211,7 @@ async fn run_gateway(g: GatewayOnly) -> anyhow::Result<()> {
                 http: url.to_owned(),
                 token: g.backend_token.clone(),
             },
-            grpc: None,
+            grpc,
             ready: true,
             draining: false,
             load: None,

@@ -1,0 +1,401 @@
+//! The gateway's gRPC side: `arl.v1.Sessions` for every session of the cluster, routed like
+//! the HTTP side. A create goes to the least-utilised manager that takes it (of the
+//! `arl-pool` metadata's pool, if sent); every other call goes to the manager its session id
+//! names. Streams pass through message by message. A session whose manager is gone answers
+//! `FAILED_PRECONDITION` (`session_gone`), as an ended session does on a manager.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use arl_proto::v1 as pb;
+use arl_proto::v1::sessions_client::SessionsClient;
+use arl_proto::v1::sessions_server::{Sessions, SessionsServer};
+use futures_util::Stream;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use crate::fleet::{Fleet, Member};
+use crate::gateway::owner;
+
+/// Largest gRPC message passed through (a manager's default body limit).
+const MAX_MESSAGE: usize = 16 << 20;
+/// Metadata key that limits a create to one WarmPool's pods.
+pub const POOL_METADATA: &str = "arl-pool";
+
+type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// `arl.v1.Sessions` over the fleet. Cheap to clone.
+#[derive(Clone)]
+pub struct GrpcGateway {
+    fleet: Fleet,
+    /// One lazily connected channel per manager address.
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl GrpcGateway {
+    pub fn new(fleet: Fleet) -> Self {
+        Self {
+            fleet,
+            channels: Arc::default(),
+        }
+    }
+
+    /// The service, behind a check of the gateway's bearer `token` when one is set.
+    pub fn server(
+        self,
+        token: Option<&str>,
+    ) -> tonic::service::interceptor::InterceptedService<
+        SessionsServer<GrpcGateway>,
+        impl tonic::service::Interceptor + Clone + use<>,
+    > {
+        let expected: Option<[u8; 32]> = token.map(|t| Sha256::digest(t.as_bytes()).into());
+        let server = SessionsServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        tonic::service::interceptor::InterceptedService::new(server, move |request: Request<()>| {
+            let Some(expected) = expected else {
+                return Ok(request);
+            };
+            let given = request
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(|t| Sha256::digest(t.as_bytes()));
+            match given {
+                Some(digest) if bool::from(digest.as_slice().ct_eq(&expected)) => Ok(request),
+                _ => Err(Status::unauthenticated(
+                    "send the gateway's token as `authorization: Bearer <token>` metadata",
+                )),
+            }
+        })
+    }
+
+    /// A client for `member`'s gRPC API.
+    fn client(&self, member: &Member) -> Result<SessionsClient<Channel>, Status> {
+        let addr = member.grpc.as_deref().ok_or_else(|| {
+            Status::unavailable(format!("manager {} has no gRPC address", member.name))
+        })?;
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        let channel = match channels.get(addr) {
+            Some(channel) => channel.clone(),
+            None => {
+                let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+                    .map_err(|e| Status::internal(format!("manager address {addr}: {e}")))?
+                    .connect_timeout(std::time::Duration::from_secs(2))
+                    .tcp_nodelay(true);
+                let channel = endpoint.connect_lazy();
+                channels.insert(addr.to_owned(), channel.clone());
+                channel
+            }
+        };
+        Ok(SessionsClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE))
+    }
+
+    /// `message` as a request to `member`, with its token.
+    fn to<T>(member: &Member, message: T) -> Result<Request<T>, Status> {
+        let mut request = Request::new(message);
+        if let Some(token) = &member.endpoint.token {
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| Status::internal("a manager token is not valid metadata"))?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
+
+    /// The manager that owns session `id`, and a client for it.
+    fn owner_of(&self, id: &str) -> Result<(Member, SessionsClient<Channel>), Status> {
+        let pod = owner(id).ok_or_else(|| {
+            Status::not_found(format!(
+                "`{id}` is not a session id this gateway handed out (`<pod>.<hex>`)"
+            ))
+        })?;
+        let member = self
+            .fleet
+            .get(pod)
+            .ok_or_else(|| gone(pod, id, "is gone"))?;
+        let client = self.client(&member)?;
+        Ok((member, client))
+    }
+}
+
+fn gone(pod: &str, id: &str, what: &str) -> Status {
+    Status::failed_precondition(format!(
+        "session_gone: pod {pod}, which held session {id}, {what}; its sessions are lost"
+    ))
+}
+
+/// A manager's answer, with a connection failure told as the loss of its sessions.
+fn relayed<T>(
+    result: Result<Response<T>, Status>,
+    member: &Member,
+    fleet: &Fleet,
+    id: &str,
+) -> Result<Response<T>, Status> {
+    match result {
+        Err(status) if unreachable(&status) => {
+            fleet.set_load(&member.name, None);
+            Err(gone(&member.name, id, "does not answer"))
+        }
+        other => other.map(|r| Response::new(r.into_inner())),
+    }
+}
+
+/// Whether `status` says the manager could not be reached (a transport error), rather than
+/// that it answered.
+fn unreachable(status: &Status) -> bool {
+    status.code() == Code::Unavailable && std::error::Error::source(status).is_some()
+}
+
+#[tonic::async_trait]
+impl Sessions for GrpcGateway {
+    async fn create_session(
+        &self,
+        request: Request<pb::CreateSessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
+        let pool = request
+            .metadata()
+            .get(POOL_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let message = request.into_inner();
+        let runtime = if message.runtime.is_empty() {
+            "python"
+        } else {
+            &message.runtime
+        };
+        let serves = |m: &Member| {
+            m.grpc.is_some()
+                && m.runtime.as_deref().is_none_or(|r| r == runtime)
+                && pool.as_deref().is_none_or(|p| p == m.pool)
+        };
+        let mut candidates = self.fleet.candidates(serves);
+        if candidates.is_empty() {
+            candidates = self.fleet.ranked(|m| m.serving() && serves(m));
+        }
+        if candidates.is_empty() {
+            return Err(if self.fleet.members().iter().any(serves) {
+                Status::resource_exhausted(
+                    "capacity_exhausted: every manager for this runtime is full or draining",
+                )
+            } else {
+                Status::unavailable(format!(
+                    "no_backends: no manager serves runtime `{runtime}`"
+                ))
+            });
+        }
+        let mut last = None;
+        for member in candidates {
+            let mut client = self.client(&member)?;
+            match client
+                .create_session(Self::to(&member, message.clone())?)
+                .await
+            {
+                Ok(created) => {
+                    self.fleet.note_placed(&member.name);
+                    return Ok(Response::new(created.into_inner()));
+                }
+                Err(status) if status.code() == Code::ResourceExhausted => {
+                    self.fleet.note_full(&member.name);
+                    last = Some(status);
+                }
+                Err(status) if status.code() == Code::Unavailable => {
+                    if unreachable(&status) {
+                        self.fleet.set_load(&member.name, None);
+                    }
+                    last = Some(status);
+                }
+                Err(status) => return Err(status),
+            }
+        }
+        Err(last.unwrap_or_else(|| Status::unavailable("no_backends: no manager answered")))
+    }
+
+    async fn get_session(
+        &self,
+        request: Request<pb::GetSessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
+        let message = request.into_inner();
+        let (member, mut client) = self.owner_of(&message.id)?;
+        let id = message.id.clone();
+        let result = client.get_session(Self::to(&member, message)?).await;
+        relayed(result, &member, &self.fleet, &id)
+    }
+
+    async fn list_sessions(
+        &self,
+        _: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        let members: Vec<Member> = self
+            .fleet
+            .members()
+            .into_iter()
+            .filter(|m| m.ready && m.grpc.is_some())
+            .collect();
+        let calls = members.iter().map(|m| async move {
+            let mut client = self.client(m)?;
+            client
+                .list_sessions(Self::to(m, pb::ListSessionsRequest {})?)
+                .await
+        });
+        let mut sessions = Vec::new();
+        for (member, listed) in members
+            .iter()
+            .zip(futures_util::future::join_all(calls).await)
+        {
+            match listed {
+                Ok(listed) => sessions.extend(listed.into_inner().sessions),
+                Err(e) => tracing::warn!(pod = %member.name, error = %e, "not listed"),
+            }
+        }
+        Ok(Response::new(pb::ListSessionsResponse { sessions }))
+    }
+
+    async fn delete_session(
+        &self,
+        request: Request<pb::DeleteSessionRequest>,
+    ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
+        let message = request.into_inner();
+        let (member, mut client) = self.owner_of(&message.id)?;
+        let id = message.id.clone();
+        let result = client.delete_session(Self::to(&member, message)?).await;
+        relayed(result, &member, &self.fleet, &id)
+    }
+
+    type ExecuteStream = EventStream<pb::ExecuteEvent>;
+
+    async fn execute(
+        &self,
+        request: Request<pb::ExecuteRequest>,
+    ) -> Result<Response<Self::ExecuteStream>, Status> {
+        let message = request.into_inner();
+        let (member, mut client) = self.owner_of(&message.session_id)?;
+        let id = message.session_id.clone();
+        let result = client.execute(Self::to(&member, message)?).await;
+        let events = relayed(result, &member, &self.fleet, &id)?.into_inner();
+        Ok(Response::new(Box::pin(events) as Self::ExecuteStream))
+    }
+
+    async fn write_file(
+        &self,
+        request: Request<Streaming<pb::WriteFileRequest>>,
+    ) -> Result<Response<pb::FileEntry>, Status> {
+        let mut incoming = request.into_inner();
+        let first = incoming.message().await?.ok_or_else(|| {
+            Status::invalid_argument("WriteFile needs a first message naming the session and path")
+        })?;
+        let id = first.session_id.clone();
+        let (member, mut client) = self.owner_of(&id)?;
+        // A client stream that breaks must not end the upload as if complete: it cancels the
+        // call instead, so the manager keeps no half-written file.
+        let (tx, rx) = tokio::sync::mpsc::channel::<pb::WriteFileRequest>(8);
+        let (broke, broken) = tokio::sync::oneshot::channel::<Status>();
+        tokio::spawn(async move {
+            if tx.send(first).await.is_err() {
+                return;
+            }
+            loop {
+                match incoming.message().await {
+                    Ok(Some(message)) => {
+                        if tx.send(message).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(status) => {
+                        let _ = broke.send(status);
+                        // The stream stays open until the call is dropped.
+                        tx.closed().await;
+                        return;
+                    }
+                }
+            }
+        });
+        let outgoing = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let call = client.write_file(Self::to(&member, outgoing)?);
+        tokio::select! {
+            result = call => relayed(result, &member, &self.fleet, &id),
+            Ok(status) = broken => Err(status),
+        }
+    }
+
+    type ReadFileStream = EventStream<pb::FileChunk>;
+
+    async fn read_file(
+        &self,
+        request: Request<pb::ReadFileRequest>,
+    ) -> Result<Response<Self::ReadFileStream>, Status> {
+        let message = request.into_inner();
+        let (member, mut client) = self.owner_of(&message.session_id)?;
+        let id = message.session_id.clone();
+        let result = client.read_file(Self::to(&member, message)?).await;
+        let chunks = relayed(result, &member, &self.fleet, &id)?.into_inner();
+        Ok(Response::new(Box::pin(chunks) as Self::ReadFileStream))
+    }
+
+    async fn list_files(
+        &self,
+        request: Request<pb::ListFilesRequest>,
+    ) -> Result<Response<pb::ListFilesResponse>, Status> {
+        let message = request.into_inner();
+        let (member, mut client) = self.owner_of(&message.session_id)?;
+        let id = message.session_id.clone();
+        let result = client.list_files(Self::to(&member, message)?).await;
+        relayed(result, &member, &self.fleet, &id)
+    }
+
+    async fn delete_file(
+        &self,
+        request: Request<pb::DeleteFileRequest>,
+    ) -> Result<Response<pb::DeleteFileResponse>, Status> {
+        let message = request.into_inner();
+        let (member, mut client) = self.owner_of(&message.session_id)?;
+        let id = message.session_id.clone();
+        let result = client.delete_file(Self::to(&member, message)?).await;
+        relayed(result, &member, &self.fleet, &id)
+    }
+
+    async fn get_load(&self, _: Request<pb::GetLoadRequest>) -> Result<Response<pb::Load>, Status> {
+        let total = self.fleet.total_load();
+        Ok(Response::new(pb::Load {
+            sessions: total.sessions,
+            capacity: total.capacity,
+            memory_bytes: total.memory_bytes,
+            draining: false,
+        }))
+    }
+
+    async fn drain(&self, _: Request<pb::DrainRequest>) -> Result<Response<pb::Load>, Status> {
+        Err(Status::unimplemented(
+            "the gateway does not drain: drain a manager itself, or scale its WarmPool down",
+        ))
+    }
+}
+
+/// Serves the gateway's `arl.v1.Sessions` and `grpc.health.v1.Health` on `listener` until
+/// `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    gateway: GrpcGateway,
+    token: Option<&str>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    for name in ["", "arl.v1.Sessions"] {
+        reporter
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(gateway.server(token))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}
