@@ -56,6 +56,10 @@ struct Common {
     /// Seconds between two reads of every manager's /v1/load.
     #[arg(long, env = "ARL_LOAD_INTERVAL_SECS", default_value_t = 3)]
     load_interval_secs: u64,
+    /// Seconds that open connections get to finish on SIGTERM or Ctrl-C before the gateway
+    /// exits anyway.
+    #[arg(long, env = "ARL_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    shutdown_grace_secs: u64,
     /// Log filter (tracing-subscriber syntax).
     #[arg(long, env = "ARL_LOG", default_value = "info")]
     log: String,
@@ -173,13 +177,19 @@ async fn serve_gateway(fleet: Fleet, common: &Common) -> anyhow::Result<()> {
     let router = gateway::router(Gateway::new(fleet.clone(), token));
     let http = gateway::serve(http, router, stopped());
     let grpc = grpc::serve(grpc, GrpcGateway::new(fleet), token, stopped());
-    let signal = async move {
+    let grace = Duration::from_secs(common.shutdown_grace_secs);
+    let deadline = async move {
         stop_signal().await;
         let _ = stop.send(true);
+        tokio::time::sleep(grace).await;
     };
-    let (http, grpc, ()) = tokio::join!(http, grpc, signal);
-    http.context("the gateway's HTTP server")?;
-    grpc.context("the gateway's gRPC server")?;
+    tokio::select! {
+        (http, grpc) = async { tokio::join!(http, grpc) } => {
+            http.context("the gateway's HTTP server")?;
+            grpc.context("the gateway's gRPC server")?;
+        }
+        () = deadline => tracing::warn!(?grace, "connections still open after the grace period; exiting"),
+    }
     Ok(())
 }
 
