@@ -18,6 +18,6 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/arl-operator /usr/local/bin/arl-operator
 USER 65532:65532
-EXPOSE 8080
+EXPOSE 8080 50051
 ENTRYPOINT ["arl-operator"]
 CMD ["run"]
