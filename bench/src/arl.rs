@@ -88,13 +88,42 @@ impl Sandboxes for Manager {
     }
 }
 
+/// `name` next to this binary.
+fn sibling(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    Ok(std::env::current_exe()?
+        .parent()
+        .context("this binary has no folder")?
+        .join(name))
+}
+
+/// The server at `base`, once its /readyz answers 200.
+async fn ready(child: Child, base: String) -> anyhow::Result<Manager> {
+    let manager = Manager {
+        child,
+        base,
+        client: reqwest::Client::builder().tcp_nodelay(true).build()?,
+    };
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        let ready = manager
+            .client
+            .get(format!("{}/readyz", manager.base))
+            .send()
+            .await;
+        if ready.is_ok_and(|r| r.status().is_success()) {
+            return Ok(manager);
+        }
+        if Instant::now() > deadline {
+            bail!("{} was not ready within 15 minutes", manager.base);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn start(bench: &Bench) -> anyhow::Result<Manager> {
     let binary = match &bench.manager {
         Some(path) => path.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("this binary has no folder")?
-            .join("arl-manager"),
+        None => sibling("arl-manager")?,
     };
     let mut command = Command::new(&binary);
     command
@@ -109,6 +138,13 @@ async fn start(bench: &Bench) -> anyhow::Result<Manager> {
         .arg(bench.cache_dir())
         .arg("--log")
         .arg("warn")
+        .args(
+            bench
+                .gateway
+                .then_some(["--id-prefix", GATEWAY_PREFIX])
+                .into_iter()
+                .flatten(),
+        )
         .args(&bench.manager_args)
         .stdout(Stdio::null());
     let child = command.spawn().with_context(|| {
@@ -117,27 +153,85 @@ async fn start(bench: &Bench) -> anyhow::Result<Manager> {
             binary.display()
         )
     })?;
-    let manager = Manager {
-        child,
-        base: format!("http://127.0.0.1:{}", bench.port),
-        client: reqwest::Client::builder().tcp_nodelay(true).build()?,
-    };
-    let deadline = Instant::now() + Duration::from_secs(900);
-    loop {
-        let ready = manager
-            .client
-            .get(format!("{}/readyz", manager.base))
-            .send()
-            .await;
-        if ready.is_ok_and(|r| r.status().is_success()) {
-            // Let the warm pool fill, as it would have in a pod that has been up for a second.
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            return Ok(manager);
+    let manager = ready(child, format!("http://127.0.0.1:{}", bench.port)).await?;
+    // Let the warm pool fill, as it would have in a pod that has been up for a second.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(manager)
+}
+
+/// `arl-operator gateway` in front of the manager on `bench.port`, on the two ports after.
+async fn start_gateway(bench: &Bench) -> anyhow::Result<Manager> {
+    let binary = sibling("arl-operator")?;
+    let backend = format!(
+        "{GATEWAY_PREFIX}=http://127.0.0.1:{}+127.0.0.1:{}",
+        bench.port,
+        bench.port + 1
+    );
+    let child = Command::new(&binary)
+        .args(["gateway", "--backend", &backend, "--log", "warn"])
+        .arg("--gateway-listen")
+        .arg(format!("127.0.0.1:{}", bench.port + 2))
+        .arg("--gateway-grpc-listen")
+        .arg(format!("127.0.0.1:{}", bench.port + 3))
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| {
+            format!(
+                "starting {} (build it with cargo build --release -p arl-operator)",
+                binary.display()
+            )
+        })?;
+    ready(child, format!("http://127.0.0.1:{}", bench.port + 2)).await
+}
+
+/// The manager's id prefix with `--gateway`: the gateway routes by it.
+const GATEWAY_PREFIX: &str = "bench";
+
+/// The common figures and a gRPC execute, through the gateway.
+async fn through_gateway(bench: &Bench) -> anyhow::Result<Figures> {
+    let gateway = start_gateway(bench).await?;
+    header(&format!(
+        "ARL through arl-operator gateway on {}",
+        gateway.base
+    ));
+    let mut figures = common(&gateway, bench.iterations, bench.clients, bench.seconds).await?;
+    let mut id = gateway.create().await?;
+    gateway.execute(&mut id, "x = 1").await?;
+    let grpc_url = format!("http://127.0.0.1:{}", bench.port + 3);
+    let mut grpc = SessionsClient::connect(grpc_url).await?;
+    let mut samples = Vec::with_capacity(bench.iterations);
+    for _ in 0..bench.iterations {
+        let t = Instant::now();
+        let result = grpc_execute(&mut grpc, &id, "x + 1").await?;
+        samples.push(t.elapsed());
+        if result.as_deref() != Some("2") {
+            bail!("gRPC x + 1 through the gateway answered {result:?}");
         }
-        if Instant::now() > deadline {
-            bail!("the manager was not ready within 15 minutes");
+    }
+    figures.latency("gRPC execute x + 1", &mut samples);
+    gateway.delete(id).await?;
+    Ok(figures)
+}
+
+/// What the gateway adds to each figure both runs have.
+fn gateway_cost(direct: &Figures, gateway: &Figures) {
+    println!(
+        "
+The gateway's extra hop (p50 through it minus p50 direct)"
+    );
+    for (name, through) in &gateway.rows {
+        let Some((_, direct)) = direct.rows.iter().find(|(n, _)| n == name) else {
+            continue;
+        };
+        match (direct, through) {
+            (Figure::Latency { p50_ms: d, .. }, Figure::Latency { p50_ms: g, .. }) => {
+                println!("{name:<40} {:>+10.3} ms", g - d);
+            }
+            (Figure::PerSecond(d), Figure::PerSecond(g)) => {
+                println!("{name:<40} {:>10.0} /s of {d:.0} /s", g);
+            }
+            _ => {}
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -211,6 +305,11 @@ pub async fn run(bench: &Bench) -> anyhow::Result<Figures> {
     figures.latency("upload 10 MiB", &mut up);
     figures.latency("download 10 MiB", &mut down);
     manager.delete(id).await?;
+
+    if bench.gateway {
+        let through = through_gateway(bench).await?;
+        gateway_cost(&figures, &through);
+    }
 
     tokio::time::sleep(Duration::from_millis(500)).await;
     let pid = manager.child.id();

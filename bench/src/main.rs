@@ -1,10 +1,12 @@
 //! `arl-bench`: starts a real `arl-manager` and prints latency, throughput and density
 //! figures, measured over HTTP (and gRPC) on loopback the way a client sees them. With
 //! `--jupyter` it runs the same measurements against Jupyter Kernel Gateway on this machine
-//! and prints the ratios.
+//! and prints the ratios; with `--gateway`, again through `arl-operator gateway` in front of
+//! the same manager, to show what the cluster's extra hop costs.
 //!
 //! ```text
-//! cargo build --release -p arl-manager -p arl-bench && ./target/release/arl-bench [--jupyter]
+//! cargo build --release -p arl-manager -p arl-operator -p arl-bench
+//! ./target/release/arl-bench [--jupyter] [--gateway]
 //! ```
 #![forbid(unsafe_code)]
 
@@ -42,6 +44,10 @@ pub struct Bench {
     /// Also measure Jupyter Kernel Gateway (installed with pip into the cache on first use).
     #[arg(long)]
     jupyter: bool,
+    /// Also measure through the gateway (`arl-operator gateway` next to this binary, in
+    /// front of the same manager; build it with `cargo build --release -p arl-operator`).
+    #[arg(long)]
+    gateway: bool,
     /// Kernels held open for Jupyter's memory figure.
     #[arg(long, default_value_t = 20)]
     kernels: usize,

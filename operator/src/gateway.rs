@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Body;
+use axum::body::{Body, Bytes, HttpBody as _};
 use axum::extract::{Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -23,6 +23,8 @@ use subtle::ConstantTimeEq;
 
 use crate::fleet::{Fleet, Member};
 
+/// Request bodies of at most this many bytes are read whole before they are forwarded.
+const WHOLE_BODY: u64 = 64 << 10;
 /// Largest create body the gateway reads (it must look at `runtime`).
 const CREATE_BODY_LIMIT: usize = 1 << 20;
 /// Headers passed from client to manager and back.
@@ -253,7 +255,7 @@ async fn create(
             Method::POST,
             "/v1/sessions",
             &headers,
-            Body::from(body.clone()),
+            Payload::Whole(body.clone()),
         )
         .await
         {
@@ -265,7 +267,7 @@ async fn create(
                 if response.status() == StatusCode::CREATED {
                     gateway.fleet.note_placed(&member.name);
                 }
-                return relay(response);
+                return relay(response).await;
             }
             Err(e) => {
                 tracing::warn!(pod = %member.name, error = %e, "manager unreachable; trying the next");
@@ -274,7 +276,7 @@ async fn create(
         }
     }
     match last {
-        Some(response) => relay(response),
+        Some(response) => relay(response).await,
         None => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "no_backends",
@@ -298,7 +300,7 @@ async fn list(State(gateway): State<Gateway>, headers: HeaderMap) -> Response {
             Method::GET,
             "/v1/sessions",
             &headers,
-            Body::empty(),
+            Payload::Whole(Bytes::new()),
         )
     });
     let mut sessions = Vec::new();
@@ -354,17 +356,32 @@ async fn forward(State(gateway): State<Gateway>, request: Request) -> Response {
         .path_and_query()
         .map_or(path.clone(), |p| p.to_string());
     let (parts, body) = request.into_parts();
+    // A small body of known length goes whole, in one write with its Content-Length; others
+    // (uploads) stream through.
+    let payload = match body.size_hint().exact() {
+        Some(n) if n <= WHOLE_BODY => match axum::body::to_bytes(body, WHOLE_BODY as usize).await {
+            Ok(bytes) => Payload::Whole(bytes),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "body_unreadable",
+                    format!("reading the request body: {e}"),
+                );
+            }
+        },
+        _ => Payload::Stream(body),
+    };
     match send(
         &gateway,
         &member,
         parts.method,
         &path_and_query,
         &parts.headers,
-        body,
+        payload,
     )
     .await
     {
-        Ok(response) => relay(response),
+        Ok(response) => relay(response).await,
         Err(e) if e.is_connect() => {
             gateway.fleet.set_load(&member.name, None);
             error(
@@ -383,18 +400,30 @@ async fn forward(State(gateway): State<Gateway>, request: Request) -> Response {
     }
 }
 
+/// A request body for a manager.
+enum Payload {
+    /// Read already: sent with its length.
+    Whole(Bytes),
+    /// Passed through as it arrives.
+    Stream(Body),
+}
+
 async fn send(
     gateway: &Gateway,
     member: &Member,
     method: Method,
     path_and_query: &str,
     headers: &HeaderMap,
-    body: Body,
+    payload: Payload,
 ) -> reqwest::Result<reqwest::Response> {
+    let body = match payload {
+        Payload::Whole(bytes) => reqwest::Body::from(bytes),
+        Payload::Stream(body) => reqwest::Body::wrap_stream(body.into_data_stream()),
+    };
     let mut request = gateway
         .http
         .request(method, format!("{}{path_and_query}", member.endpoint.http))
-        .body(reqwest::Body::wrap_stream(body.into_data_stream()));
+        .body(body);
     for name in PASSED {
         if let Some(value) = headers.get(&name) {
             request = request.header(name, value);
@@ -406,15 +435,28 @@ async fn send(
     request.send().await
 }
 
-/// The manager's response, streamed back as it comes.
-fn relay(response: reqwest::Response) -> Response {
+/// The manager's response, passed back.
+async fn relay(response: reqwest::Response) -> Response {
     let mut out = Response::builder().status(response.status().as_u16());
     for name in PASSED {
         if let Some(value) = response.headers().get(&name) {
             out = out.header(name, value);
         }
     }
-    let body = Body::from_stream(response.bytes_stream());
+    // A small answer of known length goes back whole; streams (SSE, downloads) as they come.
+    let body = match response.content_length() {
+        Some(n) if n <= WHOLE_BODY => match response.bytes().await {
+            Ok(bytes) => Body::from(bytes),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    "bad_gateway",
+                    format!("reading the manager's answer: {e}"),
+                );
+            }
+        },
+        _ => Body::from_stream(response.bytes_stream()),
+    };
     out.body(body).unwrap_or_else(|_| {
         error(
             StatusCode::BAD_GATEWAY,
