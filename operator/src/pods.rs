@@ -230,3 +230,138 @@ pub fn manager_pod(pool: &WarmPool, default_image: &str) -> Pod {
         ..Pod::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // tests
+    use super::*;
+    use crate::fleet::{DRAINING_ANNOTATION, Member};
+    use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
+    use serde_json::json;
+
+    fn pool(spec: serde_json::Value) -> WarmPool {
+        serde_json::from_value(json!({
+            "apiVersion": "arl.infra.io/v1alpha1",
+            "kind": "WarmPool",
+            "metadata": { "name": "py", "namespace": "agents", "uid": "u-1" },
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    fn key() -> TokenKey {
+        TokenKey::new(b"sixteen bytes at least".to_vec()).unwrap()
+    }
+
+    /// `pod` as the API server names and the kubelet runs it, at `ip`.
+    fn running(mut pod: Pod, ip: &str) -> Pod {
+        pod.metadata.name = Some("py-x7k2q".into());
+        pod.status = Some(PodStatus {
+            phase: Some("Running".into()),
+            pod_ip: Some(ip.into()),
+            conditions: Some(vec![PodCondition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                ..PodCondition::default()
+            }]),
+            ..PodStatus::default()
+        });
+        pod
+    }
+
+    #[test]
+    fn template_overrides_reach_the_pod() {
+        let p = pool(json!({
+            "runtime": { "wasm": "python" },
+            "sessionsPerPod": 64,
+            "template": {
+                "image": "registry.local/arl-manager:dev",
+                "resources": { "limits": { "memory": "8Gi" } },
+                "nodeSelector": { "pool": "sandboxes" },
+                "tolerations": [{ "key": "sandbox", "operator": "Exists", "effect": "NoSchedule" }],
+                "runtimeClassName": "gvisor",
+            },
+        }));
+        let pod = manager_pod(&p, "default-image");
+        let spec = pod.spec.as_ref().unwrap();
+        let manager = &spec.containers[0];
+        assert_eq!(
+            manager.image.as_deref(),
+            Some("registry.local/arl-manager:dev")
+        );
+        let limits = manager.resources.as_ref().unwrap().limits.as_ref().unwrap();
+        assert_eq!(limits["memory"].0, "8Gi");
+        assert_eq!(spec.node_selector.as_ref().unwrap()["pool"], "sandboxes");
+        assert_eq!(
+            spec.tolerations.as_ref().unwrap()[0].key.as_deref(),
+            Some("sandbox")
+        );
+        assert_eq!(spec.runtime_class_name.as_deref(), Some("gvisor"));
+        assert_eq!(spec.containers.len(), 1);
+        let owner = &pod.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+            ("WarmPool", "u-1", Some(true))
+        );
+    }
+
+    #[test]
+    fn a_container_runtime_runs_beside_the_manager_sharing_the_workspace() {
+        let p = pool(json!({
+            "runtime": { "container": { "image": "node:22-slim", "command": ["node", "server.js"] } },
+        }));
+        let pod = manager_pod(&p, "arl-manager:1");
+        let containers = &pod.spec.as_ref().unwrap().containers;
+        assert_eq!(containers.len(), 2);
+        assert_eq!(containers[0].name, "manager");
+        assert_eq!(containers[0].image.as_deref(), Some("arl-manager:1"));
+        let runtime = &containers[1];
+        assert_eq!(runtime.image.as_deref(), Some("node:22-slim"));
+        assert_eq!(
+            runtime.command.as_deref(),
+            Some(&["node".to_owned(), "server.js".to_owned()][..])
+        );
+        let mount = &runtime.volume_mounts.as_ref().unwrap()[0];
+        assert_eq!(
+            (mount.name.as_str(), mount.mount_path.as_str()),
+            ("data", "/workspace")
+        );
+    }
+
+    #[test]
+    fn a_running_pool_pod_becomes_a_fleet_member_the_gateway_can_reach() {
+        let p = pool(json!({ "runtime": { "wasm": "python" } }));
+        let pod = running(manager_pod(&p, "img"), "10.1.2.3");
+        let member = Member::from_pod(&pod, &key()).unwrap();
+        assert_eq!(member.name, "py-x7k2q");
+        assert_eq!(
+            (member.namespace.as_str(), member.pool.as_str()),
+            ("agents", "py")
+        );
+        assert_eq!(member.runtime.as_deref(), Some("python"));
+        assert_eq!(member.endpoint.http, "http://10.1.2.3:8080");
+        assert_eq!(member.grpc.as_deref(), Some("10.1.2.3:50051"));
+        assert_eq!(
+            member.endpoint.token,
+            Some(key().pool_token("agents", "py"))
+        );
+        assert!(member.ready && !member.draining);
+
+        let mut v6 = running(manager_pod(&p, "img"), "fd00::7");
+        v6.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(DRAINING_ANNOTATION.into(), "2026-12-01T00:00:00Z".into());
+        let member = Member::from_pod(&v6, &key()).unwrap();
+        assert_eq!(member.endpoint.http, "http://[fd00::7]:8080");
+        assert!(member.draining, "a draining pod takes no new sessions");
+
+        let mut pending = manager_pod(&p, "img");
+        pending.metadata.name = Some("py-new".into());
+        assert!(
+            Member::from_pod(&pending, &key()).is_none(),
+            "no IP yet, nothing to reach"
+        );
+    }
+}
