@@ -108,6 +108,15 @@ impl Member {
     }
 }
 
+/// Why a new session has nowhere to go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unplaced {
+    /// Managers serve the runtime, but every one is full or draining.
+    Full,
+    /// No manager serves it.
+    NoBackends,
+}
+
 /// The shared map of members by pod name. Cheap to clone.
 #[derive(Clone, Default, Debug)]
 pub struct Fleet {
@@ -174,6 +183,34 @@ impl Fleet {
             && let Some((load, _)) = m.load.as_mut()
         {
             load.sessions = load.sessions.max(load.capacity);
+        }
+    }
+
+    /// Where a new session of `runtime` (in WarmPool `pool`, if given) may go, least utilised
+    /// first, among the members `also` accepts. When every load says full, the serving
+    /// members are still offered: loads are a few seconds old and placements since are
+    /// estimates, so the managers themselves say whether they are full.
+    pub fn place(
+        &self,
+        runtime: &str,
+        pool: Option<&str>,
+        also: impl Fn(&Member) -> bool,
+    ) -> Result<Vec<Member>, Unplaced> {
+        let serves = |m: &Member| {
+            m.runtime.as_deref().is_none_or(|r| r == runtime)
+                && pool.is_none_or(|p| p == m.pool)
+                && also(m)
+        };
+        let mut found = self.candidates(serves);
+        if found.is_empty() {
+            found = self.ranked(|m| m.serving() && serves(m));
+        }
+        if !found.is_empty() {
+            Ok(found)
+        } else if self.read().values().any(serves) {
+            Err(Unplaced::Full)
+        } else {
+            Err(Unplaced::NoBackends)
         }
     }
 

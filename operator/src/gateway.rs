@@ -18,10 +18,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
-use crate::fleet::{Fleet, Member};
+use crate::fleet::{Fleet, Member, Unplaced};
+use crate::token::ClientToken;
 
 /// Request bodies of at most this many bytes are read whole before they are forwarded.
 const WHOLE_BODY: u64 = 64 << 10;
@@ -41,7 +40,7 @@ const PASSED: [header::HeaderName; 5] = [
 pub struct Gateway {
     fleet: Fleet,
     http: reqwest::Client,
-    token: Option<[u8; 32]>,
+    token: Option<ClientToken>,
 }
 
 impl Gateway {
@@ -56,7 +55,7 @@ impl Gateway {
         Self {
             fleet,
             http,
-            token: token.map(|t| Sha256::digest(t.as_bytes()).into()),
+            token: token.map(ClientToken::new),
         }
     }
 }
@@ -104,29 +103,22 @@ pub async fn serve(
 }
 
 async fn authenticate(State(gateway): State<Gateway>, request: Request, next: Next) -> Response {
-    let Some(expected) = gateway.token else {
-        return next.run(request).await;
-    };
     let given = request
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| Sha256::digest(t.as_bytes()));
-    match given {
-        Some(digest) if bool::from(digest.as_slice().ct_eq(&expected)) => next.run(request).await,
-        _ => {
-            let mut response = error(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "send the gateway's token as `Authorization: Bearer <token>`",
-            );
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            response
-        }
+        .map(HeaderValue::as_bytes);
+    if gateway.token.is_none_or(|token| token.allows(given)) {
+        return next.run(request).await;
     }
+    let mut response = error(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "send the gateway's token as `Authorization: Bearer <token>`",
+    );
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
 }
 
 async fn ready(State(gateway): State<Gateway>) -> Response {
@@ -218,19 +210,12 @@ async fn create(
             }
         }
     };
-    let serves = |m: &Member| {
-        m.runtime.as_deref().is_none_or(|r| r == runtime)
-            && placement.pool.as_deref().is_none_or(|p| p == m.pool)
-    };
-    let mut candidates = gateway.fleet.candidates(serves);
-    if candidates.is_empty() {
-        // Loads are a few seconds old and placements since are estimates: before refusing,
-        // let the managers themselves say whether they are full.
-        candidates = gateway.fleet.ranked(|m| m.serving() && serves(m));
-    }
-    if candidates.is_empty() {
-        let known = gateway.fleet.members().iter().any(serves);
-        return if known {
+    let candidates = match gateway
+        .fleet
+        .place(&runtime, placement.pool.as_deref(), |_| true)
+    {
+        Ok(candidates) => candidates,
+        Err(Unplaced::Full) => {
             let mut r = error(
                 StatusCode::TOO_MANY_REQUESTS,
                 "capacity_exhausted",
@@ -238,15 +223,16 @@ async fn create(
             );
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            r
-        } else {
-            error(
+            return r;
+        }
+        Err(Unplaced::NoBackends) => {
+            return error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no_backends",
                 format!("no manager serves runtime `{runtime}`"),
-            )
-        };
-    }
+            );
+        }
+    };
     let mut last = None;
     for member in candidates {
         match send(

@@ -12,13 +12,12 @@ use arl_proto::v1 as pb;
 use arl_proto::v1::sessions_client::SessionsClient;
 use arl_proto::v1::sessions_server::{Sessions, SessionsServer};
 use futures_util::Stream;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use crate::fleet::{Fleet, Member};
+use crate::fleet::{Fleet, Member, Unplaced};
 use crate::gateway::owner;
+use crate::token::ClientToken;
 
 /// Largest gRPC message passed through (a manager's default body limit).
 const MAX_MESSAGE: usize = 16 << 20;
@@ -51,25 +50,21 @@ impl GrpcGateway {
         SessionsServer<GrpcGateway>,
         impl tonic::service::Interceptor + Clone + use<>,
     > {
-        let expected: Option<[u8; 32]> = token.map(|t| Sha256::digest(t.as_bytes()).into());
+        let expected = token.map(ClientToken::new);
         let server = SessionsServer::new(self)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
         tonic::service::interceptor::InterceptedService::new(server, move |request: Request<()>| {
-            let Some(expected) = expected else {
-                return Ok(request);
-            };
             let given = request
                 .metadata()
                 .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .map(|t| Sha256::digest(t.as_bytes()));
-            match given {
-                Some(digest) if bool::from(digest.as_slice().ct_eq(&expected)) => Ok(request),
-                _ => Err(Status::unauthenticated(
+                .map(|v| v.as_bytes());
+            if expected.is_none_or(|token| token.allows(given)) {
+                Ok(request)
+            } else {
+                Err(Status::unauthenticated(
                     "send the gateway's token as `authorization: Bearer <token>` metadata",
-                )),
+                ))
             }
         })
     }
@@ -170,26 +165,22 @@ impl Sessions for GrpcGateway {
         } else {
             &message.runtime
         };
-        let serves = |m: &Member| {
-            m.grpc.is_some()
-                && m.runtime.as_deref().is_none_or(|r| r == runtime)
-                && pool.as_deref().is_none_or(|p| p == m.pool)
-        };
-        let mut candidates = self.fleet.candidates(serves);
-        if candidates.is_empty() {
-            candidates = self.fleet.ranked(|m| m.serving() && serves(m));
-        }
-        if candidates.is_empty() {
-            return Err(if self.fleet.members().iter().any(serves) {
-                Status::resource_exhausted(
+        let candidates = match self
+            .fleet
+            .place(runtime, pool.as_deref(), |m| m.grpc.is_some())
+        {
+            Ok(candidates) => candidates,
+            Err(Unplaced::Full) => {
+                return Err(Status::resource_exhausted(
                     "capacity_exhausted: every manager for this runtime is full or draining",
-                )
-            } else {
-                Status::unavailable(format!(
-                    "no_backends: no manager serves runtime `{runtime}`"
-                ))
-            });
-        }
+                ));
+            }
+            Err(Unplaced::NoBackends) => {
+                return Err(Status::unavailable(format!(
+                    "no_backends: no manager serves runtime `{runtime}` over gRPC"
+                )));
+            }
+        };
         let mut last = None;
         for member in candidates {
             let mut client = self.client(&member)?;
