@@ -689,3 +689,45 @@ async fn a_sandbox_whose_pod_disappears_fails_with_a_reason() {
     .await;
     assert_eq!(action, Action::await_change());
 }
+
+#[tokio::test]
+async fn a_sandbox_whose_session_ended_on_its_own_is_terminated() {
+    let manager = manager("pod-idle");
+    // Its idle timeout ends it, on the manager's own.
+    let id = manager
+        .create(json!({ "runtime": "counter", "idle_ttl_secs": 1 }))
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while manager.get(&format!("/v1/sessions/{id}")).await.0 != 410 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle session never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let fleet = Fleet::default();
+    fleet.upsert(member("pod-idle", &manager.base, 0, 10));
+    let (ctx, mut server) = context(fleet);
+    let status = json!({ "phase": "Ready", "podName": "pod-idle", "sessionID": id });
+    let sandbox = a_sandbox(&["arl.infra.io/session"], Some(status), false);
+    let reply = serde_json::to_value(&sandbox).unwrap();
+    let action = run(sandbox::reconcile(Arc::new(sandbox), ctx), async move {
+        let hour = Duration::from_secs(3600);
+        server
+            .expect(Method::GET, &format!("{PODS}/pod-idle"))
+            .await
+            .ok(pod("pod-idle", hour, None));
+        let call = server
+            .expect(Method::PATCH, &format!("{SANDBOX}/status"))
+            .await;
+        let status = &call.body["status"];
+        assert_eq!(status["phase"], "Terminated");
+        assert_eq!(status["reason"], "SessionEnded");
+        assert_eq!(status["podName"], "pod-idle");
+        assert_eq!(status["conditions"][0]["status"], "False");
+        call.ok(reply);
+        server.done().await;
+    })
+    .await;
+    assert_eq!(action, Action::await_change());
+}
