@@ -19,6 +19,10 @@ use crate::fleet::{DRAINING_ANNOTATION, draining_since};
 use crate::pods::{manager_pod, selector, token_secret, token_secret_name};
 use crate::{Context, Error, Result, rfc3339};
 
+/// `status.lastScaleUpNeed` moves at most this often, so that a steady pool's status does not
+/// change (and cost a write) at every reconcile.
+const NEED_STEP: Duration = Duration::from_secs(30);
+
 /// Field manager of everything the operator applies.
 pub const MANAGER: &str = "arl-operator";
 
@@ -83,13 +87,18 @@ pub async fn reconcile(pool: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Action>
     let views: Vec<PodView> = observed.iter().map(|p| view(p, &ctx)).collect();
 
     let now = SystemTime::now();
-    let needed_at = pool
+    let stored = pool
         .status
         .as_ref()
         .and_then(|s| s.last_scale_up_need.as_deref())
         .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
         .map(SystemTime::from);
-    let plan = autoscale::plan(&pool.spec, &views, now, needed_at);
+    // The delay counts from the stored time plus the step it may lag by: never early.
+    let plan = autoscale::plan(&pool.spec, &views, now, stored.map(|t| t + NEED_STEP));
+    let needed_at = match stored {
+        Some(t) if plan.needed_at != now || now < t + NEED_STEP => t,
+        _ => now,
+    };
 
     for _ in 0..plan.create {
         let pod = pods
@@ -114,7 +123,11 @@ pub async fn reconcile(pool: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Action>
         }
     }
 
-    let status = status(&pool, &views, &plan, &ctx, now);
+    let status = status(&pool, &views, &plan, &ctx, now, needed_at);
+    if pool.status.as_ref() == Some(&status) {
+        // A steady pool costs the API server no write.
+        return Ok(Action::requeue(ctx.interval));
+    }
     let pools: Api<WarmPool> = Api::namespaced(ctx.client.clone(), &namespace);
     let patch = json!({
         "apiVersion": WarmPool::api_version(&()),
@@ -150,13 +163,15 @@ async fn set_draining(
     Ok(())
 }
 
-/// The status after `plan` is applied to what was observed.
+/// The status after `plan` is applied to what was observed; the load last needed every
+/// serving pod at `needed_at`.
 fn status(
     pool: &WarmPool,
     views: &[PodView],
     plan: &autoscale::Plan,
     ctx: &Context,
     now: SystemTime,
+    needed_at: SystemTime,
 ) -> WarmPoolStatus {
     let gone = |v: &&PodView| v.failed || plan.delete.contains(&v.name);
     let serving = |v: &&PodView| {
@@ -240,7 +255,7 @@ fn status(
             condition(previous, "Ready", ready_condition, generation, now),
             condition(previous, "Scaling", scaling, generation, now),
         ],
-        last_scale_up_need: Some(rfc3339(plan.needed_at)),
+        last_scale_up_need: Some(rfc3339(needed_at)),
     }
 }
 

@@ -354,6 +354,38 @@ async fn status_reports_sessions_and_capacity_from_the_pods_loads() {
 }
 
 #[tokio::test]
+async fn a_steady_pool_writes_no_status() {
+    let spec = json!({ "runtime": { "wasm": "counter" }, "replicas": 2, "sessionsPerPod": 100 });
+    let fleet = Fleet::default();
+    fleet.upsert(member("counter-a", "http://127.0.0.1:1", 30, 100));
+    fleet.upsert(member("counter-b", "http://127.0.0.1:1", 12, 100));
+    let hour = Duration::from_secs(3600);
+    let pods = move || vec![pod("counter-a", hour, None), pod("counter-b", hour, None)];
+    // The first reconcile writes the status...
+    let (ctx, mut server) = context(fleet.clone());
+    let (written_tx, written_rx) = tokio::sync::oneshot::channel();
+    let first = warm_pool(spec.clone(), None);
+    run(pool::reconcile(Arc::new(first), ctx), async move {
+        expect_token_secret(&mut server).await;
+        expect_pod_list(&mut server, pods()).await;
+        written_tx
+            .send(expect_pool_status(&mut server).await)
+            .unwrap();
+        server.done().await;
+    })
+    .await;
+    // ...and the next, seeing the same pods and loads, has nothing to write.
+    let steady = warm_pool(spec, Some(written_rx.await.unwrap()));
+    let (ctx, mut server) = context(fleet);
+    run(pool::reconcile(Arc::new(steady), ctx), async move {
+        expect_token_secret(&mut server).await;
+        expect_pod_list(&mut server, pods()).await;
+        server.done().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn load_beyond_the_pods_scales_up_at_once() {
     // 150 sessions + 16 headroom over 100 * 0.7 per pod: 3 pods.
     let pool = warm_pool(
