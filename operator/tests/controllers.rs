@@ -202,6 +202,7 @@ fn member(name: &str, url: &str, sessions: u64, capacity: u64) -> Member {
     }
 }
 
+const HOUR: Duration = Duration::from_secs(3600);
 const SECRET: &str = "/api/v1/namespaces/agents/secrets/counter-manager-token";
 const PODS: &str = "/api/v1/namespaces/agents/pods";
 const POOL_STATUS: &str = "/apis/arl.infra.io/v1alpha1/namespaces/agents/warmpools/counter/status";
@@ -226,6 +227,18 @@ async fn expect_token_secret(server: &mut ApiServer) {
     );
     let body = call.body.clone();
     call.ok(body);
+}
+
+/// What every pool reconcile starts with: the token Secret applied, then the pool's pods
+/// listed (answered with `pods`).
+async fn expect_pool_read(server: &mut ApiServer, pods: Vec<Value>) {
+    expect_token_secret(server).await;
+    expect_pod_list(server, pods).await;
+}
+
+/// Running, Ready pods of the pool, an hour old and serving.
+fn ready_pods(names: &[&str]) -> Vec<Value> {
+    names.iter().map(|name| pod(name, HOUR, None)).collect()
 }
 
 async fn expect_pod_list(server: &mut ApiServer, pods: Vec<Value>) {
@@ -274,8 +287,7 @@ async fn an_empty_pool_gets_its_token_and_its_minimum_of_pods() {
     );
     let (ctx, mut server) = context(Fleet::default());
     let action = run(pool::reconcile(Arc::new(pool), ctx), async move {
-        expect_token_secret(&mut server).await;
-        expect_pod_list(&mut server, vec![]).await;
+        expect_pool_read(&mut server, vec![]).await;
         for n in 0..2 {
             let call = server.expect(Method::POST, PODS).await;
             let pod = &call.body;
@@ -333,13 +345,7 @@ async fn status_reports_sessions_and_capacity_from_the_pods_loads() {
     fleet.upsert(member("counter-b", "http://127.0.0.1:1", 12, 100));
     let (ctx, mut server) = context(fleet);
     run(pool::reconcile(Arc::new(pool), ctx), async move {
-        expect_token_secret(&mut server).await;
-        let hour = Duration::from_secs(3600);
-        expect_pod_list(
-            &mut server,
-            vec![pod("counter-a", hour, None), pod("counter-b", hour, None)],
-        )
-        .await;
+        expect_pool_read(&mut server, ready_pods(&["counter-a", "counter-b"])).await;
         let status = expect_pool_status(&mut server).await;
         assert_eq!(status["replicas"], 2);
         assert_eq!(status["readyReplicas"], 2);
@@ -359,15 +365,13 @@ async fn a_steady_pool_writes_no_status() {
     let fleet = Fleet::default();
     fleet.upsert(member("counter-a", "http://127.0.0.1:1", 30, 100));
     fleet.upsert(member("counter-b", "http://127.0.0.1:1", 12, 100));
-    let hour = Duration::from_secs(3600);
-    let pods = move || vec![pod("counter-a", hour, None), pod("counter-b", hour, None)];
+    let pods = || ready_pods(&["counter-a", "counter-b"]);
     // The first reconcile writes the status...
     let (ctx, mut server) = context(fleet.clone());
     let (written_tx, written_rx) = tokio::sync::oneshot::channel();
     let first = warm_pool(spec.clone(), None);
     run(pool::reconcile(Arc::new(first), ctx), async move {
-        expect_token_secret(&mut server).await;
-        expect_pod_list(&mut server, pods()).await;
+        expect_pool_read(&mut server, pods()).await;
         written_tx
             .send(expect_pool_status(&mut server).await)
             .unwrap();
@@ -378,8 +382,7 @@ async fn a_steady_pool_writes_no_status() {
     let steady = warm_pool(spec, Some(written_rx.await.unwrap()));
     let (ctx, mut server) = context(fleet);
     run(pool::reconcile(Arc::new(steady), ctx), async move {
-        expect_token_secret(&mut server).await;
-        expect_pod_list(&mut server, pods()).await;
+        expect_pool_read(&mut server, pods()).await;
         server.done().await;
     })
     .await;
@@ -397,13 +400,7 @@ async fn load_beyond_the_pods_scales_up_at_once() {
     fleet.upsert(member("counter-b", "http://127.0.0.1:1", 70, 100));
     let (ctx, mut server) = context(fleet);
     run(pool::reconcile(Arc::new(pool), ctx), async move {
-        expect_token_secret(&mut server).await;
-        let hour = Duration::from_secs(3600);
-        expect_pod_list(
-            &mut server,
-            vec![pod("counter-a", hour, None), pod("counter-b", hour, None)],
-        )
-        .await;
+        expect_pool_read(&mut server, ready_pods(&["counter-a", "counter-b"])).await;
         let call = server.expect(Method::POST, PODS).await;
         let mut created = call.body.clone();
         created["metadata"]["name"] = json!("counter-c");
@@ -445,13 +442,7 @@ async fn scale_down_drains_the_emptiest_pod_through_its_manager_before_marking_i
     let (ctx, mut server) = context(fleet);
     let watched = manager.clone();
     run(pool::reconcile(Arc::new(pool), ctx), async move {
-        expect_token_secret(&mut server).await;
-        let hour = Duration::from_secs(3600);
-        expect_pod_list(
-            &mut server,
-            vec![pod("counter-busy", hour, None), pod("pod-idle", hour, None)],
-        )
-        .await;
+        expect_pool_read(&mut server, ready_pods(&["counter-busy", "pod-idle"])).await;
         let call = server
             .expect(Method::PATCH, &format!("{PODS}/pod-idle"))
             .await;
@@ -469,7 +460,7 @@ async fn scale_down_drains_the_emptiest_pod_through_its_manager_before_marking_i
             since.parse::<k8s_openapi::jiff::Timestamp>().is_ok(),
             "{since}"
         );
-        call.ok(pod("pod-idle", hour, Some(SystemTime::now())));
+        call.ok(pod("pod-idle", HOUR, Some(SystemTime::now())));
         // Nothing is deleted while it drains.
         let status = expect_pool_status(&mut server).await;
         assert_eq!(status["draining"], json!(["pod-idle"]));
@@ -490,18 +481,17 @@ async fn a_drained_pod_is_deleted_once_empty_and_a_busy_one_is_kept() {
     fleet.upsert(member("counter-busy", "http://127.0.0.1:1", 2, 10));
     let (ctx, mut server) = context(fleet);
     run(pool::reconcile(Arc::new(pool), ctx), async move {
-        expect_token_secret(&mut server).await;
-        let (hour, now) = (Duration::from_secs(3600), SystemTime::now());
+        let now = SystemTime::now();
         let pods = vec![
-            pod("counter-a", hour, None),
-            pod("counter-empty", hour, Some(now - Duration::from_secs(60))),
-            pod("counter-busy", hour, Some(now - Duration::from_secs(60))),
+            pod("counter-a", HOUR, None),
+            pod("counter-empty", HOUR, Some(now - Duration::from_secs(60))),
+            pod("counter-busy", HOUR, Some(now - Duration::from_secs(60))),
         ];
-        expect_pod_list(&mut server, pods).await;
+        expect_pool_read(&mut server, pods).await;
         let call = server
             .expect(Method::DELETE, &format!("{PODS}/counter-empty"))
             .await;
-        call.ok(pod("counter-empty", hour, Some(now)));
+        call.ok(pod("counter-empty", HOUR, Some(now)));
         let status = expect_pool_status(&mut server).await;
         assert_eq!(status["draining"], json!(["counter-busy"]));
         assert_eq!(
@@ -521,10 +511,9 @@ async fn a_failed_pod_is_replaced() {
     );
     let (ctx, mut server) = context(Fleet::default());
     run(pool::reconcile(Arc::new(pool), ctx), async move {
-        expect_token_secret(&mut server).await;
         let mut failed = pod("counter-old", Duration::from_secs(60), None);
         failed["status"] = json!({ "phase": "Failed", "reason": "Evicted" });
-        expect_pod_list(&mut server, vec![failed.clone()]).await;
+        expect_pool_read(&mut server, vec![failed.clone()]).await;
         let call = server.expect(Method::POST, PODS).await;
         let mut created = call.body.clone();
         created["metadata"]["name"] = json!("counter-new");
@@ -744,11 +733,10 @@ async fn a_sandbox_whose_session_ended_on_its_own_is_terminated() {
     let sandbox = a_sandbox(&["arl.infra.io/session"], Some(status), false);
     let reply = serde_json::to_value(&sandbox).unwrap();
     let action = run(sandbox::reconcile(Arc::new(sandbox), ctx), async move {
-        let hour = Duration::from_secs(3600);
         server
             .expect(Method::GET, &format!("{PODS}/pod-idle"))
             .await
-            .ok(pod("pod-idle", hour, None));
+            .ok(pod("pod-idle", HOUR, None));
         let call = server
             .expect(Method::PATCH, &format!("{SANDBOX}/status"))
             .await;
