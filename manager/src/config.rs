@@ -21,6 +21,9 @@ pub struct ManagerConfig {
     pub data_dir: Option<PathBuf>,
     /// Where the runtime packages and compiled modules are kept.
     pub cache_dir: PathBuf,
+    /// Where snapshots are stored; managers given the same folder restore each other's.
+    /// `None`: `session-snapshots` in the cache folder.
+    pub snapshot_dir: Option<PathBuf>,
     /// How often the reaper looks for idle and expired sessions (and tops up warm ones).
     pub reap_interval: Duration,
     /// Sessions kept started ahead per runtime with a bootstrap, for creates that ask for the
@@ -46,16 +49,25 @@ impl ManagerConfig {
                 idle_ttl: Duration::from_secs(600),
                 lifetime: Duration::from_secs(3600),
                 workspace_bytes: 100 << 20,
+                rollback: true,
             },
             max_memory_bytes: 4 << 30,
             max_timeout: Duration::from_secs(3600),
             data_dir: None,
+            snapshot_dir: None,
             cache_dir,
             reap_interval: Duration::from_secs(1),
             warm_sessions: 4,
             min_free_bytes: 256 << 20,
             id_prefix: String::new(),
         }
+    }
+
+    /// The folder snapshots are stored in.
+    pub fn snapshot_dir(&self) -> PathBuf {
+        self.snapshot_dir
+            .clone()
+            .unwrap_or_else(|| self.cache_dir.join("session-snapshots"))
     }
 
     /// Refuses settings that cannot work together, before a port is bound.

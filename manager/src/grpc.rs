@@ -17,7 +17,8 @@ use crate::auth::Auth;
 use crate::files::{self, Entry, READ_CHUNK, on_workspace};
 use crate::output;
 use crate::registry::{CreateRequest, Load, Registry};
-use crate::session::{Info, Limits, Outcome, TurnEvent};
+use crate::session::{HistoryEntry, Info, Limits, Outcome, TurnEvent};
+use crate::state::SnapshotInfo;
 use crate::{Error, Result, rfc3339};
 
 /// The name health checks use for the session service.
@@ -29,8 +30,10 @@ pub fn status(e: Error) -> Status {
         Error::UnknownRuntime(..) | Error::InvalidRequest(_) | Error::BadPath(..) => {
             Code::InvalidArgument
         }
+        Error::BadSnapshot(_) | Error::ModuleMismatch(..) => Code::InvalidArgument,
         Error::Full(_) | Error::QuotaExceeded(_) => Code::ResourceExhausted,
-        Error::NotFound(_) | Error::FileNotFound(_) => Code::NotFound,
+        Error::NotFound(_) | Error::FileNotFound(_) | Error::SnapshotNotFound(_) => Code::NotFound,
+        Error::Refused(_) => Code::FailedPrecondition,
         Error::Ended(_) => Code::FailedPrecondition,
         Error::Busy(_) => Code::Aborted,
         Error::NotReady | Error::Draining | Error::ShuttingDown => Code::Unavailable,
@@ -116,6 +119,48 @@ fn limits(l: Limits) -> pb::Limits {
         idle_ttl_s: l.idle_ttl.as_secs(),
         lifetime_s: l.lifetime.as_secs(),
         workspace_bytes: l.workspace_bytes,
+        rollback: l.rollback,
+    }
+}
+
+fn snapshot(info: SnapshotInfo) -> pb::Snapshot {
+    let h = info.header;
+    pb::Snapshot {
+        id: info.id,
+        runtime: h.runtime,
+        module: h.module,
+        source_session: h.source,
+        created_at: h.captured_at,
+        memory_bytes: h.memory_bytes,
+        state_bytes: h.pages * h.page_size,
+        files: h.files.len() as u64,
+        size_bytes: info.size_bytes,
+        executions: h.executions,
+    }
+}
+
+fn history_entry(e: HistoryEntry) -> pb::HistoryEntry {
+    pb::HistoryEntry {
+        n: e.n,
+        started_at: e.started_at,
+        code: e.code,
+        stdout: e.stdout,
+        stderr: e.stderr,
+        result: e.result,
+        error: e.error.map(guest_error),
+        duration_ms: e.duration_ms,
+        rolled_back: e.rolled_back,
+        rollback_reason: e.rollback_reason,
+        end_reason: e.end_reason,
+        clipped: e.clipped,
+    }
+}
+
+fn guest_error(e: arl_runtimes::GuestError) -> pb::GuestError {
+    pb::GuestError {
+        r#type: e.kind,
+        message: e.message,
+        traceback: e.traceback,
     }
 }
 
@@ -137,15 +182,13 @@ fn result(o: Outcome) -> pb::ExecuteResult {
         stdout: o.stdout,
         stderr: o.stderr,
         result: o.result,
-        error: o.error.map(|e| pb::GuestError {
-            r#type: e.kind,
-            message: e.message,
-            traceback: e.traceback,
-        }),
+        error: o.error.map(guest_error),
         duration_ms: o.duration.as_secs_f64() * 1e3,
         truncated: o.truncated,
         session_ended: o.ended.is_some(),
         end_reason: o.ended.map(|r| r.to_string()),
+        rolled_back: o.rolled_back.is_some(),
+        rollback_reason: o.rolled_back.map(|r| r.to_string()),
     }
 }
 
@@ -183,6 +226,8 @@ impl Sessions for SessionService {
             env: (!r.env.is_empty()).then(|| r.env.into_iter().collect()),
             idle_ttl_secs: r.idle_ttl_secs,
             lifetime_secs: r.lifetime_secs,
+            rollback: r.rollback,
+            from_snapshot: (!r.from_snapshot.is_empty()).then_some(r.from_snapshot),
         };
         let created = self.registry.create(request).await.map_err(status)?;
         Ok(Response::new(session(created.info())))
@@ -337,6 +382,128 @@ impl Sessions for SessionService {
 
     async fn get_load(&self, _: Request<pb::GetLoadRequest>) -> Result<Response<pb::Load>, Status> {
         Ok(Response::new(load(self.registry.load())))
+    }
+
+    type GetHistoryStream = EventStream<pb::HistoryEntry>;
+
+    async fn get_history(
+        &self,
+        request: Request<pb::GetHistoryRequest>,
+    ) -> Result<Response<Self::GetHistoryStream>, Status> {
+        let target = self
+            .registry
+            .get(&request.get_ref().session_id)
+            .map_err(status)?;
+        let (lines, _) = target.history();
+        let entries = lines.into_iter().filter_map(|line| {
+            serde_json::from_str::<HistoryEntry>(&line)
+                .ok()
+                .map(|e| Ok(history_entry(e)))
+        });
+        Ok(Response::new(Box::pin(futures_util::stream::iter(
+            entries.collect::<Vec<_>>(),
+        ))))
+    }
+
+    async fn fork_session(
+        &self,
+        request: Request<pb::ForkSessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
+        let forked = self
+            .registry
+            .fork(&request.get_ref().id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(session(forked.info())))
+    }
+
+    async fn snapshot_session(
+        &self,
+        request: Request<pb::SnapshotSessionRequest>,
+    ) -> Result<Response<pb::Snapshot>, Status> {
+        let info = self
+            .registry
+            .snapshot(&request.get_ref().id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(snapshot(info)))
+    }
+
+    async fn get_snapshot(
+        &self,
+        request: Request<pb::GetSnapshotRequest>,
+    ) -> Result<Response<pb::Snapshot>, Status> {
+        let info = self
+            .registry
+            .snapshots()
+            .info(&request.get_ref().id)
+            .map_err(status)?;
+        Ok(Response::new(snapshot(info)))
+    }
+
+    async fn list_snapshots(
+        &self,
+        _: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        let snapshots = self.registry.snapshots().clone();
+        let all = tokio::task::spawn_blocking(move || snapshots.list())
+            .await
+            .unwrap_or_default();
+        Ok(Response::new(pb::ListSnapshotsResponse {
+            snapshots: all.into_iter().map(snapshot).collect(),
+        }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        request: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        self.registry
+            .snapshots()
+            .delete(&request.get_ref().id)
+            .map_err(status)?;
+        Ok(Response::new(pb::DeleteSnapshotResponse {}))
+    }
+
+    type ExportSessionStream = EventStream<pb::SnapshotChunk>;
+
+    async fn export_session(
+        &self,
+        request: Request<pb::ExportSessionRequest>,
+    ) -> Result<Response<Self::ExportSessionStream>, Status> {
+        let bytes = self
+            .registry
+            .export(&request.get_ref().id)
+            .await
+            .map_err(status)?;
+        let chunks: Vec<_> = bytes
+            .chunks(READ_CHUNK)
+            .map(|c| Ok(pb::SnapshotChunk { data: c.to_vec() }))
+            .collect();
+        Ok(Response::new(Box::pin(futures_util::stream::iter(chunks))))
+    }
+
+    async fn import_session(
+        &self,
+        request: Request<Streaming<pb::SnapshotChunk>>,
+    ) -> Result<Response<pb::Session>, Status> {
+        let mut chunks = request.into_inner();
+        let limit = self.registry.import_limit();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = chunks.message().await? {
+            if bytes.len() + chunk.data.len() > limit {
+                return Err(Status::resource_exhausted(format!(
+                    "an import may have at most {limit} bytes"
+                )));
+            }
+            bytes.extend_from_slice(&chunk.data);
+        }
+        let imported = self
+            .registry
+            .import(Bytes::from(bytes))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(session(imported.info())))
     }
 
     async fn drain(&self, _: Request<pb::DrainRequest>) -> Result<Response<pb::Load>, Status> {

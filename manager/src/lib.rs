@@ -18,6 +18,7 @@ pub mod runtime;
 pub mod server;
 pub mod session;
 pub mod snapshot;
+pub mod state;
 
 pub use config::ManagerConfig;
 pub use registry::Registry;
@@ -51,6 +52,16 @@ pub enum Error {
     FileNotFound(String),
     #[error("the workspace quota of {0} bytes would be exceeded")]
     QuotaExceeded(u64),
+    #[error("no snapshot has the id {0:?}")]
+    SnapshotNotFound(String),
+    #[error("the snapshot cannot be used: {0}")]
+    BadSnapshot(String),
+    #[error(
+        "the snapshot was taken of the module {0}, and this manager runs {1}: it fits only the module it was taken of"
+    )]
+    ModuleMismatch(String, String),
+    #[error("the session's state cannot be taken now: {0}")]
+    Refused(String),
     #[error("{0}: {1}")]
     Io(String, #[source] std::io::Error),
     #[error("instantiating the session: {0}")]

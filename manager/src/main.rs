@@ -97,6 +97,14 @@ struct Serve {
     /// Where session workspaces live [default: a private temporary folder].
     #[arg(long, env = "ARL_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Where session snapshots are stored; managers given the same folder restore each
+    /// other's [default: `session-snapshots` in the cache folder].
+    #[arg(long, env = "ARL_SNAPSHOT_DIR")]
+    snapshot_dir: Option<PathBuf>,
+    /// Let a failed turn (deadline, trap, cancel, memory blow-up) end its session instead of
+    /// being rolled back; a create may still ask for either with `rollback`.
+    #[arg(long, env = "ARL_NO_ROLLBACK")]
+    no_rollback: bool,
     /// Seconds that running executions get to finish on SIGTERM or Ctrl-C before every
     /// session is ended.
     #[arg(long, env = "ARL_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
@@ -158,10 +166,12 @@ fn config(serve: &Serve) -> anyhow::Result<ManagerConfig> {
         idle_ttl: Duration::from_secs(serve.idle_ttl_secs),
         lifetime: Duration::from_secs(serve.lifetime_secs),
         workspace_bytes: serve.workspace_mib << 20,
+        rollback: !serve.no_rollback,
     };
     config.max_memory_bytes = serve.max_memory_mib << 20;
     config.max_timeout = Duration::from_millis(serve.max_timeout_ms);
     config.data_dir = serve.data_dir.clone();
+    config.snapshot_dir = serve.snapshot_dir.clone();
     config.validate()?;
     Ok(config)
 }

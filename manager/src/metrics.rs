@@ -80,6 +80,8 @@ pub enum ExecutionOutcome {
     Error,
     Ended,
     Cancelled,
+    /// It failed and was undone; the session carries on.
+    RolledBack,
 }
 
 impl ExecutionOutcome {
@@ -89,6 +91,7 @@ impl ExecutionOutcome {
             ExecutionOutcome::Error => "error",
             ExecutionOutcome::Ended => "ended",
             ExecutionOutcome::Cancelled => "cancelled",
+            ExecutionOutcome::RolledBack => "rolled_back",
         }
     }
 }

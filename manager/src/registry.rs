@@ -14,6 +14,7 @@ use crate::engine::{EngineSettings, SandboxEngine};
 use crate::metrics::Metrics;
 use crate::runtime::{Runtime, RuntimeSpec};
 use crate::session::{self, EndReason, Info, Limits, NewSession, Session};
+use crate::state::{Image, SnapshotInfo, SnapshotStore};
 use crate::{Error, Result};
 
 /// How long after a create the warm pool is refilled.
@@ -44,6 +45,14 @@ pub struct CreateRequest {
     /// End the session this long after its creation, even mid-turn; the manager's default
     /// when absent.
     pub lifetime_secs: Option<u64>,
+    /// Roll a turn that traps, times out, is cancelled or blows the memory limit back, and
+    /// carry on (`true`, the manager's default unless it runs with `--no-rollback`); or end
+    /// the session (`false`).
+    pub rollback: Option<bool>,
+    /// Start from this snapshot's state instead of a new interpreter. Its limits are the
+    /// snapshot's unless given here; `env` cannot be given (the interpreter has its own).
+    #[schema(example = "snap-5f0c1b2e9d8a4c7b8e6f1a2b3c4d5e6f")]
+    pub from_snapshot: Option<String>,
 }
 
 /// The longest idle TTL or lifetime a request may ask for: 30 days.
@@ -52,8 +61,10 @@ const MAX_TTL_SECS: u64 = 30 * 24 * 3600;
 impl CreateRequest {
     /// Whether it asks for nothing but the defaults (a runtime aside), so that a warm session
     /// started ahead can serve it.
-    fn is_plain(&self) -> bool {
-        self.timeout_ms.is_none()
+    fn is_plain(&self, defaults: &Limits) -> bool {
+        self.from_snapshot.is_none()
+            && self.rollback.is_none_or(|r| r == defaults.rollback)
+            && self.timeout_ms.is_none()
             && self.memory_mib.is_none()
             && self.idle_ttl_secs.is_none()
             && self.lifetime_secs.is_none()
@@ -95,6 +106,7 @@ struct Inner {
     metrics: Arc<Metrics>,
     draining: AtomicBool,
     stopping: AtomicBool,
+    snapshots: SnapshotStore,
     data_dir: PathBuf,
     _private_dir: Option<tempfile::TempDir>,
 }
@@ -154,6 +166,7 @@ impl Registry {
             inner: Arc::new(Inner {
                 cache: ModuleCache::new(config.cache_dir.join("modules")),
                 slots: Arc::new(Semaphore::new(config.max_sessions as usize)),
+                snapshots: SnapshotStore::new(config.snapshot_dir()),
                 config,
                 engine,
                 runtimes: RwLock::default(),
@@ -239,25 +252,16 @@ impl Registry {
 
     /// Creates a session within the manager's capacity.
     pub async fn create(&self, request: CreateRequest) -> Result<Arc<Session>> {
-        if self.inner.stopping.load(Ordering::SeqCst) {
-            return Err(Error::ShuttingDown);
+        self.check_open()?;
+        if let Some(id) = &request.from_snapshot {
+            let (max_memory, max_files) = self.image_bounds();
+            let snapshots = self.inner.snapshots.clone();
+            let id = id.clone();
+            let image = blocking(move || snapshots.load(&id, max_memory, max_files)).await?;
+            return self.restore(image, &request, false, None).await;
         }
-        if self.draining() {
-            return Err(Error::Draining);
-        }
-        let name = request.runtime.as_deref().unwrap_or("python");
-        let runtime = {
-            let runtimes = read(&self.inner.runtimes);
-            if runtimes.is_empty() {
-                return Err(Error::NotReady);
-            }
-            runtimes.get(name).cloned().ok_or_else(|| {
-                let mut names: Vec<_> = runtimes.keys().cloned().collect();
-                names.sort();
-                Error::UnknownRuntime(name.to_owned(), names.join(", "))
-            })?
-        };
-        if request.is_plain()
+        let runtime = self.runtime(request.runtime.as_deref().unwrap_or("python"))?;
+        if request.is_plain(&self.inner.config.defaults)
             && let Some(session) = self.take_warm(&runtime.name)
         {
             session.claim();
@@ -265,19 +269,165 @@ impl Registry {
             self.top_up_soon();
             return Ok(session);
         }
-        let limits = self.limits(&request, &runtime)?;
+        let limits = self.limits(&request, &runtime, self.inner.config.defaults)?;
         let env = check_env(request.env.unwrap_or_default())?;
-        let permit = match self.inner.slots.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => self.evict_warm().await?,
-        };
-        let session = self.start(runtime, limits, env, permit, false).await?;
+        let permit = self.slot().await?;
+        let session = self
+            .start(runtime, limits, env, permit, false, None)
+            .await?;
         self.adopt(&session);
         self.top_up_soon();
         Ok(session)
     }
 
-    /// Starts a session on `permit`'s slot.
+    fn check_open(&self) -> Result<()> {
+        if self.inner.stopping.load(Ordering::SeqCst) {
+            return Err(Error::ShuttingDown);
+        }
+        if self.draining() {
+            return Err(Error::Draining);
+        }
+        Ok(())
+    }
+
+    fn runtime(&self, name: &str) -> Result<Arc<Runtime>> {
+        let runtimes = read(&self.inner.runtimes);
+        if runtimes.is_empty() {
+            return Err(Error::NotReady);
+        }
+        runtimes.get(name).cloned().ok_or_else(|| {
+            let mut names: Vec<_> = runtimes.keys().cloned().collect();
+            names.sort();
+            Error::UnknownRuntime(name.to_owned(), names.join(", "))
+        })
+    }
+
+    /// A free pooled slot, taken from a warm session when there is no other.
+    async fn slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        match self.inner.slots.clone().try_acquire_owned() {
+            Ok(permit) => Ok(permit),
+            Err(_) => self.evict_warm().await,
+        }
+    }
+
+    /// The largest import (an export's bytes) this manager takes.
+    pub fn import_limit(&self) -> usize {
+        let (memory, files) = self.image_bounds();
+        usize::try_from(memory.saturating_add(files)).unwrap_or(usize::MAX)
+    }
+
+    /// The most memory and file bytes an image may claim here.
+    fn image_bounds(&self) -> (u64, u64) {
+        let config = &self.inner.config;
+        (
+            config.max_memory_bytes,
+            config.defaults.workspace_bytes.max(1 << 30),
+        )
+    }
+
+    /// A new session with the same interpreter state and files as `id`'s, evolving on its
+    /// own from now: its pseudo-random states are drawn anew on its first turn.
+    pub async fn fork(&self, id: &str) -> Result<Arc<Session>> {
+        self.check_open()?;
+        let source = self.get(id)?;
+        let image = source.capture().await?;
+        let request = CreateRequest::default();
+        self.restore(image, &request, true, Some(source.dir.clone()))
+            .await
+    }
+
+    /// Stores the state and files of session `id` as a snapshot.
+    pub async fn snapshot(&self, id: &str) -> Result<SnapshotInfo> {
+        let image = self.image_with_files(id).await?;
+        let snapshots = self.inner.snapshots.clone();
+        blocking(move || snapshots.save(&image)).await
+    }
+
+    /// The state and files of session `id`, as bytes another manager can import.
+    pub async fn export(&self, id: &str) -> Result<Vec<u8>> {
+        let image = self.image_with_files(id).await?;
+        blocking(move || {
+            let mut bytes = Vec::new();
+            image
+                .encode(&mut bytes)
+                .map_err(|e| Error::Io("encoding the export".into(), e))?;
+            Ok(bytes)
+        })
+        .await
+    }
+
+    /// A new session from bytes made by [`export`](Self::export), here or on another manager.
+    pub async fn import(&self, bytes: bytes::Bytes) -> Result<Arc<Session>> {
+        self.check_open()?;
+        let (max_memory, max_files) = self.image_bounds();
+        let image = blocking(move || Image::decode(&bytes[..], max_memory, max_files)).await?;
+        self.restore(image, &CreateRequest::default(), false, None)
+            .await
+    }
+
+    async fn image_with_files(&self, id: &str) -> Result<Image> {
+        let session = self.get(id)?;
+        let mut image = session.capture().await?;
+        let (dir, quota) = (session.dir.clone(), session.limits.workspace_bytes);
+        image.files = blocking(move || crate::state::read_dirs(&dir, quota)).await?;
+        Ok(image)
+    }
+
+    /// The stored snapshots.
+    pub fn snapshots(&self) -> &SnapshotStore {
+        &self.inner.snapshots
+    }
+
+    /// Starts a session from `image`, with the request's limits over the image's; its files
+    /// are the image's own, or copied from `copy_from` (a fork's parent).
+    async fn restore(
+        &self,
+        image: Image,
+        request: &CreateRequest,
+        reseed: bool,
+        copy_from: Option<PathBuf>,
+    ) -> Result<Arc<Session>> {
+        self.check_open()?;
+        if request.env.is_some() {
+            return Err(Error::InvalidRequest(
+                "env cannot be given with from_snapshot: the interpreter keeps its own".into(),
+            ));
+        }
+        let runtime = self.runtime(request.runtime.as_deref().unwrap_or(&image.runtime))?;
+        if runtime.name != image.runtime || runtime.digest != image.module {
+            return Err(Error::ModuleMismatch(
+                short(&image.module),
+                short(&runtime.digest),
+            ));
+        }
+        let limits = self.limits(request, &runtime, image.limits)?;
+        if limits.memory_bytes < image.memory_bytes {
+            return Err(Error::InvalidRequest(format!(
+                "the snapshot's memory is {} MiB, above the memory_mib asked for",
+                image.memory_bytes.div_ceil(1 << 20)
+            )));
+        }
+        let permit = self.slot().await?;
+        let from = session::From {
+            image: Arc::new(image),
+            reseed,
+        };
+        let session = self
+            .start(
+                runtime,
+                limits,
+                vec![],
+                permit,
+                false,
+                Some((from, copy_from)),
+            )
+            .await?;
+        self.adopt(&session);
+        Ok(session)
+    }
+
+    /// Starts a session on `permit`'s slot: a new interpreter, or one from an image whose
+    /// files are written (or copied from a folder) into the new session's folder first.
     async fn start(
         &self,
         runtime: Arc<Runtime>,
@@ -285,6 +435,7 @@ impl Registry {
         env: Vec<(String, String)>,
         permit: tokio::sync::OwnedSemaphorePermit,
         warm: bool,
+        from: Option<(session::From, Option<PathBuf>)>,
     ) -> Result<Arc<Session>> {
         let hex = uuid::Uuid::new_v4().simple();
         let id = match self.inner.config.id_prefix.as_str() {
@@ -292,6 +443,22 @@ impl Registry {
             prefix => format!("{prefix}.{hex}"),
         };
         let dir = self.inner.data_dir.join("sessions").join(&id);
+        let from = match from {
+            None => None,
+            Some((from, copy_from)) => {
+                let (image, to) = (from.image.clone(), dir.clone());
+                let written = blocking(move || match copy_from {
+                    Some(source) => crate::state::copy_dirs(&source, &to),
+                    None => crate::state::write_dirs(&to, &image.files),
+                })
+                .await;
+                if let Err(e) = written {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(e);
+                }
+                Some(from)
+            }
+        };
         let weak = Arc::downgrade(&self.inner);
         let on_end = move |session: &Session, reason: EndReason| {
             if let Some(inner) = weak.upgrade() {
@@ -307,6 +474,7 @@ impl Registry {
             permit,
             metrics: self.inner.metrics.clone(),
             warm,
+            from,
         };
         session::start(new, on_end).await.inspect_err(|_| {
             let _ = std::fs::remove_dir_all(&dir);
@@ -405,7 +573,7 @@ impl Registry {
                 };
                 let defaults = self.inner.config.defaults;
                 let session = match self
-                    .start(runtime.clone(), defaults, vec![], permit, true)
+                    .start(runtime.clone(), defaults, vec![], permit, true, None)
                     .await
                 {
                     Ok(session) => session,
@@ -432,9 +600,13 @@ impl Registry {
         self.inner.filling.store(false, Ordering::SeqCst);
     }
 
-    fn limits(&self, request: &CreateRequest, runtime: &Runtime) -> Result<Limits> {
+    /// `base` (the manager's defaults, or a snapshot's limits) with the request's over it.
+    fn limits(&self, request: &CreateRequest, runtime: &Runtime, base: Limits) -> Result<Limits> {
         let config = &self.inner.config;
-        let mut limits = config.defaults;
+        let mut limits = base;
+        if let Some(rollback) = request.rollback {
+            limits.rollback = rollback;
+        }
         if let Some(ms) = request.timeout_ms {
             if ms == 0 || Duration::from_millis(ms) > config.max_timeout {
                 return Err(Error::InvalidRequest(format!(
@@ -657,6 +829,18 @@ pub fn available_memory() -> Option<u64> {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }
+}
+
+/// Runs blocking work (files, compression) off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Io("a blocking task".into(), std::io::Error::other(e)))?
+}
+
+/// The first 12 hex digits of a digest, as errors show it.
+fn short(digest: &str) -> String {
+    digest.chars().take(12).collect()
 }
 
 fn check_env(env: BTreeMap<String, String>) -> Result<Vec<(String, String)>> {

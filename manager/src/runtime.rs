@@ -54,6 +54,8 @@ pub struct Runtime {
     /// The environment every session of this runtime starts with.
     pub base_env: Vec<(String, String)>,
     pub(crate) pre: InstancePre<SessionState>,
+    /// The sha256 of the module: a session's saved state fits only the module it ran.
+    pub digest: String,
     /// The linear memory a fresh instance starts with: a session needs at least this much.
     pub min_memory_bytes: u64,
 }
@@ -75,7 +77,11 @@ impl Runtime {
             mounts,
             base_env,
         } = spec;
-        let module = cache.load(engine, &wasm, digest.as_deref(), progress)?;
+        let digest = match digest {
+            Some(digest) => digest,
+            None => arl_runtimes::cache::sha256_file(&wasm)?,
+        };
+        let module = cache.load(engine, &wasm, Some(&digest), progress)?;
         let min_memory_bytes = check_contract(&module, &wasm)?;
         let mut linker = Linker::new(engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut SessionState| &mut s.wasi)
@@ -90,6 +96,7 @@ impl Runtime {
             mounts,
             base_env,
             pre,
+            digest,
             min_memory_bytes,
         })
     }

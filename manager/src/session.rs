@@ -1,7 +1,13 @@
 //! One session: a `Store` with one instance of a runtime, owned by one task that runs its
-//! turns in order. A trap, an exit, a blown deadline or a caller that went away mid-turn ends
-//! this session and no other.
+//! turns in order.
+//!
+//! A turn that traps, runs past its deadline, is cut short by its caller going away, or
+//! blows the memory limit is rolled back: the task drops the instance and puts the state it
+//! had before the turn (kept as a [`Pages`] checkpoint, brought up to date after each turn,
+//! off the reply's path) into a fresh one, and the session carries on. A session created with
+//! `rollback: false` ends instead, as an `exit()` always does.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -11,25 +17,72 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arl_runtimes::{GuestError, Protocol, Report};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
-use wasmtime::{Memory, Store, StoreLimits, StoreLimitsBuilder, TypedFunc};
+use wasmtime::{Memory, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, TypedFunc};
 use wasmtime_wasi::p1::WasiP1Ctx;
-use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
+use wasmtime_wasi::{FsPerms, HostMonotonicClock, WasiCtxBuilder, WasiView};
 
 use crate::files::Workspace;
 use crate::metrics::{ExecutionOutcome, Metrics};
 use crate::output::{Capture, Chunk, Sink, Stream};
 use crate::runtime::Runtime;
+use crate::state::{GuestClock, Image, Pages};
 use crate::{Error, Result};
 
 /// Turns that may wait behind a running one before an execute is refused as busy.
 pub const QUEUE_DEPTH: usize = 16;
 
+/// Bytes of history a session keeps; the oldest turns go first.
+pub const HISTORY_BYTES: usize = 1 << 20;
+/// Bytes of each of a turn's code, stdout, stderr and result that its history entry keeps.
+const HISTORY_FIELD_BYTES: usize = 16 << 10;
+
 /// What a store holds besides the instance.
 pub struct SessionState {
     pub(crate) wasi: WasiP1Ctx,
-    limits: StoreLimits,
+    limiter: Limiter,
     /// The last frame the guest sent through the door this turn.
     pub(crate) report: Option<Vec<u8>>,
+    clock: GuestClock,
+}
+
+/// The store's limits, noting when the guest was refused memory.
+struct Limiter {
+    limits: StoreLimits,
+    refused: bool,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = self.limits.memory_growing(current, desired, maximum)?;
+        self.refused |= !allowed;
+        Ok(allowed)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
+    }
 }
 
 /// The bounds of one session.
@@ -47,6 +100,42 @@ pub struct Limits {
     pub lifetime: Duration,
     /// Bytes that uploads may fill the workspace with.
     pub workspace_bytes: u64,
+    /// Roll a failed turn back (`true`) or end the session (`false`).
+    pub rollback: bool,
+}
+
+/// Why a turn was rolled back. Its `Display` is the reason clients see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rollback {
+    /// It ran past its deadline.
+    Deadline,
+    /// The guest trapped; wasmtime's words.
+    Trap(String),
+    /// It raised `MemoryError` after being refused memory at the session's limit.
+    Memory,
+    /// Its caller went away mid-turn.
+    Cancelled,
+}
+
+impl Rollback {
+    /// The stable one-word code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rollback::Deadline => "deadline",
+            Rollback::Trap(_) => "trap",
+            Rollback::Memory => "memory",
+            Rollback::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl fmt::Display for Rollback {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rollback::Trap(what) => write!(f, "trap: {what}"),
+            other => f.write_str(other.code()),
+        }
+    }
 }
 
 /// Why a session ended. Its `Display` is the reason clients see.
@@ -136,6 +225,8 @@ pub struct Outcome {
     pub truncated: bool,
     /// The turn ended the session, and why.
     pub ended: Option<EndReason>,
+    /// The turn's effects on the interpreter were undone, and why; the session goes on.
+    pub rolled_back: Option<Rollback>,
 }
 
 /// A snapshot of a session's bookkeeping.
@@ -161,11 +252,70 @@ struct Stats {
     memory_bytes: u64,
 }
 
-struct Job {
+struct Turn {
     code: String,
     timeout: Duration,
     sink: Option<Sink>,
     reply: oneshot::Sender<Outcome>,
+}
+
+/// What the session's task is asked to do, in order.
+enum Job {
+    Turn(Turn),
+    /// Take the state out, at rest between turns.
+    Capture(oneshot::Sender<Result<Image>>),
+}
+
+/// A session's trajectory: one JSON line per client turn, within [`HISTORY_BYTES`].
+#[derive(Debug, Default, Clone)]
+struct History {
+    lines: VecDeque<Arc<str>>,
+    bytes: usize,
+    /// Turns forgotten to stay within the bound.
+    dropped: u64,
+}
+
+impl History {
+    fn push(&mut self, line: Arc<str>) {
+        self.bytes += line.len() + 1;
+        self.lines.push_back(line);
+        while self.bytes > HISTORY_BYTES
+            && let Some(old) = self.lines.pop_front()
+        {
+            self.bytes -= old.len() + 1;
+            self.dropped += 1;
+        }
+    }
+}
+
+/// One turn as the history keeps it: a line of `GET /v1/sessions/{id}/history`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct HistoryEntry {
+    /// The turn's number in the session (a fork's continue its parent's).
+    pub n: u64,
+    /// RFC 3339.
+    pub started_at: String,
+    pub code: String,
+    pub stdout: String,
+    pub stderr: String,
+    pub result: Option<String>,
+    pub error: Option<GuestError>,
+    pub duration_ms: f64,
+    pub rolled_back: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_reason: Option<String>,
+    /// A field was longer than the history keeps (16 KiB) and was cut.
+    pub clipped: bool,
+}
+
+fn clip(s: &str, clipped: &mut bool) -> String {
+    if s.len() <= HISTORY_FIELD_BYTES {
+        return s.to_owned();
+    }
+    *clipped = true;
+    s[..floor_char_boundary(s, HISTORY_FIELD_BYTES)].to_owned()
 }
 
 /// The handle every caller holds; the store itself lives in the session's task.
@@ -180,6 +330,9 @@ pub struct Session {
     jobs: mpsc::Sender<Job>,
     stop: watch::Sender<Option<EndReason>>,
     stats: Mutex<Stats>,
+    history: Mutex<History>,
+    /// The session's own folder (`workspace/`, `tmp/`).
+    pub dir: PathBuf,
 }
 
 impl Session {
@@ -270,17 +423,62 @@ impl Session {
             return Err(Error::Ended(reason));
         }
         let (reply, answer) = oneshot::channel();
-        let job = Job {
+        self.send(Job::Turn(Turn {
             code,
             timeout: timeout.unwrap_or(self.limits.timeout),
             sink,
             reply,
-        };
+        }))?;
+        answer.await.map_err(|_| self.gone())
+    }
+
+    /// The session's state after the turns queued before this call: what fork, snapshot and
+    /// export are made of. Refused (`Error::Refused`) while the guest holds files open.
+    pub async fn capture(&self) -> Result<Image> {
+        if let Some(reason) = self.ended() {
+            return Err(Error::Ended(reason));
+        }
+        let (reply, answer) = oneshot::channel();
+        self.send(Job::Capture(reply))?;
+        answer.await.map_err(|_| self.gone())?
+    }
+
+    fn send(&self, job: Job) -> Result<()> {
         self.jobs.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => Error::Busy(QUEUE_DEPTH),
             mpsc::error::TrySendError::Closed(_) => self.gone(),
-        })?;
-        answer.await.map_err(|_| self.gone())
+        })
+    }
+
+    /// The session's trajectory as JSON Lines, oldest turn first, and how many older turns
+    /// were forgotten to keep it within [`HISTORY_BYTES`].
+    pub fn history(&self) -> (Vec<Arc<str>>, u64) {
+        let history = self.history.lock().unwrap_or_else(PoisonError::into_inner);
+        (history.lines.iter().cloned().collect(), history.dropped)
+    }
+
+    fn record(&self, n: u64, started_at: SystemTime, code: &str, outcome: &Outcome) {
+        let mut clipped = false;
+        let entry = HistoryEntry {
+            n,
+            started_at: crate::rfc3339(started_at),
+            code: clip(code, &mut clipped),
+            stdout: clip(&outcome.stdout, &mut clipped),
+            stderr: clip(&outcome.stderr, &mut clipped),
+            result: outcome.result.as_deref().map(|r| clip(r, &mut clipped)),
+            error: outcome.error.clone(),
+            duration_ms: outcome.duration.as_secs_f64() * 1e3,
+            rolled_back: outcome.rolled_back.is_some(),
+            rollback_reason: outcome.rolled_back.as_ref().map(ToString::to_string),
+            end_reason: outcome.ended.as_ref().map(ToString::to_string),
+            clipped,
+        };
+        if let Ok(line) = serde_json::to_string(&entry) {
+            self.history
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(line.into());
+        }
     }
 
     /// Like [`execute`](Self::execute), as a stream: the output as the guest writes it, then
@@ -369,6 +567,15 @@ pub struct NewSession {
     pub metrics: Arc<Metrics>,
     /// Started ahead of demand, for no client yet (see [`Session::claim`]).
     pub warm: bool,
+    /// The state to start from instead of a new interpreter (fork, restore, import).
+    pub from: Option<From>,
+}
+
+/// Where a session made from another's state comes from.
+pub struct From {
+    pub image: Arc<Image>,
+    /// Draw new pseudo-random states on the first turn (a fork, not a restore).
+    pub reseed: bool,
 }
 
 /// Gives a guest its folders: the runtime's read-only mounts, then its own `/workspace` and
@@ -398,6 +605,108 @@ pub(crate) fn preopen(
     Ok(())
 }
 
+/// How to make the session's store and instance again: its first time, and after a rollback.
+struct Recipe {
+    runtime: Arc<Runtime>,
+    env: Vec<(String, String)>,
+    workspace: PathBuf,
+    tmp: PathBuf,
+    stdout: Capture,
+    stderr: Capture,
+    memory_bytes: u64,
+}
+
+impl Recipe {
+    /// A store with a new WASI context (the same preopens, in the same order) whose monotonic
+    /// clock runs on from `clock`; nothing is instantiated in it yet.
+    fn store(&self, clock: GuestClock) -> Result<Store<SessionState>> {
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.stdout(self.stdout.clone())
+            .stderr(self.stderr.clone())
+            .arg("/usr/local/bin/python.wasm")
+            .envs(&self.env)
+            .monotonic_clock(clock);
+        preopen(&mut wasi, &self.runtime.mounts, &self.workspace, &self.tmp)?;
+        let state = SessionState {
+            wasi: wasi.build_p1(),
+            limiter: Limiter {
+                limits: StoreLimitsBuilder::new()
+                    .memory_size(self.memory_bytes as usize)
+                    .instances(1)
+                    .memories(1)
+                    .tables(1)
+                    .build(),
+                refused: false,
+            },
+            report: None,
+            clock,
+        };
+        let mut store = Store::new(self.runtime.pre.module().engine(), state);
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_async_yield_and_update(1);
+        Ok(store)
+    }
+
+    /// Instantiates the runtime in `store`, and puts `image`'s memory into it when given.
+    async fn instantiate(
+        &self,
+        store: &mut Store<SessionState>,
+        image: Option<&Image>,
+    ) -> Result<Exports> {
+        let instance = self
+            .runtime
+            .pre
+            .instantiate_async(&mut *store)
+            .await
+            .map_err(Error::Instantiate)?;
+        let exports = (|| -> wasmtime::Result<_> {
+            Ok(Exports {
+                memory: instance
+                    .get_memory(&mut *store, "memory")
+                    .ok_or_else(|| wasmtime::format_err!("no memory export"))?,
+                turn: instance.get_typed_func(&mut *store, "turn")?,
+                host_alloc: instance.get_typed_func(&mut *store, "host_alloc")?,
+                initialize: instance.get_typed_func(&mut *store, "_initialize").ok(),
+            })
+        })()
+        .map_err(Error::Instantiate)?;
+        if let Some(image) = image {
+            put_back(store, &exports.memory, image.memory_bytes, &image.pages)?;
+        }
+        Ok(exports)
+    }
+}
+
+/// Grows `memory` to `bytes` and writes `pages` into it.
+fn put_back(
+    store: &mut Store<SessionState>,
+    memory: &Memory,
+    bytes: u64,
+    pages: &Pages,
+) -> Result<()> {
+    let have = memory.data_size(&*store) as u64;
+    if bytes > have {
+        memory
+            .grow(&mut *store, (bytes - have).div_ceil(65536))
+            .map_err(|e| Error::Instantiate(e.context("growing the memory to the image's size")))?;
+    }
+    pages.restore(memory.data_mut(&mut *store));
+    Ok(())
+}
+
+/// Files and folders open in a WASI context: the preopens at rest, more while the guest
+/// holds files (its streams and other resources are not counted).
+fn open_descriptors(store: &mut Store<SessionState>) -> usize {
+    store
+        .data_mut()
+        .wasi
+        .ctx()
+        .table
+        .iter_mut()
+        .filter(|entry| entry.is::<wasmtime_wasi::filesystem::Descriptor>())
+        .count()
+}
+
 /// Instantiates the session and starts its task. `on_end` runs once, after the store is
 /// dropped and the folder removed.
 pub async fn start(
@@ -413,6 +722,7 @@ pub async fn start(
         permit,
         metrics,
         warm,
+        from,
     } = new;
     let workspace = dir.join("workspace");
     let tmp = dir.join("tmp");
@@ -423,47 +733,45 @@ pub async fn start(
     }
     let files = Workspace::open(&workspace, &uploads, limits.workspace_bytes)?;
     let (stdout, stderr) = (Capture::new(Stream::Stdout), Capture::new(Stream::Stderr));
-    let full_env: Vec<(String, String)> = runtime.base_env.iter().chain(&env).cloned().collect();
-    let bootstrap = runtime.protocol.bootstrap(&full_env);
-    let mut wasi = WasiCtxBuilder::new();
-    wasi.stdout(stdout.clone())
-        .stderr(stderr.clone())
-        .arg("/usr/local/bin/python.wasm")
-        .envs(&full_env);
-    preopen(&mut wasi, &runtime.mounts, &workspace, &tmp)?;
-    let state = SessionState {
-        wasi: wasi.build_p1(),
-        limits: StoreLimitsBuilder::new()
-            .memory_size(limits.memory_bytes as usize)
-            .instances(1)
-            .memories(1)
-            .tables(1)
-            .build(),
-        report: None,
+    let (env, bootstrap) = match &from {
+        // The image's interpreter is past its bootstrap, with the environment it was given.
+        Some(from) => (from.image.env.clone(), None),
+        None => {
+            let env: Vec<_> = runtime.base_env.iter().chain(&env).cloned().collect();
+            let bootstrap = runtime.protocol.bootstrap(&env);
+            (env, bootstrap)
+        }
     };
-    let mut store = Store::new(runtime.pre.module().engine(), state);
-    store.limiter(|s| &mut s.limits);
-    store.epoch_deadline_async_yield_and_update(1);
-    let instance = runtime
-        .pre
-        .instantiate_async(&mut store)
-        .await
-        .map_err(Error::Instantiate)?;
-    let exports = (|| -> wasmtime::Result<_> {
-        Ok(Exports {
-            memory: instance
-                .get_memory(&mut store, "memory")
-                .ok_or_else(|| wasmtime::format_err!("no memory export"))?,
-            turn: instance.get_typed_func(&mut store, "turn")?,
-            host_alloc: instance.get_typed_func(&mut store, "host_alloc")?,
-            initialize: instance.get_typed_func(&mut store, "_initialize").ok(),
-        })
-    })()
-    .map_err(Error::Instantiate)?;
+    let recipe = Recipe {
+        runtime: runtime.clone(),
+        env,
+        workspace,
+        tmp,
+        stdout: stdout.clone(),
+        stderr: stderr.clone(),
+        memory_bytes: limits.memory_bytes,
+    };
+    let image = from.as_ref().map(|f| f.image.as_ref());
+    let clock = image.map_or_else(GuestClock::new, |i| GuestClock::continuing(i.clock_ns));
+    let mut store = recipe.store(clock)?;
+    let mut exports = recipe.instantiate(&mut store, image).await?;
+    if image.is_some() {
+        exports.initialize = None; // the image's interpreter is initialised already
+    }
 
     let now = SystemTime::now();
     let (jobs, queue) = mpsc::channel(QUEUE_DEPTH);
     let (stop, stopped) = watch::channel(None);
+    let (executions, history) = match image {
+        Some(image) => {
+            let mut history = History::default();
+            for line in &image.history {
+                history.push(line.clone());
+            }
+            (image.executions, history)
+        }
+        None => (0, History::default()),
+    };
     let session = Arc::new(Session {
         id,
         runtime: runtime.name.clone(),
@@ -478,9 +786,16 @@ pub async fn start(
             phase: Phase::Starting,
             last_used_at: now,
             last_used: Instant::now(),
-            executions: 0,
+            executions,
             memory_bytes: exports.memory.data_size(&store) as u64,
         }),
+        history: Mutex::new(history),
+        dir: dir.clone(),
+    });
+    // Taken after the bootstrap, when the session is first at rest.
+    let checkpoint = limits.rollback.then(|| Checkpoint {
+        pages: Pages::default(),
+        memory_bytes: 0,
     });
     let driver = Driver {
         session: session.clone(),
@@ -491,6 +806,10 @@ pub async fn start(
         stdout,
         stderr,
         metrics,
+        recipe,
+        checkpoint,
+        descriptors: 0,
+        reseed: from.as_ref().is_some_and(|f| f.reseed),
     };
     let ended = session.clone();
     tokio::spawn(async move {
@@ -518,6 +837,24 @@ enum TurnEnd {
     Ended(EndReason),
 }
 
+impl EndReason {
+    /// The rollback that undoes a turn ended this way, where one can.
+    fn rollback(&self) -> Option<Rollback> {
+        match self {
+            EndReason::Deadline => Some(Rollback::Deadline),
+            EndReason::Trap(what) => Some(Rollback::Trap(what.clone())),
+            EndReason::Cancelled => Some(Rollback::Cancelled),
+            _ => None,
+        }
+    }
+}
+
+/// What a rollback goes back to: the written pages and size of the memory at rest.
+struct Checkpoint {
+    pages: Pages,
+    memory_bytes: u64,
+}
+
 /// The session's task: owns the store, runs turns one at a time.
 struct Driver {
     session: Arc<Session>,
@@ -529,6 +866,13 @@ struct Driver {
     stdout: Capture,
     stderr: Capture,
     metrics: Arc<Metrics>,
+    recipe: Recipe,
+    /// The memory as the last turn left it, when turns are rolled back.
+    checkpoint: Option<Checkpoint>,
+    /// Descriptors open at rest (the preopens): more means the guest holds files open.
+    descriptors: usize,
+    /// The next turn reseeds the guest's pseudo-random states first.
+    reseed: bool,
 }
 
 impl Driver {
@@ -577,24 +921,58 @@ impl Driver {
                 return EndReason::Trap(format!("the runtime failed to start: {what}"));
             }
         }
+        self.descriptors = open_descriptors(&mut self.store);
+        self.sync_checkpoint();
         self.set_phase(Phase::Idle);
         loop {
             let job = tokio::select! {
                 job = queue.recv() => job,
                 reason = stop_reason(stopped) => return reason,
             };
-            let Some(mut job) = job else {
-                return EndReason::Deleted; // every handle is gone
+            let mut job = match job {
+                None => return EndReason::Deleted, // every handle is gone
+                Some(Job::Capture(reply)) => {
+                    let _ = reply.send(self.capture());
+                    continue;
+                }
+                Some(Job::Turn(turn)) => turn,
             };
             if job.reply.is_closed() {
                 continue; // its caller left while it waited: nothing ran
             }
-            let outcome = self.execute(&mut job, stopped).await;
+            let started_at = SystemTime::now();
+            let n = self.session.stats().executions + 1;
+            let mut outcome = self.execute(&mut job, stopped).await;
+            if let Some(rollback) = outcome.rolled_back.clone()
+                && let Err(e) = self.roll_back().await
+            {
+                tracing::warn!(session = %self.session.id, error = %e, "rolling back failed");
+                let reason = match &rollback {
+                    Rollback::Deadline => EndReason::Deadline,
+                    Rollback::Trap(what) => EndReason::Trap(what.clone()),
+                    Rollback::Cancelled => EndReason::Cancelled,
+                    Rollback::Memory => EndReason::Trap("out of memory".into()),
+                };
+                outcome.rolled_back = None;
+                outcome.error = Some(GuestError {
+                    kind: "SessionEnded".into(),
+                    message: format!(
+                        "the execution failed ({rollback}) and rolling it back failed ({e}); \
+                         the session has ended"
+                    ),
+                    traceback: String::new(),
+                });
+                outcome.ended = Some(reason);
+            }
             let ended = outcome.ended.clone();
             let counted = !self.session.is_warm(); // a warm-up turn is no client's
             counted.then(|| {
                 self.metrics.execution(
                     match (&ended, &outcome.error) {
+                        _ if matches!(outcome.rolled_back, Some(Rollback::Cancelled)) => {
+                            ExecutionOutcome::Cancelled
+                        }
+                        _ if outcome.rolled_back.is_some() => ExecutionOutcome::RolledBack,
                         (Some(EndReason::Cancelled), _) => ExecutionOutcome::Cancelled,
                         (Some(_), _) => ExecutionOutcome::Ended,
                         (None, Some(_)) => ExecutionOutcome::Error,
@@ -603,11 +981,82 @@ impl Driver {
                     outcome.duration,
                 )
             });
+            if counted {
+                self.session.record(n, started_at, &job.code, &outcome);
+            }
             let _ = job.reply.send(outcome);
             if let Some(reason) = ended {
                 return reason;
             }
+            // After the reply, before the next turn: what a rollback would go back to.
+            self.sync_checkpoint();
         }
+    }
+
+    /// Brings the rollback checkpoint up to date with the memory at rest.
+    fn sync_checkpoint(&mut self) {
+        if let Some(checkpoint) = &mut self.checkpoint {
+            let memory = self.exports.memory.data(&self.store);
+            checkpoint.pages.sync(memory);
+            checkpoint.memory_bytes = memory.len() as u64;
+        }
+    }
+
+    /// Puts the checkpoint into a fresh instance in place of the current one, whose state a
+    /// failed turn left unknown. Its clock runs on.
+    async fn roll_back(&mut self) -> Result<()> {
+        let Some(checkpoint) = &self.checkpoint else {
+            return Err(Error::InvalidRequest(
+                "this session does not roll back".into(),
+            ));
+        };
+        let clock = GuestClock::continuing(self.store.data().clock.now());
+        // The old store goes first: the pooled slot it holds is this session's.
+        self.store = self.recipe.store(clock)?;
+        let mut exports = self.recipe.instantiate(&mut self.store, None).await?;
+        put_back(
+            &mut self.store,
+            &exports.memory,
+            checkpoint.memory_bytes,
+            &checkpoint.pages,
+        )?;
+        exports.initialize = None;
+        self.exports = exports;
+        self.session.stats().memory_bytes = checkpoint.memory_bytes;
+        Ok(())
+    }
+
+    /// The session's state, at rest.
+    fn capture(&mut self) -> Result<Image> {
+        let open = open_descriptors(&mut self.store);
+        if open > self.descriptors {
+            return Err(Error::Refused(format!(
+                "the guest holds {} file(s) open; close them (or end the `with` block) and \
+                 try again: open files cannot be carried into another instance",
+                open - self.descriptors
+            )));
+        }
+        let memory = self.exports.memory.data(&self.store);
+        let pages = match &self.checkpoint {
+            Some(checkpoint) => checkpoint.pages.clone(), // in step with the memory at rest
+            None => Pages::capture(memory),
+        };
+        let stats = self.session.stats();
+        let (history, _) = self.session.history();
+        Ok(Image {
+            runtime: self.recipe.runtime.name.clone(),
+            module: self.recipe.runtime.digest.clone(),
+            memory_bytes: memory.len() as u64,
+            pages,
+            clock_ns: self.store.data().clock.now(),
+            executions: stats.executions,
+            env: self.recipe.env.clone(),
+            limits: self.session.limits,
+            history,
+            files: vec![],
+            source: self.session.id.clone(),
+            captured_at: SystemTime::now(),
+        })
     }
 
     fn set_phase(&self, phase: Phase) {
@@ -619,7 +1068,7 @@ impl Driver {
 
     async fn execute(
         &mut self,
-        job: &mut Job,
+        job: &mut Turn,
         stopped: &mut watch::Receiver<Option<EndReason>>,
     ) -> Outcome {
         let n = {
@@ -633,7 +1082,10 @@ impl Driver {
         let lifetime_left = limits.lifetime.saturating_sub(age);
         let capped = job.timeout >= lifetime_left;
         let deadline = job.timeout.min(lifetime_left);
-        let input = self.protocol.encode_turn(&job.code, n);
+        let input = self
+            .protocol
+            .encode_turn(&job.code, n, std::mem::take(&mut self.reseed));
+        self.store.data_mut().limiter.refused = false;
         self.stdout.reset(limits.output_bytes, job.sink.clone());
         self.stderr.reset(limits.output_bytes, job.sink.take());
         let started = Instant::now();
@@ -669,6 +1121,22 @@ impl Driver {
             }
             (None, _) => {}
         }
+        let refused_memory = self.store.data().limiter.refused;
+        let mut rolled_back = None;
+        if self.checkpoint.is_some() {
+            rolled_back = match &ended {
+                Some(reason) => reason.rollback(),
+                None if refused_memory
+                    && error.as_ref().is_some_and(|e| e.kind == "MemoryError") =>
+                {
+                    Some(Rollback::Memory)
+                }
+                None => None,
+            };
+            if rolled_back.is_some() {
+                ended = None;
+            }
+        }
         let mut truncated = out_cut || err_cut;
         if let Some(r) = result.as_mut().filter(|r| r.len() > limits.output_bytes) {
             r.truncate(floor_char_boundary(r, limits.output_bytes));
@@ -676,6 +1144,10 @@ impl Driver {
         }
         if let Some(reason) = &ended {
             error.get_or_insert_with(|| ended_error(reason, deadline));
+        }
+        if let Some(rollback) = &rolled_back {
+            let guest_error = error.take();
+            error = Some(rolled_back_error(rollback, deadline, guest_error));
         }
         {
             let mut stats = self.session.stats();
@@ -694,6 +1166,7 @@ impl Driver {
             duration,
             truncated,
             ended,
+            rolled_back,
         }
     }
 
@@ -783,6 +1256,44 @@ fn ended_error(reason: &EndReason, deadline: Duration) -> GuestError {
     }
 }
 
+fn rolled_back_error(
+    rollback: &Rollback,
+    deadline: Duration,
+    guest: Option<GuestError>,
+) -> GuestError {
+    const BACK: &str = "the session is back in its state before this execution";
+    let (kind, message) = match rollback {
+        Rollback::Deadline => (
+            "Timeout",
+            format!(
+                "the execution ran past its deadline of {} ms and was stopped; {BACK}",
+                deadline.as_millis()
+            ),
+        ),
+        Rollback::Trap(what) => ("Trap", format!("the guest trapped ({what}); {BACK}")),
+        Rollback::Cancelled => (
+            "Cancelled",
+            format!("the caller went away mid-turn, so the turn was stopped; {BACK}"),
+        ),
+        Rollback::Memory => {
+            let guest = guest.unwrap_or_else(|| GuestError {
+                kind: "MemoryError".into(),
+                message: String::new(),
+                traceback: String::new(),
+            });
+            return GuestError {
+                message: format!("the session's memory limit was reached; {BACK}"),
+                ..guest
+            };
+        }
+    };
+    GuestError {
+        kind: kind.into(),
+        message,
+        traceback: guest.map(|g| g.traceback).unwrap_or_default(),
+    }
+}
+
 fn floor_char_boundary(s: &str, mut at: usize) -> usize {
     while at > 0 && !s.is_char_boundary(at) {
         at -= 1;
@@ -793,6 +1304,29 @@ fn floor_char_boundary(s: &str, mut at: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn history_forgets_the_oldest_past_its_bound() {
+        let mut h = History::default();
+        let line: Arc<str> = Arc::from("x".repeat(1000));
+        for _ in 0..2000 {
+            h.push(line.clone());
+        }
+        assert!(h.bytes <= HISTORY_BYTES);
+        assert_eq!(h.lines.len() as u64 + h.dropped, 2000);
+        assert_eq!(h.bytes, h.lines.len() * 1001);
+    }
+
+    #[test]
+    fn clipped_fields_keep_whole_characters() {
+        let mut clipped = false;
+        let long = "é".repeat(HISTORY_FIELD_BYTES);
+        let kept = clip(&long, &mut clipped);
+        assert!(clipped && kept.len() <= HISTORY_FIELD_BYTES && kept.chars().all(|c| c == 'é'));
+        let mut clipped = false;
+        assert_eq!(clip("short", &mut clipped), "short");
+        assert!(!clipped);
+    }
 
     #[test]
     fn end_reasons_read_as_clients_see_them() {

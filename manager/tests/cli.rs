@@ -4,7 +4,9 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_arl-manager");
+mod common;
+
+use common::{BIN, port, wait_ready};
 
 #[test]
 fn every_serve_flag_has_an_env_twin_in_help() {
@@ -36,6 +38,8 @@ fn every_serve_flag_has_an_env_twin_in_help() {
         ("--shutdown-grace-secs", "ARL_SHUTDOWN_GRACE_SECS"),
         ("--log", "ARL_LOG"),
         ("--id-prefix", "ARL_ID_PREFIX"),
+        ("--snapshot-dir", "ARL_SNAPSHOT_DIR"),
+        ("--no-rollback", "ARL_NO_ROLLBACK"),
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");
         assert!(
@@ -45,7 +49,7 @@ fn every_serve_flag_has_an_env_twin_in_help() {
     }
     assert_eq!(
         help.matches("[env: ARL_").count(),
-        21,
+        23,
         "a flag without a documented twin:\n{help}"
     );
 }
@@ -96,15 +100,6 @@ fn an_open_address_needs_a_token_or_insecure() {
     }
 }
 
-/// A free loopback port.
-fn port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `arl-manager serve` on a free port with `args`, once /readyz answers 200.
 fn serve(args: &[&str], rt: &tokio::runtime::Runtime) -> (std::process::Child, String) {
     let http = port();
@@ -116,18 +111,7 @@ fn serve(args: &[&str], rt: &tokio::runtime::Runtime) -> (std::process::Child, S
         .spawn()
         .unwrap();
     let base = format!("http://127.0.0.1:{http}");
-    rt.block_on(async {
-        let deadline = Instant::now() + Duration::from_secs(900);
-        loop {
-            if let Ok(r) = reqwest::get(format!("{base}/readyz")).await
-                && r.status() == 200
-            {
-                break;
-            }
-            assert!(Instant::now() < deadline, "not ready in 15 minutes");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
+    rt.block_on(wait_ready(&base));
     (child, base)
 }
 

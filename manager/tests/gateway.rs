@@ -6,8 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arl_operator::fleet::{Fleet, Member};
 use arl_operator::gateway::{self, Gateway};
@@ -19,70 +18,19 @@ use serde_json::{Value, json};
 use tonic::Code;
 use tonic::transport::Channel;
 
-const BIN: &str = env!("CARGO_BIN_EXE_arl-manager");
+mod common;
+
+use common::{Manager, wait_ready};
+
 const MANAGER_TOKEN: &str = "manager-token-for-the-test";
 const GATEWAY_TOKEN: &str = "gateway-token-for-the-test";
 
-fn port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A manager process named `name` (its id prefix), killed when dropped.
-struct Manager {
-    name: String,
-    base: String,
-    grpc: String,
-    child: Child,
-}
-
-impl Drop for Manager {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn spawn(name: &str) -> Manager {
-    let (http, grpc) = (port(), format!("127.0.0.1:{}", port()));
-    let child = Command::new(BIN)
-        .args([
-            "serve",
-            "--log",
-            "warn",
-            "--grpc-listen",
-            &grpc,
-            "--warm-sessions",
-            "1",
-        ])
-        .args(["--id-prefix", name, "--max-sessions", "16"])
-        .env("ARL_LISTEN", format!("127.0.0.1:{http}"))
-        .env("ARL_AUTH_TOKEN", MANAGER_TOKEN)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    Manager {
-        name: name.into(),
-        base: format!("http://127.0.0.1:{http}"),
-        grpc,
-        child,
-    }
-}
-
-async fn wait_ready(url: &str) {
-    let deadline = Instant::now() + Duration::from_secs(900);
-    loop {
-        if let Ok(r) = reqwest::get(format!("{url}/readyz")).await
-            && r.status() == 200
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{url} not ready in 15 minutes");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    Manager::spawn(name, |command| {
+        command
+            .args(["--max-sessions", "16"])
+            .env("ARL_AUTH_TOKEN", MANAGER_TOKEN);
+    })
 }
 
 struct Client {

@@ -5,7 +5,10 @@
 //! manager returns is `<pod>.<hex>` (its `--id-prefix` is its pod name), so every later call
 //! is routed by the id alone, with no table to keep or lose. Bodies and responses, server-sent
 //! events included, are streamed through untouched. A session whose pod is gone, or no longer
-//! answers, is `410 session_gone`: a manager's sessions die with it.
+//! answers, is `410 session_gone`: a manager's sessions die with it, unless they were
+//! exported first and imported elsewhere (`POST /v1/sessions/import` is placed like a create).
+//! Snapshots are not routed by id: managers that share a snapshot folder all have them, so
+//! the gateway asks each in turn.
 
 use std::time::Duration;
 
@@ -26,6 +29,8 @@ use crate::token::ClientToken;
 const WHOLE_BODY: u64 = 64 << 10;
 /// Largest create body the gateway reads (it must look at `runtime`).
 const CREATE_BODY_LIMIT: usize = 1 << 20;
+/// Largest import (an export's bytes) the gateway holds while it places it.
+const IMPORT_BODY_LIMIT: usize = 4 << 30;
 /// Headers passed from client to manager and back.
 const PASSED: [header::HeaderName; 5] = [
     header::CONTENT_TYPE,
@@ -70,6 +75,9 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
 pub fn router(gateway: Gateway) -> Router {
     let v1 = Router::new()
         .route("/v1/sessions", post(create).get(list))
+        .route("/v1/sessions/import", post(import))
+        .route("/v1/snapshots", get(list_snapshots))
+        .route("/v1/snapshots/{id}", get(first_found).delete(first_found))
         .route("/v1/sessions/{id}", any(forward))
         .route("/v1/sessions/{id}/{*rest}", any(forward))
         .route("/v1/load", get(load))
@@ -210,10 +218,62 @@ async fn create(
             }
         }
     };
-    let candidates = match gateway
-        .fleet
-        .place(&runtime, placement.pool.as_deref(), |_| true)
-    {
+    place(
+        &gateway,
+        &runtime,
+        placement.pool.as_deref(),
+        "/v1/sessions",
+        &headers,
+        body,
+    )
+    .await
+}
+
+/// Where an import goes: the pool, and the runtime its export was taken of.
+#[derive(Debug, Deserialize)]
+struct ImportPlacement {
+    pool: Option<String>,
+    runtime: Option<String>,
+}
+
+/// Places a session exported from another manager, as a create is placed.
+async fn import(
+    State(gateway): State<Gateway>,
+    Query(placement): Query<ImportPlacement>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let Ok(body) = axum::body::to_bytes(body, IMPORT_BODY_LIMIT).await else {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("an import through the gateway is at most {IMPORT_BODY_LIMIT} bytes"),
+        );
+    };
+    let runtime = placement.runtime.as_deref().unwrap_or("python");
+    let pool = placement.pool.as_deref();
+    place(
+        &gateway,
+        runtime,
+        pool,
+        "/v1/sessions/import",
+        &headers,
+        body,
+    )
+    .await
+}
+
+/// Sends `body` to `path` on the least-utilised manager serving `runtime` that takes it: a
+/// full one (429/503) or one that does not answer passes it to the next.
+async fn place(
+    gateway: &Gateway,
+    runtime: &str,
+    pool: Option<&str>,
+    path: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Response {
+    let candidates = match gateway.fleet.place(runtime, pool, |_| true) {
         Ok(candidates) => candidates,
         Err(Unplaced::Full) => {
             let mut r = error(
@@ -236,11 +296,11 @@ async fn create(
     let mut last = None;
     for member in candidates {
         match send(
-            &gateway,
+            gateway,
             &member,
             Method::POST,
-            "/v1/sessions",
-            &headers,
+            path,
+            headers,
             Payload::Whole(body.clone()),
         )
         .await
@@ -305,6 +365,58 @@ async fn list(State(gateway): State<Gateway>, headers: HeaderMap) -> Response {
         }
     }
     axum::Json(json!({ "sessions": sessions, "unreachable": unreachable })).into_response()
+}
+
+/// Every snapshot any manager has, newest first, each once.
+async fn list_snapshots(State(gateway): State<Gateway>, headers: HeaderMap) -> Response {
+    let mut snapshots: Vec<Value> = Vec::new();
+    for member in gateway.fleet.members().into_iter().filter(|m| m.ready) {
+        let empty = Payload::Whole(Bytes::new());
+        let listed = match send(
+            &gateway,
+            &member,
+            Method::GET,
+            "/v1/snapshots",
+            &headers,
+            empty,
+        )
+        .await
+        {
+            Ok(r) if r.status().is_success() => r.json::<Value>().await.ok(),
+            _ => None,
+        };
+        if let Some(found) = listed.as_ref().and_then(|v| v["snapshots"].as_array()) {
+            snapshots.extend(found.iter().cloned());
+        }
+    }
+    let key = |v: &Value| {
+        (
+            v["created_at"].as_str().unwrap_or("").to_owned(),
+            v["id"].as_str().unwrap_or("").to_owned(),
+        )
+    };
+    snapshots.sort_by_key(|v| std::cmp::Reverse(key(v)));
+    snapshots.dedup_by(|a, b| a["id"] == b["id"]);
+    axum::Json(json!({ "snapshots": snapshots })).into_response()
+}
+
+/// Passes a call about one snapshot to each ready manager in turn, until one has it.
+async fn first_found(State(gateway): State<Gateway>, request: Request) -> Response {
+    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    let headers = request.headers().clone();
+    for member in gateway.fleet.members().into_iter().filter(|m| m.ready) {
+        let empty = Payload::Whole(Bytes::new());
+        match send(&gateway, &member, method.clone(), &path, &headers, empty).await {
+            Ok(r) if r.status() == StatusCode::NOT_FOUND => {}
+            Ok(r) => return relay(r).await,
+            Err(e) => tracing::warn!(pod = %member.name, error = %e, "manager unreachable"),
+        }
+    }
+    error(
+        StatusCode::NOT_FOUND,
+        "snapshot_not_found",
+        "no manager has this snapshot",
+    )
 }
 
 /// The pod that owns session `id`: the part before its last `.`.

@@ -23,6 +23,10 @@ use crate::token::ClientToken;
 const MAX_MESSAGE: usize = 16 << 20;
 /// Metadata key that limits a create to one WarmPool's pods.
 pub const POOL_METADATA: &str = "arl-pool";
+/// Names the runtime of an import through the gateway (`python` without it).
+pub const RUNTIME_METADATA: &str = "arl-runtime";
+/// The largest export the gateway holds while it places an import.
+const MAX_IMPORT: usize = 4 << 30;
 
 type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -154,58 +158,17 @@ impl Sessions for GrpcGateway {
         &self,
         request: Request<pb::CreateSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
-        let pool = request
-            .metadata()
-            .get(POOL_METADATA)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let pool = pool_of(&request);
         let message = request.into_inner();
-        let runtime = if message.runtime.is_empty() {
-            "python"
-        } else {
-            &message.runtime
+        let runtime = match message.runtime.as_str() {
+            "" => "python".to_owned(),
+            named => named.to_owned(),
         };
-        let candidates = match self
-            .fleet
-            .place(runtime, pool.as_deref(), |m| m.grpc.is_some())
-        {
-            Ok(candidates) => candidates,
-            Err(Unplaced::Full) => {
-                return Err(Status::resource_exhausted(
-                    "capacity_exhausted: every manager for this runtime is full or draining",
-                ));
-            }
-            Err(Unplaced::NoBackends) => {
-                return Err(Status::unavailable(format!(
-                    "no_backends: no manager serves runtime `{runtime}` over gRPC"
-                )));
-            }
-        };
-        let mut last = None;
-        for member in candidates {
-            let mut client = self.client(&member)?;
-            match client
-                .create_session(Self::to(&member, message.clone())?)
-                .await
-            {
-                Ok(created) => {
-                    self.fleet.note_placed(&member.name);
-                    return Ok(Response::new(created.into_inner()));
-                }
-                Err(status) if status.code() == Code::ResourceExhausted => {
-                    self.fleet.note_full(&member.name);
-                    last = Some(status);
-                }
-                Err(status) if status.code() == Code::Unavailable => {
-                    if unreachable(&status) {
-                        self.fleet.set_load(&member.name, None);
-                    }
-                    last = Some(status);
-                }
-                Err(status) => return Err(status),
-            }
-        }
-        Err(last.unwrap_or_else(|| Status::unavailable("no_backends: no manager answered")))
+        self.place(&runtime, pool.as_deref(), |member, mut client| {
+            let message = message.clone();
+            async move { client.create_session(Self::to(&member, message)?).await }
+        })
+        .await
     }
 
     async fn get_session(
@@ -366,6 +329,226 @@ impl Sessions for GrpcGateway {
         Err(Status::unimplemented(
             "the gateway does not drain: drain a manager itself, or scale its WarmPool down",
         ))
+    }
+
+    type GetHistoryStream = EventStream<pb::HistoryEntry>;
+
+    async fn get_history(
+        &self,
+        request: Request<pb::GetHistoryRequest>,
+    ) -> Result<Response<Self::GetHistoryStream>, Status> {
+        let message = request.into_inner();
+        let (member, mut client) = self.owner_of(&message.session_id)?;
+        let id = message.session_id.clone();
+        let result = client.get_history(Self::to(&member, message)?).await;
+        let entries = relayed(result, &member, &self.fleet, &id)?.into_inner();
+        Ok(Response::new(Box::pin(entries) as Self::GetHistoryStream))
+    }
+
+    async fn fork_session(
+        &self,
+        request: Request<pb::ForkSessionRequest>,
+    ) -> Result<Response<pb::Session>, Status> {
+        let message = request.into_inner();
+        let (member, mut client) = self.owner_of(&message.id)?;
+        let id = message.id.clone();
+        let result = client.fork_session(Self::to(&member, message)?).await;
+        relayed(result, &member, &self.fleet, &id)
+    }
+
+    async fn snapshot_session(
+        &self,
+        request: Request<pb::SnapshotSessionRequest>,
+    ) -> Result<Response<pb::Snapshot>, Status> {
+        let message = request.into_inner();
+        let (member, mut client) = self.owner_of(&message.id)?;
+        let id = message.id.clone();
+        let result = client.snapshot_session(Self::to(&member, message)?).await;
+        relayed(result, &member, &self.fleet, &id)
+    }
+
+    async fn get_snapshot(
+        &self,
+        request: Request<pb::GetSnapshotRequest>,
+    ) -> Result<Response<pb::Snapshot>, Status> {
+        let message = request.into_inner();
+        self.first_found(|member, mut client| {
+            let message = message.clone();
+            async move { client.get_snapshot(Self::to(&member, message)?).await }
+        })
+        .await
+    }
+
+    async fn list_snapshots(
+        &self,
+        _: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        let mut snapshots: Vec<pb::Snapshot> = Vec::new();
+        for member in self.grpc_members() {
+            let mut client = self.client(&member)?;
+            match client
+                .list_snapshots(Self::to(&member, pb::ListSnapshotsRequest {})?)
+                .await
+            {
+                Ok(listed) => snapshots.extend(listed.into_inner().snapshots),
+                Err(e) => tracing::warn!(pod = %member.name, error = %e, "snapshots not listed"),
+            }
+        }
+        // Managers that share a snapshot folder list the same ones.
+        snapshots.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(a.id.cmp(&b.id)));
+        snapshots.dedup_by(|a, b| a.id == b.id);
+        Ok(Response::new(pb::ListSnapshotsResponse { snapshots }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        request: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        let message = request.into_inner();
+        self.first_found(|member, mut client| {
+            let message = message.clone();
+            async move { client.delete_snapshot(Self::to(&member, message)?).await }
+        })
+        .await
+    }
+
+    type ExportSessionStream = EventStream<pb::SnapshotChunk>;
+
+    async fn export_session(
+        &self,
+        request: Request<pb::ExportSessionRequest>,
+    ) -> Result<Response<Self::ExportSessionStream>, Status> {
+        let message = request.into_inner();
+        let (member, mut client) = self.owner_of(&message.id)?;
+        let id = message.id.clone();
+        let result = client.export_session(Self::to(&member, message)?).await;
+        let chunks = relayed(result, &member, &self.fleet, &id)?.into_inner();
+        Ok(Response::new(Box::pin(chunks) as Self::ExportSessionStream))
+    }
+
+    /// Placed like a create (the runtime from `arl-runtime` metadata, `python` without it):
+    /// the export is held here whole, so that it can go to another manager if one is full.
+    async fn import_session(
+        &self,
+        request: Request<Streaming<pb::SnapshotChunk>>,
+    ) -> Result<Response<pb::Session>, Status> {
+        let pool = pool_of(&request);
+        let runtime = request
+            .metadata()
+            .get(RUNTIME_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("python")
+            .to_owned();
+        let mut incoming = request.into_inner();
+        let mut chunks = Vec::new();
+        let mut total = 0usize;
+        while let Some(chunk) = incoming.message().await? {
+            total += chunk.data.len();
+            if total > MAX_IMPORT {
+                return Err(Status::resource_exhausted(format!(
+                    "an import through the gateway may have at most {MAX_IMPORT} bytes"
+                )));
+            }
+            chunks.push(chunk);
+        }
+        self.place(&runtime, pool.as_deref(), |member, mut client| {
+            let chunks = chunks.clone();
+            async move {
+                let stream = futures_util::stream::iter(chunks);
+                client.import_session(Self::to(&member, stream)?).await
+            }
+        })
+        .await
+    }
+}
+
+/// The `arl-pool` metadata of a request, if any.
+fn pool_of<T>(request: &Request<T>) -> Option<String> {
+    request
+        .metadata()
+        .get(POOL_METADATA)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+impl GrpcGateway {
+    /// Ready managers with a gRPC address.
+    fn grpc_members(&self) -> Vec<Member> {
+        self.fleet
+            .members()
+            .into_iter()
+            .filter(|m| m.ready && m.grpc.is_some())
+            .collect()
+    }
+
+    /// Makes `call` on the least-utilised manager serving `runtime` (in `pool`, when given)
+    /// that takes it: a full or unreachable one passes it to the next.
+    async fn place<T, F, Fut>(
+        &self,
+        runtime: &str,
+        pool: Option<&str>,
+        mut call: F,
+    ) -> Result<Response<T>, Status>
+    where
+        F: FnMut(Member, SessionsClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let candidates = match self.fleet.place(runtime, pool, |m| m.grpc.is_some()) {
+            Ok(candidates) => candidates,
+            Err(Unplaced::Full) => {
+                return Err(Status::resource_exhausted(
+                    "capacity_exhausted: every manager for this runtime is full or draining",
+                ));
+            }
+            Err(Unplaced::NoBackends) => {
+                return Err(Status::unavailable(format!(
+                    "no_backends: no manager serves runtime `{runtime}` over gRPC"
+                )));
+            }
+        };
+        let mut last = None;
+        for member in candidates {
+            let client = self.client(&member)?;
+            let name = member.name.clone();
+            match call(member, client).await {
+                Ok(created) => {
+                    self.fleet.note_placed(&name);
+                    return Ok(Response::new(created.into_inner()));
+                }
+                Err(status) if status.code() == Code::ResourceExhausted => {
+                    self.fleet.note_full(&name);
+                    last = Some(status);
+                }
+                Err(status) if status.code() == Code::Unavailable => {
+                    if unreachable(&status) {
+                        self.fleet.set_load(&name, None);
+                    }
+                    last = Some(status);
+                }
+                Err(status) => return Err(status),
+            }
+        }
+        Err(last.unwrap_or_else(|| Status::unavailable("no_backends: no manager answered")))
+    }
+
+    /// Asks every ready manager in turn until one does not answer NOT_FOUND: snapshots are
+    /// not routed by id (managers may share one snapshot folder).
+    async fn first_found<T, F, Fut>(&self, mut call: F) -> Result<Response<T>, Status>
+    where
+        F: FnMut(Member, SessionsClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let mut last = Status::not_found("snapshot_not_found: no manager has this snapshot");
+        for member in self.grpc_members() {
+            let client = self.client(&member)?;
+            match call(member, client).await {
+                Ok(found) => return Ok(Response::new(found.into_inner())),
+                Err(status) if status.code() == Code::NotFound => last = status,
+                Err(status) if unreachable(&status) => {}
+                Err(status) => return Err(status),
+            }
+        }
+        Err(last)
     }
 }
 

@@ -92,9 +92,14 @@ impl Protocol {
     }
 
     /// The bytes handed to `turn` for the user's `code`, the session's `n`th execution.
-    pub fn encode_turn(self, code: &str, n: u64) -> Vec<u8> {
+    /// `reseed` draws the guest's pseudo-random states anew first (a fork's first turn: its
+    /// copied states would repeat its parent's draws).
+    pub fn encode_turn(self, code: &str, n: u64, reseed: bool) -> Vec<u8> {
         match self {
             Protocol::Raw => code.as_bytes().to_vec(),
+            Protocol::Python if reseed => {
+                format!("{}\n{}", python::RESEED, python::turn_source(code, n)).into_bytes()
+            }
             Protocol::Python => python::turn_source(code, n).into_bytes(),
         }
     }

@@ -56,6 +56,12 @@ pub fn bootstrap_source(env: &[(String, String)]) -> String {
     format!("__import__('_arl').start({pairs})")
 }
 
+/// One line that reseeds `random` and `numpy.random` from WASI randomness, when imported,
+/// leaving nothing behind in `__main__`.
+pub const RESEED: &str = "(lambda m: (m['random'].seed() if 'random' in m else None, \
+                          m['numpy'].random.seed() if 'numpy' in m else None))\
+                          (__import__('sys').modules)";
+
 /// The source of the turn that runs `code` as the session's `n`th cell. A JSON string is a
 /// valid Python string literal with the same value (serde_json escapes only `"`, `\` and
 /// control characters, all of which Python reads alike).

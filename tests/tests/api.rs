@@ -333,17 +333,41 @@ async fn wait_ended(m: &TestManager, id: &str) -> Value {
     }
 }
 
+/// Waits until the turn whose caller went away has been stopped and rolled back (well before
+/// the 20 s deadline would have stopped it), and checks the session is back where it was.
+async fn wait_rolled_back(m: &TestManager, id: &str) {
+    let started = Instant::now();
+    assert_eq!(
+        m.exec(id, "kept").await["result"],
+        "'before'",
+        "the turn's effects are undone"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "stopped late: {:?}",
+        started.elapsed()
+    );
+    let (_, history) = m.get_text(&format!("/v1/sessions/{id}/history")).await;
+    let last_but_one: Value = serde_json::from_str(history.lines().rev().nth(1).unwrap()).unwrap();
+    assert_eq!(last_but_one["rollback_reason"], "cancelled", "{history}");
+}
+
 #[tokio::test]
 async fn a_client_that_disconnects_stops_its_turn() {
     let m = manager();
     let id = m.create(json!({})).await;
+    m.exec(&id, "kept = 'before'").await;
     let neighbour = m.create(json!({})).await;
-    let r = stream_execute(m, &id, "print('spinning')\nwhile True: pass").await;
+    let r = stream_execute(
+        m,
+        &id,
+        "kept = 'during'\nprint('spinning')\nwhile True: pass",
+    )
+    .await;
     let seen = read_events(r, |e| e.event == "stdout").await;
     assert_eq!(seen.last().unwrap().data["text"], "spinning\n");
     // `read_events` dropped the response: the connection is gone.
-    let v = wait_ended(m, &id).await;
-    assert_eq!(v["error"]["reason"], "cancelled", "{v}");
+    wait_rolled_back(m, &id).await;
     assert_eq!(m.exec(&neighbour, "1 + 1").await["result"], "2");
     let (_, metrics) = metrics_text(m).await;
     assert!(
@@ -356,10 +380,21 @@ async fn a_client_that_disconnects_stops_its_turn() {
 async fn a_plain_execute_whose_client_gives_up_is_stopped_too() {
     let m = manager();
     let id = m.create(json!({})).await;
+    m.exec(&id, "kept = 'before'").await;
     let impatient = reqwest::Client::builder()
         .timeout(Duration::from_millis(500))
         .build()
         .unwrap();
+    let r = impatient
+        .post(m.url(&format!("/v1/sessions/{id}/execute")))
+        .json(&json!({ "code": "kept = 'during'\nwhile True: pass" }))
+        .send()
+        .await;
+    assert!(r.is_err(), "the client timed out");
+    wait_rolled_back(m, &id).await;
+
+    // Created with `rollback: false`, the session ends instead, as it used to.
+    let id = m.create(json!({"rollback": false})).await;
     let r = impatient
         .post(m.url(&format!("/v1/sessions/{id}/execute")))
         .json(&json!({ "code": "while True: pass" }))
@@ -646,10 +681,11 @@ async fn a_cancelled_grpc_execute_stops_its_turn() {
         .unwrap()
         .into_inner()
         .id;
+    m.exec(&id, "kept = 'before'").await;
     let mut events = grpc
         .execute(pb::ExecuteRequest {
             session_id: id.clone(),
-            code: "print('spinning')\nwhile True: pass".into(),
+            code: "kept = 'during'\nprint('spinning')\nwhile True: pass".into(),
             timeout_ms: None,
         })
         .await
@@ -661,8 +697,7 @@ async fn a_cancelled_grpc_execute_stops_its_turn() {
         Some(pb::execute_event::Event::Output(_))
     ));
     drop(events);
-    let v = wait_ended(m, &id).await;
-    assert_eq!(v["error"]["reason"], "cancelled", "{v}");
+    wait_rolled_back(m, &id).await;
 }
 
 #[tokio::test]

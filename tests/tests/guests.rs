@@ -80,7 +80,31 @@ async fn spinner() {
         )
         .await;
     assert_eq!(status, 200);
+    assert_eq!(v["session_ended"], false, "{v}");
+    assert_eq!(
+        (v["rolled_back"].as_bool(), v["rollback_reason"].as_str()),
+        (Some(true), Some("deadline"))
+    );
+    assert_eq!(v["error"]["type"], "Timeout");
+    assert_eq!(
+        m.exec(&id, "ping").await["result"],
+        "pong",
+        "rolled back, it answers on"
+    );
+
+    // Created with `rollback: false`, a deadline ends the session, as it used to.
+    let id = m
+        .create(json!({"runtime": "spinner", "rollback": false}))
+        .await;
+    let (status, v) = m
+        .post(
+            &format!("/v1/sessions/{id}/execute"),
+            json!({"code": "spin", "timeout_ms": 300}),
+        )
+        .await;
+    assert_eq!(status, 200);
     assert_eq!(v["session_ended"], true);
+    assert_eq!(v["rolled_back"], false);
     assert_eq!(v["end_reason"], "deadline");
     assert_eq!(v["error"]["type"], "SessionEnded");
     let ms = v["duration_ms"].as_f64().unwrap();
@@ -112,7 +136,7 @@ async fn a_blocking_sleep_is_bounded_by_the_deadline() {
             json!({"code": "sleep 60000", "timeout_ms": 200}),
         )
         .await;
-    assert_eq!(v["end_reason"], "deadline");
+    assert_eq!(v["rollback_reason"], "deadline", "{v}");
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "{:?}",
@@ -209,6 +233,24 @@ async fn exit_and_trap_end_only_their_session() {
         .await;
     assert_eq!((status, v["error"]["reason"].as_str()), (410, Some("exit")));
     let id = session("counter").await;
+    m.exec(&id, "inc").await;
+    let v = m.exec(&id, "trap").await;
+    assert_eq!(v["rolled_back"], true, "{v}");
+    assert!(
+        v["rollback_reason"]
+            .as_str()
+            .unwrap()
+            .contains("unreachable"),
+        "{v}"
+    );
+    assert_eq!(
+        m.exec(&id, "get").await["result"],
+        "1",
+        "back where it was before the trap"
+    );
+    let id = m
+        .create(json!({"runtime": "counter", "rollback": false}))
+        .await;
     let v = m.exec(&id, "trap").await;
     assert!(
         v["end_reason"].as_str().unwrap().starts_with("trap: "),
@@ -260,7 +302,7 @@ async fn a_neighbour_answers_while_another_session_spins() {
         "20 turns beside a spinner took {took:?}"
     );
     assert_eq!(
-        decode(spin.await.unwrap()).await.1["end_reason"],
+        decode(spin.await.unwrap()).await.1["rollback_reason"],
         "deadline"
     );
 }

@@ -148,12 +148,16 @@ async fn no_network_and_no_processes() {
 }
 
 #[tokio::test]
-async fn deadlines_end_the_session_even_in_sleep() {
+async fn deadlines_roll_back_even_in_sleep() {
     let m = manager();
     let neighbour = session().await;
     m.exec(&neighbour, "z = 1").await;
-    for code in ["while True: pass", "import time; time.sleep(60)"] {
+    for code in [
+        "x = 2\nwhile True: pass",
+        "x = 2\nimport time; time.sleep(60)",
+    ] {
         let id = session().await;
+        m.exec(&id, "x = 1").await;
         let (status, v) = m
             .post(
                 &format!("/v1/sessions/{id}/execute"),
@@ -161,17 +165,32 @@ async fn deadlines_end_the_session_even_in_sleep() {
             )
             .await;
         assert_eq!(status, 200);
-        assert_eq!(v["end_reason"], "deadline", "{code}: {v}");
+        assert_eq!(v["rollback_reason"], "deadline", "{code}: {v}");
+        assert_eq!(v["session_ended"], false, "{code}: {v}");
         let ms = v["duration_ms"].as_f64().unwrap();
         assert!(ms < 5000.0, "{code} took {ms} ms");
-        let (status, v) = m
-            .post(&format!("/v1/sessions/{id}/execute"), json!({"code": "1"}))
-            .await;
         assert_eq!(
-            (status, v["error"]["reason"].as_str()),
-            (410, Some("deadline"))
+            m.exec(&id, "x").await["result"],
+            "1",
+            "{code}: the turn's `x = 2` is undone"
         );
     }
+    // The old behaviour, per session.
+    let id = m.create(json!({"rollback": false})).await;
+    let (_, v) = m
+        .post(
+            &format!("/v1/sessions/{id}/execute"),
+            json!({"code": "while True: pass", "timeout_ms": 300}),
+        )
+        .await;
+    assert_eq!(v["end_reason"], "deadline", "{v}");
+    let (status, v) = m
+        .post(&format!("/v1/sessions/{id}/execute"), json!({"code": "1"}))
+        .await;
+    assert_eq!(
+        (status, v["error"]["reason"].as_str()),
+        (410, Some("deadline"))
+    );
     assert_eq!(m.exec(&neighbour, "z").await["result"], "1");
 }
 
@@ -270,8 +289,13 @@ async fn a_neighbour_answers_while_another_session_hogs_memory() {
     let (status, v) = hogging.await.unwrap();
     assert_eq!(status, 200);
     assert_eq!(v["error"]["type"], "MemoryError", "{v}");
+    assert_eq!(v["rollback_reason"], "memory", "{v}");
     assert_eq!(m.exec(&neighbour, "n").await["result"], "10");
-    assert_eq!(m.exec(&hog, "del chunks; 1").await["result"], "1");
+    assert_eq!(
+        m.exec(&hog, "'chunks' in globals()").await["result"],
+        "False",
+        "the blow-up is undone"
+    );
 }
 
 #[tokio::test]

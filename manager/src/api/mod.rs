@@ -9,6 +9,7 @@ mod files;
 mod ops;
 mod rlm;
 mod sessions;
+mod snapshots;
 
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
@@ -68,6 +69,7 @@ impl Default for RouterOptions {
     tags(
         (name = "sessions", description = "Sessions and their executions"),
         (name = "files", description = "Files in a session's /workspace"),
+        (name = "state", description = "Fork, snapshot, restore, export, import and history"),
         (name = "operations", description = "Probes, load, drain, metrics"),
         (name = "rlm", description = "The RLM sidecar contract, unchanged"),
     )
@@ -91,8 +93,14 @@ impl utoipa::Modify for BearerToken {
     }
 }
 
-fn documented() -> OpenApiRouter<Registry> {
+/// Every documented route. An import carries a whole session, so its body is bounded by
+/// `import_limit` (what the manager would hold), not by the JSON body limit.
+fn documented(import_limit: usize) -> OpenApiRouter<Registry> {
+    let import = OpenApiRouter::new()
+        .routes(routes!(snapshots::import))
+        .layer(DefaultBodyLimit::max(import_limit));
     OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(import)
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))
         .routes(routes!(ops::load))
@@ -102,6 +110,12 @@ fn documented() -> OpenApiRouter<Registry> {
         .routes(routes!(sessions::create, sessions::list))
         .routes(routes!(sessions::show, sessions::delete))
         .routes(routes!(sessions::execute))
+        .routes(routes!(snapshots::fork))
+        .routes(routes!(snapshots::snapshot))
+        .routes(routes!(snapshots::export))
+        .routes(routes!(snapshots::history))
+        .routes(routes!(snapshots::list))
+        .routes(routes!(snapshots::show, snapshots::delete))
         .routes(routes!(files::list))
         .routes(routes!(rlm::create))
         .routes(routes!(rlm::delete))
@@ -111,12 +125,12 @@ fn documented() -> OpenApiRouter<Registry> {
 
 /// The OpenAPI document of every route, as `/openapi.json` serves it.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    documented().split_for_parts().1
+    documented(usize::MAX).split_for_parts().1
 }
 
 /// The manager's routes over `registry`.
 pub fn router(registry: Registry, options: RouterOptions) -> Router {
-    let (routes, doc) = documented().split_for_parts();
+    let (routes, doc) = documented(registry.import_limit()).split_for_parts();
     let auth = options.auth;
     routes
         .route(
@@ -244,6 +258,12 @@ impl From<Error> for ApiError {
             Error::InvalidRequest(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
             Error::Full(_) => (StatusCode::TOO_MANY_REQUESTS, "capacity_exhausted"),
             Error::NotFound(_) => (StatusCode::NOT_FOUND, "session_not_found"),
+            Error::SnapshotNotFound(_) => (StatusCode::NOT_FOUND, "snapshot_not_found"),
+            Error::BadSnapshot(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_snapshot"),
+            Error::ModuleMismatch(..) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "snapshot_module_mismatch")
+            }
+            Error::Refused(_) => (StatusCode::CONFLICT, "snapshot_refused"),
             Error::Ended(_) => (StatusCode::GONE, "session_ended"),
             Error::Busy(_) => (StatusCode::CONFLICT, "session_busy"),
             Error::NotReady => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),

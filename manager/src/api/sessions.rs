@@ -51,6 +51,8 @@ pub struct LimitsView {
     pub idle_ttl_s: u64,
     pub lifetime_s: u64,
     pub workspace_bytes: u64,
+    /// Failed turns are rolled back (`true`) or end the session.
+    pub rollback: bool,
 }
 
 impl From<Limits> for LimitsView {
@@ -62,6 +64,7 @@ impl From<Limits> for LimitsView {
             idle_ttl_s: l.idle_ttl.as_secs(),
             lifetime_s: l.lifetime.as_secs(),
             workspace_bytes: l.workspace_bytes,
+            rollback: l.rollback,
         }
     }
 }
@@ -90,6 +93,17 @@ pub struct Created {
     pub limits: LimitsView,
 }
 
+impl Created {
+    pub(super) fn of(session: &Session) -> Self {
+        Self {
+            id: session.id.clone(),
+            runtime: session.runtime.clone(),
+            created_at: rfc3339(session.created_at()),
+            limits: session.limits.into(),
+        }
+    }
+}
+
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct SessionList {
     pub sessions: Vec<SessionView>,
@@ -111,15 +125,7 @@ pub async fn create(
 ) -> ApiResult<(StatusCode, Json<Created>)> {
     let request: CreateRequest = parse(body, true)?;
     let session = registry.create(request).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(Created {
-            id: session.id.clone(),
-            runtime: session.runtime.clone(),
-            created_at: rfc3339(session.created_at()),
-            limits: session.limits.into(),
-        }),
-    ))
+    Ok((StatusCode::CREATED, Json(Created::of(&session))))
 }
 
 /// Live sessions, oldest first.
@@ -187,6 +193,12 @@ pub struct ExecuteResponse {
     /// Why the session ended, when this execution ended it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub end_reason: Option<String>,
+    /// The execution's effects were undone (it timed out, trapped, was cancelled or blew the
+    /// memory limit): the session carries on from its state before it.
+    pub rolled_back: bool,
+    /// Why: `deadline`, `trap: ...`, `cancelled` or `memory`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollback_reason: Option<String>,
 }
 
 impl From<Outcome> for ExecuteResponse {
@@ -200,6 +212,8 @@ impl From<Outcome> for ExecuteResponse {
             truncated: o.truncated,
             session_ended: o.ended.is_some(),
             end_reason: o.ended.map(|r| r.to_string()),
+            rolled_back: o.rolled_back.is_some(),
+            rollback_reason: o.rolled_back.map(|r| r.to_string()),
         }
     }
 }

@@ -1,0 +1,66 @@
+//! What the tests that run `arl-manager serve` processes share.
+#![allow(dead_code, reason = "each test binary uses its own part")]
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_arl-manager");
+
+/// A free loopback port.
+pub fn port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until `url`'s `/readyz` answers 200 (the first start may build the runtime's cache).
+pub async fn wait_ready(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        if let Ok(r) = reqwest::get(format!("{url}/readyz")).await
+            && r.status() == 200
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{url} not ready in 15 minutes");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A manager process named `name` (its id prefix) on free ports, killed when dropped.
+pub struct Manager {
+    pub name: String,
+    pub base: String,
+    /// `127.0.0.1:<port>` of its gRPC API.
+    pub grpc: String,
+    child: Child,
+}
+
+impl Manager {
+    /// Starts `arl-manager serve` with one warm session; `configure` adds flags and env.
+    pub fn spawn(name: &str, configure: impl FnOnce(&mut Command)) -> Self {
+        let (http, grpc) = (port(), format!("127.0.0.1:{}", port()));
+        let mut command = Command::new(BIN);
+        command
+            .args(["serve", "--log", "warn", "--warm-sessions", "1"])
+            .args(["--grpc-listen", &grpc, "--id-prefix", name])
+            .env("ARL_LISTEN", format!("127.0.0.1:{http}"))
+            .stdout(Stdio::null());
+        configure(&mut command);
+        Self {
+            name: name.into(),
+            base: format!("http://127.0.0.1:{http}"),
+            grpc,
+            child: command.spawn().unwrap(),
+        }
+    }
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

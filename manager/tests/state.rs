@@ -1,0 +1,214 @@
+//! A session's state leaves its manager process: a snapshot taken by one `arl-manager serve`
+//! restores in another that shares the snapshot folder, and a draining manager's session is
+//! exported and imported elsewhere through the operator's gateway, with its state, files and
+//! clock intact.
+//!
+//! It lives with the manager because that is the crate whose binary it runs.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+
+use arl_operator::fleet::{Fleet, Member};
+use arl_operator::gateway::{self, Gateway};
+use arl_operator::manager::{Endpoint, Managers};
+use serde_json::{Value, json};
+
+mod common;
+
+use common::{Manager, wait_ready};
+
+fn spawn(name: &str, snapshots: &std::path::Path) -> Manager {
+    Manager::spawn(name, |command| {
+        command.arg("--snapshot-dir").arg(snapshots);
+    })
+}
+
+async fn call(method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
+    let mut request = reqwest::Client::new().request(method, url);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let r = request.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn post(url: String, body: Value) -> (u16, Value) {
+    call(reqwest::Method::POST, url, Some(body)).await
+}
+
+async fn result(base: &str, id: &str, code: &str) -> String {
+    let (status, v) = post(
+        format!("{base}/v1/sessions/{id}/execute"),
+        json!({ "code": code }),
+    )
+    .await;
+    assert_eq!((status, &v["error"]), (200, &Value::Null), "{code}: {v}");
+    v["result"].as_str().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn state_moves_between_manager_processes() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let snapshots = tempfile::tempdir().unwrap();
+    rt.block_on(async {
+        let a = spawn("a", snapshots.path());
+        let b = spawn("b", snapshots.path());
+        wait_ready(&a.base).await;
+        wait_ready(&b.base).await;
+
+        // A snapshot taken by `a` restores in `b`: variables, files, a clock that goes on.
+        let (_, created) = post(format!("{}/v1/sessions", a.base), json!({})).await;
+        let id = created["id"].as_str().unwrap().to_owned();
+        result(&a.base, &id, "import time\nx = 41\nt0 = time.monotonic()").await;
+        result(
+            &a.base,
+            &id,
+            "open('/workspace/w.txt', 'w').write('written in a')",
+        )
+        .await;
+        let (status, snap) =
+            post(format!("{}/v1/sessions/{id}/snapshot", a.base), json!(null)).await;
+        assert_eq!(status, 201, "{snap}");
+        let snap_id = snap["id"].as_str().unwrap();
+        let (status, seen) = call(
+            reqwest::Method::GET,
+            format!("{}/v1/snapshots/{snap_id}", b.base),
+            None,
+        )
+        .await;
+        assert_eq!(
+            (status, &seen["module"]),
+            (200, &snap["module"]),
+            "b sees a's snapshot: {seen}"
+        );
+        let (status, restored) = post(
+            format!("{}/v1/sessions", b.base),
+            json!({"from_snapshot": snap_id}),
+        )
+        .await;
+        assert_eq!(status, 201, "{restored}");
+        let restored = restored["id"].as_str().unwrap().to_owned();
+        assert!(restored.starts_with("b."), "{restored}");
+        assert_eq!(result(&b.base, &restored, "x + 1").await, "42");
+        assert_eq!(
+            result(&b.base, &restored, "open('/workspace/w.txt').read()").await,
+            "'written in a'"
+        );
+        assert_eq!(
+            result(&b.base, &restored, "time.monotonic() > t0").await,
+            "True"
+        );
+        assert_eq!(result(&a.base, &id, "x").await, "41", "a's session goes on");
+
+        // Draining `a` hands its session to `b` through the gateway: export, import, delete.
+        let fleet = Fleet::default();
+        for m in [&a, &b] {
+            fleet.upsert(Member {
+                name: m.name.clone(),
+                namespace: String::new(),
+                pool: String::new(),
+                runtime: None,
+                endpoint: Endpoint {
+                    http: m.base.clone(),
+                    token: None,
+                },
+                grpc: None,
+                ready: true,
+                draining: false,
+                load: None,
+            });
+        }
+        assert_eq!(
+            post(format!("{}/v1/drain", a.base), json!(null)).await.0,
+            200
+        );
+        fleet.poll(&Managers::new()).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gw = format!("http://{}", listener.local_addr().unwrap());
+        let router = gateway::router(Gateway::new(fleet.clone(), None));
+        let served = tokio::spawn(gateway::serve(listener, router, std::future::pending()));
+
+        let exported = reqwest::Client::new()
+            .post(format!("{gw}/v1/sessions/{id}/export"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(exported.status(), 200);
+        let bytes = exported.bytes().await.unwrap();
+        let r = reqwest::Client::new()
+            .post(format!("{gw}/v1/sessions/import"))
+            .header("content-type", "application/vnd.arl.snapshot")
+            .body(bytes)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        let moved: Value = r.json().await.unwrap();
+        let moved = moved["id"].as_str().unwrap().to_owned();
+        assert!(
+            moved.starts_with("b."),
+            "placed on the manager that is not draining: {moved}"
+        );
+        assert_eq!(
+            call(
+                reqwest::Method::DELETE,
+                format!("{gw}/v1/sessions/{id}"),
+                None
+            )
+            .await
+            .0,
+            204
+        );
+        assert_eq!(
+            result(&gw, &moved, "x, open('/workspace/w.txt').read()").await,
+            "(41, 'written in a')"
+        );
+        let (status, history) = (
+            200,
+            reqwest::get(format!("{gw}/v1/sessions/{moved}/history"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap(),
+        );
+        assert_eq!(
+            (status, history.lines().count()),
+            (200, 4),
+            "a's two turns, the check, and the one above: {history}"
+        );
+
+        // Snapshots through the gateway: listed once although both managers see the folder.
+        let (status, listed) = call(reqwest::Method::GET, format!("{gw}/v1/snapshots"), None).await;
+        assert_eq!(status, 200);
+        let ids: Vec<&str> = listed["snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, [snap_id], "{listed}");
+        let (status, _) = call(
+            reqwest::Method::DELETE,
+            format!("{gw}/v1/snapshots/{snap_id}"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 204);
+        let (status, v) = call(
+            reqwest::Method::GET,
+            format!("{gw}/v1/snapshots/{snap_id}"),
+            None,
+        )
+        .await;
+        assert_eq!(
+            (status, v["error"]["code"].as_str()),
+            (404, Some("snapshot_not_found")),
+            "{v}"
+        );
+        served.abort();
+    });
+}
