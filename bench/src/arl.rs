@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use crate::{Bench, Figure, Figures, Sandboxes, common, header, private_bytes};
 
-struct Manager {
+pub(crate) struct Manager {
     child: Child,
     base: String,
     client: reqwest::Client,
@@ -26,7 +26,18 @@ impl Drop for Manager {
 }
 
 impl Manager {
-    async fn request(
+    /// A session created with `body`.
+    pub(crate) async fn create_with(&self, body: Value) -> anyhow::Result<String> {
+        let (status, v) = self
+            .request(reqwest::Method::POST, "/v1/sessions", Some(body))
+            .await?;
+        if status != 201 {
+            bail!("create answered {status}: {v}");
+        }
+        Ok(v["id"].as_str().context("no id")?.to_owned())
+    }
+
+    pub(crate) async fn request(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -52,13 +63,7 @@ impl Sandboxes for Manager {
     type Session = String;
 
     async fn create(&self) -> anyhow::Result<String> {
-        let (status, v) = self
-            .request(reqwest::Method::POST, "/v1/sessions", Some(json!({})))
-            .await?;
-        if status != 201 {
-            bail!("create answered {status}: {v}");
-        }
-        Ok(v["id"].as_str().context("no id")?.to_owned())
+        self.create_with(json!({})).await
     }
 
     async fn execute(
@@ -237,6 +242,11 @@ The gateway's extra hop (p50 through it minus p50 direct)"
 
 pub async fn run(bench: &Bench) -> anyhow::Result<Figures> {
     let manager = start(bench).await?;
+    if bench.state_only {
+        let mut figures = Figures::default();
+        crate::state::run(&manager, &mut figures, bench.iterations).await?;
+        return Ok(figures);
+    }
     header(&format!("ARL: arl-manager on {}", manager.base));
     let mut figures = common(&manager, bench.iterations, bench.clients, bench.seconds).await?;
     let n = bench.iterations;
@@ -305,6 +315,10 @@ pub async fn run(bench: &Bench) -> anyhow::Result<Figures> {
     figures.latency("upload 10 MiB", &mut up);
     figures.latency("download 10 MiB", &mut down);
     manager.delete(id).await?;
+
+    if !bench.skip_state {
+        crate::state::run(&manager, &mut figures, n).await?;
+    }
 
     if bench.gateway {
         let through = through_gateway(bench).await?;

@@ -2,7 +2,8 @@
 //! figures, measured over HTTP (and gRPC) on loopback the way a client sees them. With
 //! `--jupyter` it runs the same measurements against Jupyter Kernel Gateway on this machine
 //! and prints the ratios; with `--gateway`, again through `arl-operator gateway` in front of
-//! the same manager, to show what the cluster's extra hop costs.
+//! the same manager, to show what the cluster's extra hop costs. Fork, snapshot, restore and
+//! rollback are measured against session size (small, numpy, pandas) unless `--skip-state`.
 //!
 //! ```text
 //! cargo build --release -p arl-manager -p arl-operator -p arl-bench
@@ -12,6 +13,7 @@
 
 mod arl;
 mod jupyter;
+mod state;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -48,6 +50,12 @@ pub struct Bench {
     /// front of the same manager; build it with `cargo build --release -p arl-operator`).
     #[arg(long)]
     gateway: bool,
+    /// Leave out fork, snapshot, restore and rollback against session size.
+    #[arg(long, conflicts_with = "state_only")]
+    skip_state: bool,
+    /// Measure only fork, snapshot, restore and rollback against session size.
+    #[arg(long)]
+    state_only: bool,
     /// Kernels held open for Jupyter's memory figure.
     #[arg(long, default_value_t = 20)]
     kernels: usize,
@@ -103,7 +111,7 @@ impl Figures {
         };
         let (p50_ms, p99_ms) = (at(0.50), at(0.99));
         println!(
-            "{name:<40} {p50_ms:>10.3} {p99_ms:>10.3} {:>10}",
+            "{name:<48} {p50_ms:>10.3} {p99_ms:>10.3} {:>10}",
             samples.len()
         );
         self.rows
@@ -123,7 +131,7 @@ impl Figures {
 fn header(what: &str) {
     println!("\n{what}");
     println!(
-        "{:<40} {:>10} {:>10} {:>10}",
+        "{:<48} {:>10} {:>10} {:>10}",
         "measure", "p50 ms", "p99 ms", "samples"
     );
 }

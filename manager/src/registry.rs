@@ -446,12 +446,14 @@ impl Registry {
         let from = match from {
             None => None,
             Some((from, copy_from)) => {
+                // Most forks have no files to copy: that is seen without a blocking thread.
+                let copy_from = copy_from.filter(|d| !crate::state::own_dirs_empty(d));
                 let (image, to) = (from.image.clone(), dir.clone());
-                let written = blocking(move || match copy_from {
-                    Some(source) => crate::state::copy_dirs(&source, &to),
-                    None => crate::state::write_dirs(&to, &image.files),
-                })
-                .await;
+                let written = match copy_from {
+                    Some(source) => blocking(move || crate::state::copy_dirs(&source, &to)).await,
+                    None if image.files.is_empty() => Ok(()),
+                    None => blocking(move || crate::state::write_dirs(&to, &image.files)).await,
+                };
                 if let Err(e) = written {
                     let _ = std::fs::remove_dir_all(&dir);
                     return Err(e);

@@ -647,12 +647,8 @@ impl Recipe {
         Ok(store)
     }
 
-    /// Instantiates the runtime in `store`, and puts `image`'s memory into it when given.
-    async fn instantiate(
-        &self,
-        store: &mut Store<SessionState>,
-        image: Option<&Image>,
-    ) -> Result<Exports> {
+    /// Instantiates the runtime in `store`.
+    async fn instantiate(&self, store: &mut Store<SessionState>) -> Result<Exports> {
         let instance = self
             .runtime
             .pre
@@ -670,9 +666,6 @@ impl Recipe {
             })
         })()
         .map_err(Error::Instantiate)?;
-        if let Some(image) = image {
-            put_back(store, &exports.memory, image.memory_bytes, &image.pages)?;
-        }
         Ok(exports)
     }
 }
@@ -754,7 +747,7 @@ pub async fn start(
     let image = from.as_ref().map(|f| f.image.as_ref());
     let clock = image.map_or_else(GuestClock::new, |i| GuestClock::continuing(i.clock_ns));
     let mut store = recipe.store(clock)?;
-    let mut exports = recipe.instantiate(&mut store, image).await?;
+    let mut exports = recipe.instantiate(&mut store).await?;
     if image.is_some() {
         exports.initialize = None; // the image's interpreter is initialised already
     }
@@ -792,9 +785,10 @@ pub async fn start(
         history: Mutex::new(history),
         dir: dir.clone(),
     });
-    // Taken after the bootstrap, when the session is first at rest.
+    // Brought up to date when the session is first at rest; an image's pages are a start
+    // (shared, not copied).
     let checkpoint = limits.rollback.then(|| Checkpoint {
-        pages: Pages::default(),
+        pages: image.map(|i| i.pages.clone()).unwrap_or_default(),
         memory_bytes: 0,
     });
     let driver = Driver {
@@ -810,6 +804,7 @@ pub async fn start(
         checkpoint,
         descriptors: 0,
         reseed: from.as_ref().is_some_and(|f| f.reseed),
+        image: from.map(|f| f.image),
     };
     let ended = session.clone();
     tokio::spawn(async move {
@@ -851,7 +846,7 @@ impl EndReason {
 
 /// What a rollback goes back to: the written pages and size of the memory at rest.
 struct Checkpoint {
-    pages: Pages,
+    pages: Arc<Pages>,
     memory_bytes: u64,
 }
 
@@ -873,6 +868,9 @@ struct Driver {
     descriptors: usize,
     /// The next turn reseeds the guest's pseudo-random states first.
     reseed: bool,
+    /// The state to put into the instance before its first turn (fork, restore, import):
+    /// as a new session's bootstrap, after its create has answered.
+    image: Option<Arc<Image>>,
 }
 
 impl Driver {
@@ -894,6 +892,15 @@ impl Driver {
         queue: &mut mpsc::Receiver<Job>,
         stopped: &mut watch::Receiver<Option<EndReason>>,
     ) -> EndReason {
+        if let Some(image) = self.image.take() {
+            let memory = self.exports.memory;
+            let store = &mut self.store;
+            let put = heavy(|| put_back(store, &memory, image.memory_bytes, &image.pages));
+            if let Err(e) = put {
+                return EndReason::Trap(format!("restoring the session's state: {e}"));
+            }
+            self.session.stats().memory_bytes = image.memory_bytes;
+        }
         if let Some(init) = self.exports.initialize.take() {
             let deadline = self.session.limits.timeout;
             let run = tokio::time::timeout(deadline, init.call_async(&mut self.store, ()));
@@ -997,7 +1004,7 @@ impl Driver {
     fn sync_checkpoint(&mut self) {
         if let Some(checkpoint) = &mut self.checkpoint {
             let memory = self.exports.memory.data(&self.store);
-            checkpoint.pages.sync(memory);
+            heavy(|| Pages::sync(&mut checkpoint.pages, memory));
             checkpoint.memory_bytes = memory.len() as u64;
         }
     }
@@ -1013,7 +1020,7 @@ impl Driver {
         let clock = GuestClock::continuing(self.store.data().clock.now());
         // The old store goes first: the pooled slot it holds is this session's.
         self.store = self.recipe.store(clock)?;
-        let mut exports = self.recipe.instantiate(&mut self.store, None).await?;
+        let mut exports = self.recipe.instantiate(&mut self.store).await?;
         put_back(
             &mut self.store,
             &exports.memory,
@@ -1039,7 +1046,7 @@ impl Driver {
         let memory = self.exports.memory.data(&self.store);
         let pages = match &self.checkpoint {
             Some(checkpoint) => checkpoint.pages.clone(), // in step with the memory at rest
-            None => Pages::capture(memory),
+            None => Arc::new(Pages::capture(memory)),
         };
         let stats = self.session.stats();
         let (history, _) = self.session.history();
@@ -1207,6 +1214,16 @@ impl Driver {
             () = cancelled => TurnEnd::Ended(EndReason::Cancelled),
         };
         (end, self.store.data_mut().report.take())
+    }
+}
+
+/// Runs `f`, milliseconds of copying at worst, without holding up the other tasks of this
+/// worker thread (the answer to the request that led here among them): on the multi-thread
+/// runtime they move to another worker meanwhile.
+fn heavy<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 

@@ -60,9 +60,9 @@ pub fn written_pages(memory: &[u8]) -> Vec<u32> {
     let Some(pagemap) = pagemap() else {
         return all();
     };
-    let first = memory.as_ptr() as usize / page;
+    let start = memory.as_ptr() as usize;
     let mut entries = vec![0u8; count * 8];
-    if let Err(e) = pagemap.read_exact_at(&mut entries, first as u64 * 8) {
+    if let Err(e) = pagemap.read_exact_at(&mut entries, (start / page) as u64 * 8) {
         tracing::warn!(error = %e, "reading /proc/self/pagemap failed: copying the whole memory");
         return all();
     }
@@ -80,30 +80,46 @@ pub fn written_pages(memory: &[u8]) -> Vec<u32> {
         .collect()
 }
 
-/// Copies of some host pages of a linear memory: an index (ascending) and their bytes.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Copies of some host pages of a linear memory: their numbers (ascending) and, for each,
+/// where its bytes are in `data` (pages added later go at its end, so that keeping a
+/// checkpoint up to date never moves or re-faults what it holds already).
+#[derive(Debug, Clone, Default)]
 pub struct Pages {
     index: Vec<u32>,
+    slots: Vec<u32>,
     data: Vec<u8>,
 }
+
+impl PartialEq for Pages {
+    /// The same pages with the same bytes, wherever they sit in `data`.
+    fn eq(&self, other: &Self) -> bool {
+        self.index == other.index && self.iter().zip(other.iter()).all(|(a, b)| a == b)
+    }
+}
+
+impl Eq for Pages {}
 
 impl Pages {
     /// The pages of `memory` the guest wrote.
     pub fn capture(memory: &[u8]) -> Self {
-        let page = page_size();
         let index = written_pages(memory);
-        let mut data = Vec::with_capacity(index.len() * page);
+        let mut data = Vec::with_capacity(index.len() * page_size());
         for &i in &index {
-            let at = i as usize * page;
-            data.extend_from_slice(&memory[at..at + page]);
+            data.extend_from_slice(page_of(memory, i));
         }
-        Self { index, data }
+        let slots = (0..index.len() as u32).collect();
+        Self { index, slots, data }
+    }
+
+    /// Each page's number and bytes, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &[u8])> {
+        (0..self.index.len()).map(|n| (self.index[n], self.slot(n)))
     }
 
     /// Writes the pages into `memory`, which holds the module's image elsewhere.
     pub fn restore(&self, memory: &mut [u8]) {
         let page = page_size();
-        for (&i, bytes) in self.index.iter().zip(self.data.chunks_exact(page)) {
+        for (i, bytes) in self.iter() {
             let at = i as usize * page;
             memory[at..at + page].copy_from_slice(bytes);
         }
@@ -114,33 +130,60 @@ impl Pages {
         self.data.len() as u64
     }
 
-    /// Brings the copies up to date with `memory`, which has only grown and been written
-    /// since: pages that changed are copied again, pages written for the first time added.
-    pub fn sync(&mut self, memory: &[u8]) {
-        let page = page_size();
+    /// Brings the copies in `pages` up to date with `memory`, which has only grown and been
+    /// written since: pages that changed are copied again, pages written for the first time
+    /// added. Copies shared with a capture still in use are left to it (copy on write).
+    pub fn sync(pages: &mut Arc<Pages>, memory: &[u8]) {
         let written = written_pages(memory);
-        if written == self.index {
-            for (&i, copy) in self.index.iter().zip(self.data.chunks_exact_mut(page)) {
-                let at = i as usize * page;
-                let now = &memory[at..at + page];
-                if copy != now {
-                    copy.copy_from_slice(now);
-                }
-            }
+        let changed: Vec<usize> = (0..pages.index.len())
+            .filter(|&n| pages.slot(n) != page_of(memory, pages.index[n]))
+            .collect();
+        let added: Vec<u32> = {
+            let mut known = pages.index.iter().peekable();
+            written
+                .into_iter()
+                .filter(|i| {
+                    while known.next_if(|k| *k < i).is_some() {}
+                    known.peek() != Some(&i)
+                })
+                .collect()
+        };
+        if changed.is_empty() && added.is_empty() {
             return;
         }
-        *self = Self::capture_listed(memory, written);
+        let pages = Arc::make_mut(pages);
+        let page = page_size();
+        for n in changed {
+            let at = pages.slots[n] as usize * page;
+            pages.data[at..at + page].copy_from_slice(page_of(memory, pages.index[n]));
+        }
+        if added.is_empty() {
+            return;
+        }
+        let first_slot = pages.index.len() as u32;
+        for &i in &added {
+            pages.data.extend_from_slice(page_of(memory, i));
+        }
+        // Merge the new pages into the ascending index.
+        let old = std::mem::take(&mut pages.index)
+            .into_iter()
+            .zip(std::mem::take(&mut pages.slots));
+        let mut merged: Vec<(u32, u32)> = old.chain(added.into_iter().zip(first_slot..)).collect();
+        merged.sort_unstable_by_key(|&(i, _)| i);
+        (pages.index, pages.slots) = merged.into_iter().unzip();
     }
 
-    fn capture_listed(memory: &[u8], index: Vec<u32>) -> Self {
+    fn slot(&self, n: usize) -> &[u8] {
         let page = page_size();
-        let mut data = Vec::with_capacity(index.len() * page);
-        for &i in &index {
-            let at = i as usize * page;
-            data.extend_from_slice(&memory[at..at + page]);
-        }
-        Self { index, data }
+        let at = self.slots[n] as usize * page;
+        &self.data[at..at + page]
     }
+}
+
+fn page_of(memory: &[u8], i: u32) -> &[u8] {
+    let page = page_size();
+    let at = i as usize * page;
+    &memory[at..at + page]
 }
 
 /// The guest's monotonic clock: nanoseconds since its session first started, carried across
@@ -201,7 +244,9 @@ pub struct Image {
     /// The sha256 of the module it ran; it fits no other.
     pub module: String,
     pub memory_bytes: u64,
-    pub pages: Pages,
+    /// Shared with the session's rollback checkpoint, when it keeps one: a capture copies
+    /// nothing.
+    pub pages: Arc<Pages>,
     /// The guest's monotonic clock when it was captured.
     pub clock_ns: u64,
     /// Turns run so far (the next cell's number follows on).
@@ -219,6 +264,13 @@ pub struct Image {
 
 /// The folders of a session that are its own and travel with it.
 pub const OWN_DIRS: [&str; 2] = ["workspace", "tmp"];
+
+/// Whether a session's own folders under `root` hold nothing (or cannot be read).
+pub fn own_dirs_empty(root: &Path) -> bool {
+    OWN_DIRS.iter().all(|d| {
+        std::fs::read_dir(root.join(d)).map_or(true, |mut entries| entries.next().is_none())
+    })
+}
 
 /// Copies a session's own folders from `from` into `to` (a fork's new session folder).
 pub fn copy_dirs(from: &Path, to: &Path) -> Result<()> {
@@ -439,7 +491,9 @@ impl Image {
             .flat_map(|i| i.to_le_bytes())
             .collect();
         z.write_all(&index)?;
-        z.write_all(&self.pages.data)?;
+        for (_, bytes) in self.pages.iter() {
+            z.write_all(bytes)?;
+        }
         for (_, data) in &self.files {
             z.write_all(data)?;
         }
@@ -515,10 +569,11 @@ impl Image {
             runtime: header.runtime,
             module: header.module,
             memory_bytes: header.memory_bytes,
-            pages: Pages {
+            pages: Arc::new(Pages {
+                slots: (0..index.len() as u32).collect(),
                 index,
                 data: data.to_vec(),
-            },
+            }),
             clock_ns: header.clock_ns,
             executions: header.executions,
             env: header.env,
@@ -672,7 +727,7 @@ mod tests {
             runtime: "python".into(),
             module: "abc".into(),
             memory_bytes: memory.len() as u64,
-            pages: Pages::capture(memory),
+            pages: Arc::new(Pages::capture(memory)),
             clock_ns: 42,
             executions: 3,
             env: vec![("A".into(), "1".into())],
@@ -717,12 +772,43 @@ mod tests {
     fn a_sync_takes_the_pages_written_since() {
         let page = page_size();
         let mut memory = vec![1u8; page * 8];
-        let mut pages = Pages::capture(&memory);
+        let mut pages = Arc::new(Pages::capture(&memory));
         memory[page * 2] = 5;
-        pages.sync(&memory);
+        let shared = pages.clone();
+        Pages::sync(&mut pages, &memory);
+        assert!(
+            !Arc::ptr_eq(&pages, &shared),
+            "a shared copy is left as it was"
+        );
         let mut copy = vec![1u8; page * 8];
         pages.restore(&mut copy);
         assert_eq!(copy, memory);
+        let mut old = vec![1u8; page * 8];
+        shared.restore(&mut old);
+        assert_eq!(old[page * 2], 1);
+    }
+
+    #[test]
+    fn pages_written_later_are_merged_in_order() {
+        let page = page_size();
+        let mut pages = Arc::new(Pages {
+            index: vec![1, 5],
+            slots: vec![0, 1],
+            data: vec![7u8; page * 2],
+        });
+        let mut memory = vec![0u8; page * 8];
+        memory[page..page * 2].fill(7);
+        memory[page * 5..page * 6].fill(7);
+        memory[page * 3] = 9; // written for the first time
+        Pages::sync(&mut pages, &memory);
+        let mut back = vec![0u8; page * 8];
+        pages.restore(&mut back);
+        assert_eq!(back, memory);
+        assert!(
+            pages.index.windows(2).all(|w| w[0] < w[1]),
+            "{:?}",
+            pages.index
+        );
     }
 
     #[test]
