@@ -334,7 +334,8 @@ pub async fn run(bench: &Bench) -> anyhow::Result<Figures> {
         manager.execute(&mut id, "x = 1").await?;
     }
     let opened = t.elapsed();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Past the second after which an idle session lets go of its rollback checkpoint.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     let after = private_bytes(pid)?;
     let per = after.saturating_sub(before) as f64 / bench.sessions as f64 / f64::from(1 << 20);
     let detail = format!(

@@ -31,6 +31,11 @@ use crate::{Error, Result};
 /// Turns that may wait behind a running one before an execute is refused as busy.
 pub const QUEUE_DEPTH: usize = 16;
 
+/// How long a session rests before it lets go of its rollback checkpoint (a copy of every
+/// page it wrote), so that idle sessions cost what they did without rollback; the next turn
+/// takes it again first.
+const CHECKPOINT_IDLE: Duration = Duration::from_secs(1);
+
 /// Bytes of history a session keeps; the oldest turns go first.
 pub const HISTORY_BYTES: usize = 1 << 20;
 /// Bytes of each of a turn's code, stdout, stderr and result that its history entry keeps.
@@ -935,6 +940,11 @@ impl Driver {
             let job = tokio::select! {
                 job = queue.recv() => job,
                 reason = stop_reason(stopped) => return reason,
+                () = tokio::time::sleep(CHECKPOINT_IDLE), if self.checkpoint.is_some() => {
+                    // Idle: the checkpoint would only double what the session holds.
+                    self.checkpoint = None;
+                    continue;
+                }
             };
             let mut job = match job {
                 None => return EndReason::Deleted, // every handle is gone
@@ -944,6 +954,13 @@ impl Driver {
                 }
                 Some(Job::Turn(turn)) => turn,
             };
+            if self.session.limits.rollback && self.checkpoint.is_none() {
+                self.checkpoint = Some(Checkpoint {
+                    pages: Arc::default(),
+                    memory_bytes: 0,
+                });
+                self.sync_checkpoint();
+            }
             if job.reply.is_closed() {
                 continue; // its caller left while it waited: nothing ran
             }
@@ -1004,7 +1021,7 @@ impl Driver {
     fn sync_checkpoint(&mut self) {
         if let Some(checkpoint) = &mut self.checkpoint {
             let memory = self.exports.memory.data(&self.store);
-            heavy(|| Pages::sync(&mut checkpoint.pages, memory));
+            Pages::sync(&mut checkpoint.pages, memory);
             checkpoint.memory_bytes = memory.len() as u64;
         }
     }

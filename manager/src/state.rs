@@ -83,11 +83,23 @@ pub fn written_pages(memory: &[u8]) -> Vec<u32> {
 /// Copies of some host pages of a linear memory: their numbers (ascending) and, for each,
 /// where its bytes are in `data` (pages added later go at its end, so that keeping a
 /// checkpoint up to date never moves or re-faults what it holds already).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Pages {
     index: Vec<u32>,
     slots: Vec<u32>,
     data: Vec<u8>,
+}
+
+impl Clone for Pages {
+    fn clone(&self) -> Self {
+        let mut data = bytes_with_room(self.data.len());
+        data.extend_from_slice(&self.data);
+        Self {
+            index: self.index.clone(),
+            slots: self.slots.clone(),
+            data,
+        }
+    }
 }
 
 impl PartialEq for Pages {
@@ -103,7 +115,7 @@ impl Pages {
     /// The pages of `memory` the guest wrote.
     pub fn capture(memory: &[u8]) -> Self {
         let index = written_pages(memory);
-        let mut data = Vec::with_capacity(index.len() * page_size());
+        let mut data = bytes_with_room(index.len() * page_size());
         for &i in &index {
             data.extend_from_slice(page_of(memory, i));
         }
@@ -161,6 +173,12 @@ impl Pages {
             return;
         }
         let first_slot = pages.index.len() as u32;
+        let needed = pages.data.len() + added.len() * page;
+        if pages.data.capacity() < needed.max(OWN_MAPPING) {
+            let mut grown = bytes_with_room(needed);
+            grown.extend_from_slice(&pages.data);
+            pages.data = grown;
+        }
         for &i in &added {
             pages.data.extend_from_slice(page_of(memory, i));
         }
@@ -178,6 +196,17 @@ impl Pages {
         let at = self.slots[n] as usize * page;
         &self.data[at..at + page]
     }
+}
+
+/// The least a copy of pages reserves (address space, not memory): above the largest size
+/// glibc's malloc serves from its heaps (32 MiB), so that each copy is a mapping of its own,
+/// given back to the kernel whole when it is dropped. Served from a heap, the copies an idle
+/// session lets go of would stay resident in it.
+const OWN_MAPPING: usize = 33 << 20;
+
+/// An empty buffer for at least `len` bytes, in a mapping of its own (see [`OWN_MAPPING`]).
+fn bytes_with_room(len: usize) -> Vec<u8> {
+    Vec::with_capacity(len.max(OWN_MAPPING))
 }
 
 fn page_of(memory: &[u8], i: u32) -> &[u8] {

@@ -388,6 +388,19 @@ async fn a_failed_turn_is_rolled_back_and_the_session_goes_on() {
         h.iter()
             .all(|e| e["duration_ms"].is_f64() && e["started_at"].is_string())
     );
+
+    // Rested past the second after which the checkpoint is let go: the next turn takes it
+    // again first, so a failure still goes back to just before it.
+    result(&id, "keep.append('after rest')").await;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let (_, v) = m
+        .post(
+            &format!("/v1/sessions/{id}/execute"),
+            json!({"code": "keep.clear()\nwhile True: pass", "timeout_ms": 300}),
+        )
+        .await;
+    assert_eq!(v["rollback_reason"], "deadline", "{v}");
+    assert_eq!(result(&id, "keep").await, "[1, 2, 3, 'after rest']");
 }
 
 #[tokio::test]
