@@ -416,8 +416,8 @@ impl Session {
     /// session's deadline for this turn; `sink` receives output as the guest writes it.
     ///
     /// Dropping the returned future stops the turn (or skips it while queued): a turn cut
-    /// short leaves the interpreter in no known state, so that ends the session, as a
-    /// deadline does.
+    /// short leaves the interpreter in no known state, so it is rolled back as after a
+    /// deadline (or, with `rollback: false`, ends the session).
     pub async fn execute(
         &self,
         code: String,
