@@ -29,10 +29,13 @@ FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/arl-manager /usr/local/bin/arl-manager
 # Owned by root and read-only to the manager (uid 65532).
 COPY --from=build /opt/arl/cache /opt/arl/cache
+# Snapshots go beside the workspaces, on the pod's writable volume (the cache is read-only);
+# mount a shared volume at ARL_SNAPSHOT_DIR for managers to restore each other's.
 ENV ARL_CACHE_DIR=/opt/arl/cache \
     ARL_LISTEN=0.0.0.0:8080 \
     ARL_GRPC_LISTEN=0.0.0.0:50051 \
-    ARL_DATA_DIR=/var/lib/arl
+    ARL_DATA_DIR=/var/lib/arl \
+    ARL_SNAPSHOT_DIR=/var/lib/arl/snapshots
 USER 65532:65532
 EXPOSE 8080 50051
 ENTRYPOINT ["arl-manager"]
