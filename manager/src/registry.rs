@@ -499,16 +499,29 @@ impl Registry {
     /// Frees a slot held by a warm session for a client's session (the manager is otherwise
     /// full); `Full` when there is none to give up.
     async fn evict_warm(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
-        let full = Error::Full(self.inner.config.max_sessions);
-        let victim = lock(&self.inner.warm)
-            .values_mut()
-            .find_map(VecDeque::pop_front)
-            .ok_or(full)?;
+        let full = || Error::Full(self.inner.config.max_sessions);
+        let waited = Instant::now();
+        let victim = loop {
+            let queued = lock(&self.inner.warm)
+                .values_mut()
+                .find_map(VecDeque::pop_front);
+            if let Some(victim) = queued {
+                break victim;
+            }
+            // A warm session still starting holds a slot too: it gives it up once queued.
+            if !self.inner.filling.load(Ordering::SeqCst) || waited.elapsed() > EVICT_WAIT {
+                return Err(full());
+            }
+            if let Ok(permit) = self.inner.slots.clone().try_acquire_owned() {
+                return Ok(permit);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
         victim.end(EndReason::Deleted);
         // The slot comes back once the victim's store is dropped, in a moment.
         match tokio::time::timeout(EVICT_WAIT, self.inner.slots.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok(permit),
-            _ => Err(Error::Full(self.inner.config.max_sessions)),
+            _ => Err(full()),
         }
     }
 

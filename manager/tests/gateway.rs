@@ -8,10 +8,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use arl_operator::fleet::{Fleet, Member};
+use arl_operator::fleet::Fleet;
 use arl_operator::gateway::{self, Gateway};
 use arl_operator::grpc::{self, GrpcGateway};
-use arl_operator::manager::{Endpoint, Managers};
+use arl_operator::manager::Managers;
 use arl_proto::v1 as pb;
 use arl_proto::v1::sessions_client::SessionsClient;
 use serde_json::{Value, json};
@@ -125,24 +125,10 @@ fn the_gateway_spreads_sessions_routes_by_id_and_answers_410_for_a_dead_manager(
         // The gateway as `arl-operator gateway --backend m1=...` runs it.
         let fleet = Fleet::default();
         for m in &managers {
-            fleet.upsert(Member {
-                name: m.name.clone(),
-                namespace: String::new(),
-                pool: String::new(),
-                runtime: None,
-                endpoint: Endpoint {
-                    http: m.base.clone(),
-                    token: Some(MANAGER_TOKEN.into()),
-                },
-                grpc: Some(m.grpc.clone()),
-                ready: true,
-                draining: false,
-                load: None,
-            });
+            fleet.upsert(m.member(Some(MANAGER_TOKEN)));
         }
         let polled = Managers::new();
         fleet.poll(&polled).await;
-        let poller = tokio::spawn(fleet.clone().poll_every(polled, Duration::from_millis(200)));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let router = gateway::router(Gateway::new(fleet.clone(), Some(GATEWAY_TOKEN)));
@@ -186,6 +172,9 @@ fn the_gateway_spreads_sessions_routes_by_id_and_answers_410_for_a_dead_manager(
             BTreeMap::from([("m1", 2), ("m2", 2), ("m3", 2)]),
             "{ids:?}"
         );
+        // Polled loads from here on (started after the spread: a read in flight during a
+        // create could answer the load from before it, and skew the placement under test).
+        let poller = tokio::spawn(fleet.clone().poll_every(polled, Duration::from_millis(200)));
 
         // Every call reaches the owner: state persists across turns, and only the owner
         // holds the session.

@@ -6,9 +6,9 @@
 //! It lives with the manager because that is the crate whose binary it runs.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
-use arl_operator::fleet::{Fleet, Member};
+use arl_operator::fleet::Fleet;
 use arl_operator::gateway::{self, Gateway};
-use arl_operator::manager::{Endpoint, Managers};
+use arl_operator::manager::Managers;
 use serde_json::{Value, json};
 
 mod common;
@@ -106,20 +106,7 @@ fn state_moves_between_manager_processes() {
         // Draining `a` hands its session to `b` through the gateway: export, import, delete.
         let fleet = Fleet::default();
         for m in [&a, &b] {
-            fleet.upsert(Member {
-                name: m.name.clone(),
-                namespace: String::new(),
-                pool: String::new(),
-                runtime: None,
-                endpoint: Endpoint {
-                    http: m.base.clone(),
-                    token: None,
-                },
-                grpc: None,
-                ready: true,
-                draining: false,
-                load: None,
-            });
+            fleet.upsert(m.member(None));
         }
         assert_eq!(
             post(format!("{}/v1/drain", a.base), json!(null)).await.0,

@@ -58,6 +58,26 @@ impl Manager {
     }
 }
 
+impl Manager {
+    /// This manager as a member of a gateway's fleet, ready, reached with `token`.
+    pub fn member(&self, token: Option<&str>) -> arl_operator::fleet::Member {
+        arl_operator::fleet::Member {
+            name: self.name.clone(),
+            namespace: String::new(),
+            pool: String::new(),
+            runtime: None,
+            endpoint: arl_operator::manager::Endpoint {
+                http: self.base.clone(),
+                token: token.map(str::to_owned),
+            },
+            grpc: Some(self.grpc.clone()),
+            ready: true,
+            draining: false,
+            load: None,
+        }
+    }
+}
+
 impl Drop for Manager {
     fn drop(&mut self) {
         let _ = self.child.kill();
