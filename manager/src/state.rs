@@ -137,11 +137,6 @@ impl Pages {
         }
     }
 
-    /// Bytes of memory the pages hold.
-    pub fn bytes(&self) -> u64 {
-        self.data.len() as u64
-    }
-
     /// Brings the copies in `pages` up to date with `memory`, which has only grown and been
     /// written since: pages that changed are copied again, pages written for the first time
     /// added. Copies shared with a capture still in use are left to it (copy on write).
