@@ -17,7 +17,6 @@ use cap_std::fs::Dir;
 use futures_util::{Stream, StreamExt};
 use tokio::io::AsyncWriteExt;
 
-use crate::session::Session;
 use crate::{Error, Result};
 
 /// Chunks a download is read and sent in (HTTP body frames, gRPC `FileChunk`s).
@@ -247,24 +246,24 @@ impl Workspace {
     }
 }
 
-/// Runs a blocking operation on `session`'s workspace off the async threads.
+/// Runs a blocking operation on `workspace` off the async threads.
 pub async fn on_workspace<T: Send + 'static>(
-    session: Arc<Session>,
+    workspace: Arc<Workspace>,
     f: impl FnOnce(&Workspace) -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    tokio::task::spawn_blocking(move || f(&session.workspace))
+    tokio::task::spawn_blocking(move || f(&workspace))
         .await
         .map_err(|e| Error::Io("a workspace task failed".into(), io::Error::other(e)))?
 }
 
-/// Writes `data` to `path` in `session`'s workspace: staged, counted against the quota as it
-/// arrives, and moved into place only when complete. Also says whether a file was replaced.
+/// Writes `data` to `path` in `workspace`: staged, counted against the quota as it arrives,
+/// and moved into place only when complete. Also says whether a file was replaced.
 pub async fn upload(
-    session: Arc<Session>,
+    workspace: Arc<Workspace>,
     path: String,
     data: impl Stream<Item = Result<Bytes>> + Send,
 ) -> Result<(Entry, bool)> {
-    let (upload, file) = on_workspace(session.clone(), move |w| w.begin(&path)).await?;
+    let (upload, file) = on_workspace(workspace.clone(), move |w| w.begin(&path)).await?;
     let replaces = upload.replaces;
     let mut file = tokio::fs::File::from_std(file);
     let copied = async {
@@ -274,7 +273,7 @@ pub async fn upload(
             let chunk = chunk?;
             written += chunk.len() as u64;
             if written > upload.budget {
-                return Err(Error::QuotaExceeded(session.workspace.quota()));
+                return Err(Error::QuotaExceeded(workspace.quota()));
             }
             file.write_all(&chunk)
                 .await
@@ -288,11 +287,11 @@ pub async fn upload(
     drop(file);
     match copied {
         Ok(()) => {
-            let entry = on_workspace(session, move |w| w.commit(upload)).await?;
+            let entry = on_workspace(workspace, move |w| w.commit(upload)).await?;
             Ok((entry, replaces))
         }
         Err(e) => {
-            on_workspace(session, move |w| {
+            on_workspace(workspace, move |w| {
                 w.abort(upload);
                 Ok(())
             })

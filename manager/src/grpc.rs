@@ -7,18 +7,19 @@ use std::time::Duration;
 
 use arl_proto::v1 as pb;
 use arl_proto::v1::sessions_server::{Sessions, SessionsServer};
+use arl_serve::Bearer;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use tonic::{Code, Request, Response, Status, Streaming};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::auth::Auth;
 use crate::files::{self, Entry, READ_CHUNK, on_workspace};
+use crate::metrics::Load;
 use crate::output;
-use crate::registry::{CreateRequest, Load, Registry};
+use crate::registry::{CreateRequest, Registry};
 use crate::session::{HistoryEntry, Info, Limits, Outcome, TurnEvent};
-use crate::state::SnapshotInfo;
+use crate::snapshots::SnapshotInfo;
 use crate::{Error, Result, rfc3339};
 
 /// The name health checks use for the session service.
@@ -59,7 +60,7 @@ impl SessionService {
     /// The service behind the bearer-token check, with messages up to `max_message` bytes.
     pub fn server(
         self,
-        auth: Auth,
+        auth: Bearer,
         max_message: usize,
     ) -> tonic::service::interceptor::InterceptedService<
         SessionsServer<SessionService>,
@@ -68,16 +69,10 @@ impl SessionService {
         let server = SessionsServer::new(self)
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
-        tonic::service::interceptor::InterceptedService::new(server, move |request: Request<()>| {
-            let header = request.metadata().get("authorization");
-            if auth.allows(header.map(|v| v.as_bytes())) {
-                Ok(request)
-            } else {
-                Err(Status::unauthenticated(
-                    "this manager needs `authorization: Bearer <token>` metadata (its --auth-token)",
-                ))
-            }
-        })
+        let check = auth.interceptor(
+            "this manager needs `authorization: Bearer <token>` metadata (its --auth-token)",
+        );
+        tonic::service::interceptor::InterceptedService::new(server, check)
     }
 }
 
@@ -168,7 +163,7 @@ fn session(i: Info) -> pb::Session {
     pb::Session {
         id: i.id,
         runtime: i.runtime,
-        state: i.phase.name().into(),
+        state: i.state.name().into(),
         created_at: rfc3339(i.created_at),
         last_used_at: rfc3339(i.last_used_at),
         executions: i.executions,
@@ -266,24 +261,28 @@ impl Sessions for SessionService {
         request: Request<pb::ExecuteRequest>,
     ) -> Result<Response<Self::ExecuteStream>, Status> {
         let r = request.into_inner();
-        let timeout = self.registry.check_timeout(r.timeout_ms).map_err(status)?;
-        let target = self.registry.get(&r.session_id).map_err(status)?;
+        let target = (self.registry)
+            .target(&r.session_id, r.timeout_ms)
+            .map_err(status)?;
         // tonic drops the stream when the client cancels, which stops the turn.
-        let events = target.execute_streaming(r.code, timeout).map(|event| {
-            use pb::execute_event::Event;
-            let event = match event {
-                TurnEvent::Output(chunk) => Event::Output(pb::OutputChunk {
-                    stream: match chunk.stream {
-                        output::Stream::Stdout => pb::Stream::Stdout,
-                        output::Stream::Stderr => pb::Stream::Stderr,
-                    } as i32,
-                    data: chunk.data.to_vec(),
-                }),
-                TurnEvent::Done(Ok(outcome)) => Event::Result(result(outcome)),
-                TurnEvent::Done(Err(e)) => return Err(status(e)),
-            };
-            Ok(pb::ExecuteEvent { event: Some(event) })
-        });
+        let events = target
+            .session
+            .execute_streaming(r.code, target.timeout)
+            .map(|event| {
+                use pb::execute_event::Event;
+                let event = match event {
+                    TurnEvent::Output(chunk) => Event::Output(pb::OutputChunk {
+                        stream: match chunk.stream {
+                            output::Stream::Stdout => pb::Stream::Stdout,
+                            output::Stream::Stderr => pb::Stream::Stderr,
+                        } as i32,
+                        data: chunk.data.to_vec(),
+                    }),
+                    TurnEvent::Done(Ok(outcome)) => Event::Result(result(outcome)),
+                    TurnEvent::Done(Err(e)) => return Err(status(e)),
+                };
+                Ok(pb::ExecuteEvent { event: Some(event) })
+            });
         Ok(Response::new(Box::pin(events)))
     }
 
@@ -326,7 +325,9 @@ impl Sessions for SessionService {
                 Ok(Bytes::from(msg.data))
             }),
         );
-        let (written, _) = files::upload(target, path, data).await.map_err(status)?;
+        let (written, _) = files::upload(target.workspace.clone(), path, data)
+            .await
+            .map_err(status)?;
         Ok(Response::new(entry(written)))
     }
 
@@ -338,7 +339,7 @@ impl Sessions for SessionService {
     ) -> Result<Response<Self::ReadFileStream>, Status> {
         let r = request.into_inner();
         let target = self.registry.get(&r.session_id).map_err(status)?;
-        let (file, _) = on_workspace(target, move |w| w.open_file(&r.path))
+        let (file, _) = on_workspace(target.workspace.clone(), move |w| w.open_file(&r.path))
             .await
             .map_err(status)?;
         let chunks = tokio_util::io::ReaderStream::with_capacity(
@@ -360,7 +361,7 @@ impl Sessions for SessionService {
     ) -> Result<Response<pb::ListFilesResponse>, Status> {
         let r = request.into_inner();
         let target = self.registry.get(&r.session_id).map_err(status)?;
-        let entries = on_workspace(target, move |w| w.list(&r.path))
+        let entries = on_workspace(target.workspace.clone(), move |w| w.list(&r.path))
             .await
             .map_err(status)?;
         Ok(Response::new(pb::ListFilesResponse {
@@ -374,7 +375,7 @@ impl Sessions for SessionService {
     ) -> Result<Response<pb::DeleteFileResponse>, Status> {
         let r = request.into_inner();
         let target = self.registry.get(&r.session_id).map_err(status)?;
-        on_workspace(target, move |w| w.delete(&r.path))
+        on_workspace(target.workspace.clone(), move |w| w.delete(&r.path))
             .await
             .map_err(status)?;
         Ok(Response::new(pb::DeleteFileResponse {}))

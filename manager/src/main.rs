@@ -255,7 +255,7 @@ async fn run(serve: Serve) -> anyhow::Result<()> {
         registry.clone(),
         listeners,
         options,
-        shutdown_signal(),
+        arl_serve::stop_signal(),
     ));
     match load.await? {
         Ok(()) => tracing::info!("the Python runtime is ready"),
@@ -264,25 +264,4 @@ async fn run(serve: Serve) -> anyhow::Result<()> {
     served.await??;
     tracing::info!("stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = interrupt => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = interrupt.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = interrupt.await;
 }

@@ -2,7 +2,7 @@
 //!
 //! The names are the constants below; the README lists them. Counters are recorded where
 //! things happen (the registry, the session task, the HTTP layer); gauges are read from the
-//! registry's [`Load`](crate::registry::Load) at each scrape.
+//! registry's [`Load`] at each scrape.
 
 use std::time::Duration;
 
@@ -12,8 +12,20 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
-use crate::EndReason;
-use crate::registry::Load;
+use crate::session::EndReason;
+
+/// How loaded a manager is: what the operator scales and places on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct Load {
+    /// Live sessions.
+    pub sessions: u64,
+    /// Sessions this manager can hold at once.
+    pub capacity: u64,
+    /// Linear memory of the live sessions, summed.
+    pub memory_bytes: u64,
+    /// Whether new sessions are refused.
+    pub draining: bool,
+}
 
 /// Live sessions.
 pub const SESSIONS_ACTIVE: &str = "arl_sessions_active";

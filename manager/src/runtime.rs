@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use arl_runtimes::{ModuleCache, Mount, Progress, Protocol};
 use wasmtime::{Caller, Extern, InstancePre, Linker, Module};
 
-use crate::session::SessionState;
+use crate::session::store::SessionState;
 use crate::{Error, Result};
 
 /// Largest report frame a guest may send through the door.
@@ -87,7 +87,7 @@ impl Runtime {
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut SessionState| &mut s.wasi)
             .map_err(Error::Engine)?;
         linker
-            .func_wrap("host", "call", door::<SessionState>)
+            .func_wrap("host", "call", host_call::<SessionState>)
             .map_err(Error::Engine)?;
         let pre = linker.instantiate_pre(&module).map_err(Error::Engine)?;
         Ok(Self {
@@ -138,7 +138,7 @@ impl Reports for SessionState {
 
 /// `host::call(ptr, len, out_ptr_ptr, out_len_ptr) -> 0 | -2`: the guest hands the host one
 /// frame, its turn's report; the answer is empty.
-pub(crate) fn door<T: Reports + 'static>(
+pub(crate) fn host_call<T: Reports + 'static>(
     mut caller: Caller<'_, T>,
     ptr: i32,
     len: i32,

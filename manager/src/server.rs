@@ -8,11 +8,11 @@
 use std::io;
 use std::time::Duration;
 
+use arl_serve::Bearer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api::{self, RouterOptions};
-use crate::auth::Auth;
 use crate::grpc::{self, SessionService};
 use crate::registry::Registry;
 
@@ -54,7 +54,7 @@ pub async fn run(
     options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send,
 ) -> io::Result<()> {
-    let auth = Auth::new(options.auth_token.as_deref());
+    let auth = Bearer::new(options.auth_token.as_deref());
     let (stop, stopping) = watch::channel(false);
     let stopped = move || {
         let mut stopping = stopping.clone();
@@ -66,16 +66,15 @@ pub async fn run(
         registry.clone(),
         RouterOptions {
             body_limit: options.body_limit,
-            auth: auth.clone(),
+            auth,
         },
     );
-    let http = tokio::spawn(api::serve(listeners.http, router, stopped()));
+    let http = tokio::spawn(arl_serve::serve_http(listeners.http, router, stopped()));
     let grpc = listeners.grpc.map(|listener| {
         let (reporter, health) = tonic_health::server::health_reporter();
         tokio::spawn(grpc::report_health(registry.clone(), reporter, stopped()));
         let sessions = SessionService::new(registry.clone()).server(auth, options.body_limit);
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming = arl_serve::grpc_incoming(listener);
         let served = tonic::transport::Server::builder()
             .add_service(health)
             .add_service(sessions)

@@ -132,7 +132,11 @@ fn the_gateway_spreads_sessions_routes_by_id_and_answers_410_for_a_dead_manager(
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let router = gateway::router(Gateway::new(fleet.clone(), Some(GATEWAY_TOKEN)));
-        let served = tokio::spawn(gateway::serve(listener, router, std::future::pending()));
+        let served = tokio::spawn(arl_serve::serve_http(
+            listener,
+            router,
+            std::future::pending(),
+        ));
         let client = Client {
             http: reqwest::Client::new(),
             base: base.clone(),

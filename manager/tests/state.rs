@@ -116,7 +116,11 @@ fn state_moves_between_manager_processes() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let gw = format!("http://{}", listener.local_addr().unwrap());
         let router = gateway::router(Gateway::new(fleet.clone(), None));
-        let served = tokio::spawn(gateway::serve(listener, router, std::future::pending()));
+        let served = tokio::spawn(arl_serve::serve_http(
+            listener,
+            router,
+            std::future::pending(),
+        ));
 
         let exported = reqwest::Client::new()
             .post(format!("{gw}/v1/sessions/{id}/export"))

@@ -121,7 +121,7 @@ pub fn plan(
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)] // tests
+    #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
     use crate::crd::PoolRuntime;
 

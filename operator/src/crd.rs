@@ -4,7 +4,10 @@
 //! crdgen`; a test fails when the checked-in YAML differs, so regenerate after a change.
 
 // `printcolumn(..)` repeats `type_ = ..`, which clippy takes for a repeated attribute.
-#![allow(clippy::duplicated_attributes)]
+#![allow(
+    clippy::duplicated_attributes,
+    reason = "kube's derive repeats attributes"
+)]
 
 use std::collections::BTreeMap;
 
@@ -19,6 +22,12 @@ pub const GROUP: &str = "arl.infra.io";
 pub const POOL_LABEL: &str = "arl.infra.io/pool";
 /// Finalizer that ends a Sandbox's session before the Sandbox goes.
 pub const SESSION_FINALIZER: &str = "arl.infra.io/session";
+/// Annotation a manager pod carries while it drains: since when (RFC 3339).
+pub const DRAINING_ANNOTATION: &str = "arl.infra.io/draining-since";
+/// Annotation naming the runtime a manager pod serves.
+pub const RUNTIME_ANNOTATION: &str = "arl.infra.io/runtime";
+/// Name of the manager container in a pool's pods, and of its ports.
+pub const MANAGER_CONTAINER: &str = "manager";
 
 /// A pool of `arl-manager` pods kept warm, scaled on session load.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]

@@ -7,14 +7,9 @@ use std::time::{Instant, SystemTime};
 
 use k8s_openapi::api::core::v1::Pod;
 
-use crate::crd::POOL_LABEL;
+use crate::crd::{DRAINING_ANNOTATION, MANAGER_CONTAINER, POOL_LABEL, RUNTIME_ANNOTATION};
 use crate::manager::{Endpoint, Load, Managers};
 use crate::token::TokenKey;
-
-/// Annotation a pod carries while it drains: since when (RFC 3339).
-pub const DRAINING_ANNOTATION: &str = "arl.infra.io/draining-since";
-/// Name of the manager container and of its ports.
-pub const MANAGER_CONTAINER: &str = "manager";
 
 /// One manager.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,7 +84,7 @@ impl Member {
         let runtime = meta
             .annotations
             .as_ref()
-            .and_then(|a| a.get(crate::pods::RUNTIME_ANNOTATION))
+            .and_then(|a| a.get(RUNTIME_ANNOTATION))
             .cloned();
         Some(Self {
             endpoint: Endpoint {

@@ -12,6 +12,7 @@
 
 use std::time::Duration;
 
+use arl_serve::Bearer;
 use axum::Router;
 use axum::body::{Body, Bytes, HttpBody as _};
 use axum::extract::{Query, Request, State};
@@ -23,7 +24,6 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::fleet::{Fleet, Member, Unplaced};
-use crate::token::ClientToken;
 
 /// Request bodies of at most this many bytes are read whole before they are forwarded.
 const WHOLE_BODY: u64 = 64 << 10;
@@ -45,7 +45,7 @@ const PASSED: [header::HeaderName; 5] = [
 pub struct Gateway {
     fleet: Fleet,
     http: reqwest::Client,
-    token: Option<ClientToken>,
+    token: Bearer,
 }
 
 impl Gateway {
@@ -60,7 +60,7 @@ impl Gateway {
         Self {
             fleet,
             http,
-            token: token.map(ClientToken::new),
+            token: Bearer::new(token),
         }
     }
 }
@@ -93,29 +93,12 @@ pub fn router(gateway: Gateway) -> Router {
         .with_state(gateway)
 }
 
-/// Serves `router` on `listener` with TCP_NODELAY until `shutdown`.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::warn!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
-}
-
 async fn authenticate(State(gateway): State<Gateway>, request: Request, next: Next) -> Response {
     let given = request
         .headers()
         .get(header::AUTHORIZATION)
         .map(HeaderValue::as_bytes);
-    if gateway.token.is_none_or(|token| token.allows(given)) {
+    if gateway.token.allows(given) {
         return next.run(request).await;
     }
     let mut response = error(

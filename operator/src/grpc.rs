@@ -11,13 +11,13 @@ use std::sync::{Arc, Mutex};
 use arl_proto::v1 as pb;
 use arl_proto::v1::sessions_client::SessionsClient;
 use arl_proto::v1::sessions_server::{Sessions, SessionsServer};
+use arl_serve::Bearer;
 use futures_util::Stream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::fleet::{Fleet, Member, Unplaced};
 use crate::gateway::owner;
-use crate::token::ClientToken;
 
 /// Largest gRPC message passed through (a manager's default body limit).
 const MAX_MESSAGE: usize = 16 << 20;
@@ -54,23 +54,12 @@ impl GrpcGateway {
         SessionsServer<GrpcGateway>,
         impl tonic::service::Interceptor + Clone + use<>,
     > {
-        let expected = token.map(ClientToken::new);
         let server = SessionsServer::new(self)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
-        tonic::service::interceptor::InterceptedService::new(server, move |request: Request<()>| {
-            let given = request
-                .metadata()
-                .get("authorization")
-                .map(|v| v.as_bytes());
-            if expected.is_none_or(|token| token.allows(given)) {
-                Ok(request)
-            } else {
-                Err(Status::unauthenticated(
-                    "send the gateway's token as `authorization: Bearer <token>` metadata",
-                ))
-            }
-        })
+        let check = Bearer::new(token)
+            .interceptor("send the gateway's token as `authorization: Bearer <token>` metadata");
+        tonic::service::interceptor::InterceptedService::new(server, check)
     }
 
     /// A client for `member`'s gRPC API.
@@ -122,6 +111,28 @@ impl GrpcGateway {
         let client = self.client(&member)?;
         Ok((member, client))
     }
+
+    /// Makes `call` with `message` on the manager that owns session `id`: every routed call
+    /// but a client-streamed upload goes through here.
+    async fn relay<M, T, F, Fut>(
+        &self,
+        id: &str,
+        message: M,
+        call: F,
+    ) -> Result<Response<T>, Status>
+    where
+        F: FnOnce(SessionsClient<Channel>, Request<M>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let (member, client) = self.owner_of(id)?;
+        let result = call(client, Self::to(&member, message)?).await;
+        relayed(result, &member, &self.fleet, id)
+    }
+}
+
+/// A manager's server stream, passed on message by message.
+fn streamed<T: Send + 'static>(response: Response<Streaming<T>>) -> Response<EventStream<T>> {
+    Response::new(Box::pin(response.into_inner()))
 }
 
 fn gone(pod: &str, id: &str, what: &str) -> Status {
@@ -176,10 +187,13 @@ impl Sessions for GrpcGateway {
         request: Request<pb::GetSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
         let message = request.into_inner();
-        let (member, mut client) = self.owner_of(&message.id)?;
         let id = message.id.clone();
-        let result = client.get_session(Self::to(&member, message)?).await;
-        relayed(result, &member, &self.fleet, &id)
+        self.relay(
+            &id,
+            message,
+            |mut c, r| async move { c.get_session(r).await },
+        )
+        .await
     }
 
     async fn list_sessions(
@@ -216,10 +230,13 @@ impl Sessions for GrpcGateway {
         request: Request<pb::DeleteSessionRequest>,
     ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
         let message = request.into_inner();
-        let (member, mut client) = self.owner_of(&message.id)?;
         let id = message.id.clone();
-        let result = client.delete_session(Self::to(&member, message)?).await;
-        relayed(result, &member, &self.fleet, &id)
+        self.relay(
+            &id,
+            message,
+            |mut c, r| async move { c.delete_session(r).await },
+        )
+        .await
     }
 
     type ExecuteStream = EventStream<pb::ExecuteEvent>;
@@ -229,11 +246,10 @@ impl Sessions for GrpcGateway {
         request: Request<pb::ExecuteRequest>,
     ) -> Result<Response<Self::ExecuteStream>, Status> {
         let message = request.into_inner();
-        let (member, mut client) = self.owner_of(&message.session_id)?;
         let id = message.session_id.clone();
-        let result = client.execute(Self::to(&member, message)?).await;
-        let events = relayed(result, &member, &self.fleet, &id)?.into_inner();
-        Ok(Response::new(Box::pin(events) as Self::ExecuteStream))
+        self.relay(&id, message, |mut c, r| async move { c.execute(r).await })
+            .await
+            .map(streamed)
     }
 
     async fn write_file(
@@ -286,11 +302,10 @@ impl Sessions for GrpcGateway {
         request: Request<pb::ReadFileRequest>,
     ) -> Result<Response<Self::ReadFileStream>, Status> {
         let message = request.into_inner();
-        let (member, mut client) = self.owner_of(&message.session_id)?;
         let id = message.session_id.clone();
-        let result = client.read_file(Self::to(&member, message)?).await;
-        let chunks = relayed(result, &member, &self.fleet, &id)?.into_inner();
-        Ok(Response::new(Box::pin(chunks) as Self::ReadFileStream))
+        self.relay(&id, message, |mut c, r| async move { c.read_file(r).await })
+            .await
+            .map(streamed)
     }
 
     async fn list_files(
@@ -298,10 +313,13 @@ impl Sessions for GrpcGateway {
         request: Request<pb::ListFilesRequest>,
     ) -> Result<Response<pb::ListFilesResponse>, Status> {
         let message = request.into_inner();
-        let (member, mut client) = self.owner_of(&message.session_id)?;
         let id = message.session_id.clone();
-        let result = client.list_files(Self::to(&member, message)?).await;
-        relayed(result, &member, &self.fleet, &id)
+        self.relay(
+            &id,
+            message,
+            |mut c, r| async move { c.list_files(r).await },
+        )
+        .await
     }
 
     async fn delete_file(
@@ -309,10 +327,13 @@ impl Sessions for GrpcGateway {
         request: Request<pb::DeleteFileRequest>,
     ) -> Result<Response<pb::DeleteFileResponse>, Status> {
         let message = request.into_inner();
-        let (member, mut client) = self.owner_of(&message.session_id)?;
         let id = message.session_id.clone();
-        let result = client.delete_file(Self::to(&member, message)?).await;
-        relayed(result, &member, &self.fleet, &id)
+        self.relay(
+            &id,
+            message,
+            |mut c, r| async move { c.delete_file(r).await },
+        )
+        .await
     }
 
     async fn get_load(&self, _: Request<pb::GetLoadRequest>) -> Result<Response<pb::Load>, Status> {
@@ -338,11 +359,14 @@ impl Sessions for GrpcGateway {
         request: Request<pb::GetHistoryRequest>,
     ) -> Result<Response<Self::GetHistoryStream>, Status> {
         let message = request.into_inner();
-        let (member, mut client) = self.owner_of(&message.session_id)?;
         let id = message.session_id.clone();
-        let result = client.get_history(Self::to(&member, message)?).await;
-        let entries = relayed(result, &member, &self.fleet, &id)?.into_inner();
-        Ok(Response::new(Box::pin(entries) as Self::GetHistoryStream))
+        self.relay(
+            &id,
+            message,
+            |mut c, r| async move { c.get_history(r).await },
+        )
+        .await
+        .map(streamed)
     }
 
     async fn fork_session(
@@ -350,10 +374,13 @@ impl Sessions for GrpcGateway {
         request: Request<pb::ForkSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
         let message = request.into_inner();
-        let (member, mut client) = self.owner_of(&message.id)?;
         let id = message.id.clone();
-        let result = client.fork_session(Self::to(&member, message)?).await;
-        relayed(result, &member, &self.fleet, &id)
+        self.relay(
+            &id,
+            message,
+            |mut c, r| async move { c.fork_session(r).await },
+        )
+        .await
     }
 
     async fn snapshot_session(
@@ -361,10 +388,11 @@ impl Sessions for GrpcGateway {
         request: Request<pb::SnapshotSessionRequest>,
     ) -> Result<Response<pb::Snapshot>, Status> {
         let message = request.into_inner();
-        let (member, mut client) = self.owner_of(&message.id)?;
         let id = message.id.clone();
-        let result = client.snapshot_session(Self::to(&member, message)?).await;
-        relayed(result, &member, &self.fleet, &id)
+        self.relay(&id, message, |mut c, r| async move {
+            c.snapshot_session(r).await
+        })
+        .await
     }
 
     async fn get_snapshot(
@@ -419,11 +447,14 @@ impl Sessions for GrpcGateway {
         request: Request<pb::ExportSessionRequest>,
     ) -> Result<Response<Self::ExportSessionStream>, Status> {
         let message = request.into_inner();
-        let (member, mut client) = self.owner_of(&message.id)?;
         let id = message.id.clone();
-        let result = client.export_session(Self::to(&member, message)?).await;
-        let chunks = relayed(result, &member, &self.fleet, &id)?.into_inner();
-        Ok(Response::new(Box::pin(chunks) as Self::ExportSessionStream))
+        self.relay(
+            &id,
+            message,
+            |mut c, r| async move { c.export_session(r).await },
+        )
+        .await
+        .map(streamed)
     }
 
     /// Placed like a create (the runtime from `arl-runtime` metadata, `python` without it):
@@ -566,7 +597,7 @@ pub async fn serve(
             .set_service_status(name, tonic_health::ServingStatus::Serving)
             .await;
     }
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = arl_serve::grpc_incoming(listener);
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(gateway.server(token))

@@ -135,25 +135,6 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
-async fn stop_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => return std::future::pending().await,
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-}
-
 /// Serves the gateway over `fleet`, HTTP and gRPC, until SIGTERM or Ctrl-C.
 async fn serve_gateway(fleet: Fleet, common: &Common) -> anyhow::Result<()> {
     let bind = |addr: SocketAddr| async move {
@@ -175,11 +156,11 @@ async fn serve_gateway(fleet: Fleet, common: &Common) -> anyhow::Result<()> {
     };
     let token = common.auth_token.as_deref();
     let router = gateway::router(Gateway::new(fleet.clone(), token));
-    let http = gateway::serve(http, router, stopped());
+    let http = arl_serve::serve_http(http, router, stopped());
     let grpc = grpc::serve(grpc, GrpcGateway::new(fleet), token, stopped());
     let grace = Duration::from_secs(common.shutdown_grace_secs);
     let deadline = async move {
-        stop_signal().await;
+        arl_serve::stop_signal().await;
         let _ = stop.send(true);
         tokio::time::sleep(grace).await;
     };

@@ -11,12 +11,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 
-use crate::crd::{POOL_LABEL, WarmPool};
-use crate::fleet::MANAGER_CONTAINER;
+use crate::crd::{MANAGER_CONTAINER, POOL_LABEL, RUNTIME_ANNOTATION, WarmPool};
 use crate::token::TokenKey;
 
-/// Annotation naming the runtime a pod serves, for the gateway's placement.
-pub const RUNTIME_ANNOTATION: &str = "arl.infra.io/runtime";
 /// Port of the manager's HTTP API in a pod.
 pub const HTTP_PORT: i32 = 8080;
 /// Port of its gRPC API.
@@ -233,9 +230,10 @@ pub fn manager_pod(pool: &WarmPool, default_image: &str) -> Pod {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)] // tests
+    #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
     use super::*;
-    use crate::fleet::{DRAINING_ANNOTATION, Member};
+    use crate::crd::DRAINING_ANNOTATION;
+    use crate::fleet::Member;
     use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
     use serde_json::json;
 

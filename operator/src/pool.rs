@@ -14,8 +14,8 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use crate::autoscale::{self, PodView};
-use crate::crd::{POOL_LABEL, WarmPool, WarmPoolStatus};
-use crate::fleet::{DRAINING_ANNOTATION, draining_since};
+use crate::crd::{DRAINING_ANNOTATION, POOL_LABEL, WarmPool, WarmPoolStatus};
+use crate::fleet::draining_since;
 use crate::pods::{manager_pod, selector, token_secret, token_secret_name};
 use crate::{Context, Error, Result, rfc3339};
 

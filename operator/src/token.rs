@@ -5,32 +5,7 @@
 //! pods. The operator therefore needs to write Secrets but never to read one.
 
 use hmac::{Hmac, Mac};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
-
-/// The bearer token the gateway's clients must present, kept as its digest and compared in
-/// constant time, over HTTP and gRPC alike.
-#[derive(Clone, Copy)]
-pub struct ClientToken([u8; 32]);
-
-impl std::fmt::Debug for ClientToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ClientToken(..)")
-    }
-}
-
-impl ClientToken {
-    pub fn new(token: &str) -> Self {
-        Self(Sha256::digest(token.as_bytes()).into())
-    }
-
-    /// Whether an `Authorization` header value is `Bearer <this token>`.
-    pub fn allows(&self, authorization: Option<&[u8]>) -> bool {
-        authorization
-            .and_then(|v| v.strip_prefix(b"Bearer "))
-            .is_some_and(|t| bool::from(Sha256::digest(t).as_slice().ct_eq(&self.0)))
-    }
-}
+use sha2::Sha256;
 
 /// The key tokens derive from (`ARL_TOKEN_KEY`).
 #[derive(Clone)]
@@ -71,24 +46,8 @@ impl TokenKey {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)] // tests
+    #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
-
-    #[test]
-    fn a_client_token_allows_only_itself_as_a_bearer() {
-        let token = ClientToken::new("s3cret");
-        assert!(token.allows(Some(b"Bearer s3cret")));
-        for wrong in [
-            &b"Bearer s3cre"[..],
-            b"Bearer s3cret ",
-            b"bearer s3cret",
-            b"s3cret",
-            b"",
-        ] {
-            assert!(!token.allows(Some(wrong)), "{wrong:?}");
-        }
-        assert!(!token.allows(None));
-    }
 
     #[test]
     fn tokens_are_stable_and_differ_by_pool_and_key() {

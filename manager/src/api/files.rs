@@ -77,7 +77,7 @@ pub async fn upload(
     let data = body.into_data_stream().map(|chunk| {
         chunk.map_err(|e| Error::InvalidRequest(format!("reading the request body: {e}")))
     });
-    let (entry, replaced) = files::upload(session, path, data).await?;
+    let (entry, replaced) = files::upload(session.workspace.clone(), path, data).await?;
     let status = if replaced {
         StatusCode::OK
     } else {
@@ -103,7 +103,7 @@ pub async fn download(
     Path((id, path)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     let session = registry.get(&id)?;
-    let (file, len) = on_workspace(session, move |w| w.open_file(&path)).await?;
+    let (file, len) = on_workspace(session.workspace.clone(), move |w| w.open_file(&path)).await?;
     let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
         tokio::fs::File::from_std(file),
         files::READ_CHUNK,
@@ -135,7 +135,7 @@ pub async fn remove(
     Path((id, path)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
     let session = registry.get(&id)?;
-    on_workspace(session, move |w| w.delete(&path)).await?;
+    on_workspace(session.workspace.clone(), move |w| w.delete(&path)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -156,7 +156,7 @@ pub async fn list(
     let session = registry.get(&id)?;
     let path = query.path.unwrap_or_default();
     let dir = path.clone();
-    let entries = on_workspace(session, move |w| w.list(&dir)).await?;
+    let entries = on_workspace(session.workspace.clone(), move |w| w.list(&dir)).await?;
     Ok(Json(FileList {
         path,
         entries: entries.into_iter().map(Into::into).collect(),

@@ -11,6 +11,7 @@ mod rlm;
 mod sessions;
 mod snapshots;
 
+use arl_serve::Bearer;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -25,7 +26,6 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::auth::Auth;
 use crate::registry::Registry;
 use crate::{EndReason, Error};
 
@@ -42,14 +42,14 @@ pub struct RouterOptions {
     /// Largest JSON request body, in bytes.
     pub body_limit: usize,
     /// The token every route but the probes needs.
-    pub auth: Auth,
+    pub auth: Bearer,
 }
 
 impl Default for RouterOptions {
     fn default() -> Self {
         Self {
             body_limit: DEFAULT_BODY_LIMIT,
-            auth: Auth::new(None),
+            auth: Bearer::default(),
         }
     }
 }
@@ -357,23 +357,4 @@ async fn method_not_allowed() -> ApiError {
         "method_not_allowed",
         "this route does not take that method",
     )
-}
-
-/// Serves `router` on `listener` with TCP_NODELAY on every connection (small JSON answers
-/// must not wait for delayed ACKs), until `shutdown` resolves; then waits for the requests in
-/// flight.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::warn!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
 }

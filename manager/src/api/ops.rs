@@ -8,7 +8,8 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use super::{ApiResult, ErrorBody};
-use crate::registry::{Load, Registry};
+use crate::metrics::Load;
+use crate::registry::Registry;
 use crate::{Error, metrics};
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]

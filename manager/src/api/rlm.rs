@@ -10,9 +10,8 @@ use axum::http::StatusCode;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::sessions::prepare;
 use super::{ApiResult, ErrorBody, parse};
-use crate::registry::{CreateRequest, Registry};
+use crate::registry::{CreateRequest, Registry, Target};
 use crate::rfc3339;
 
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
@@ -104,7 +103,7 @@ pub async fn execute(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<RlmExecuted>> {
     let request: RlmExecute = parse(body, false)?;
-    let (session, timeout) = prepare(&registry, &id, request.timeout_ms)?;
+    let Target { session, timeout } = registry.target(&id, request.timeout_ms)?;
     let o = session.execute(request.code, timeout, None).await?;
     let mut output = o.stdout.clone();
     if let Some(result) = &o.result {
@@ -182,7 +181,7 @@ pub async fn list(State(registry): State<Registry>) -> Json<RlmSessions> {
         .map(|i| RlmSession {
             session_id: i.id,
             runtime: i.runtime,
-            state: i.phase.name(),
+            state: i.state.name(),
             created_at: rfc3339(i.created_at),
             executions: i.executions,
         })

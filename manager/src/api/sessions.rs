@@ -2,7 +2,6 @@
 //! Events when the client accepts `text/event-stream`).
 
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
@@ -18,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::{ApiError, ApiResult, ErrorBody, parse};
 use crate::Result;
 use crate::output::Stream;
-use crate::registry::{CreateRequest, Registry};
+use crate::registry::{CreateRequest, Registry, Target};
 use crate::rfc3339;
 use crate::session::{Info, Limits, Outcome, Session, TurnEvent, TurnStream};
 
@@ -74,7 +73,7 @@ impl From<Info> for SessionView {
         Self {
             id: i.id,
             runtime: i.runtime,
-            state: i.phase.name(),
+            state: i.state.name(),
             created_at: rfc3339(i.created_at),
             last_used_at: rfc3339(i.last_used_at),
             executions: i.executions,
@@ -218,16 +217,6 @@ impl From<Outcome> for ExecuteResponse {
     }
 }
 
-/// The session and deadline of an execute request, checked.
-pub(super) fn prepare(
-    registry: &Registry,
-    id: &str,
-    timeout_ms: Option<u64>,
-) -> Result<(Arc<Session>, Option<Duration>)> {
-    let timeout = registry.check_timeout(timeout_ms)?;
-    Ok((registry.get(id)?, timeout))
-}
-
 /// Runs code as the session's next turn.
 ///
 /// With `Accept: text/event-stream` the answer is a stream of Server-Sent Events: `stdout` and
@@ -254,7 +243,7 @@ pub async fn execute(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let request: ExecuteRequest = parse(body, false)?;
-    let (session, timeout) = prepare(&registry, &id, request.timeout_ms)?;
+    let Target { session, timeout } = registry.target(&id, request.timeout_ms)?;
     if wants_events(&headers) {
         let turn = session.execute_streaming(request.code, timeout);
         return Ok(Sse::new(sse_events(turn))

@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::sessions::Created;
 use super::{ApiResult, ErrorBody};
 use crate::registry::Registry;
-use crate::state::SnapshotInfo;
+use crate::snapshots::SnapshotInfo;
 
 /// The media type of an export: ARL's snapshot format.
 pub const SNAPSHOT_TYPE: &str = "application/vnd.arl.snapshot";

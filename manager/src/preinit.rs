@@ -1,4 +1,4 @@
-//! ARL's own CPython snapshot: the package's plain `python.wasm`, initialised and with the
+//! CPython pre-initialised into ARL's own snapshot: the package's plain `python.wasm`, initialised and with the
 //! scientific stack imported, captured with wasmtime-wizer. Every session then starts with
 //! numpy and pandas already in memory (copy-on-write), instead of paying about a second to
 //! import them.
@@ -21,7 +21,7 @@ use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p1::WasiP1Ctx;
 
 use crate::output::{Capture, Stream};
-use crate::runtime::{Reports, door};
+use crate::runtime::{Reports, host_call};
 use crate::{Error, Result};
 
 /// What the snapshot imports, after the interpreter's own initialisation. Each of these pays
@@ -89,7 +89,18 @@ pub fn python(
         PRELOAD.join(", ")
     ));
     let started = std::time::Instant::now();
-    let wasm = build(artifacts, &dir)?;
+    // On a thread of its own: WASI's blocking calls during the build run their own tokio
+    // runtime, which cannot start inside a caller's (a test, `serve`), whoever asks first.
+    let wasm = std::thread::scope(|scope| {
+        scope
+            .spawn(|| build(artifacts, &dir))
+            .join()
+            .unwrap_or_else(|_| {
+                Err(Error::Instantiate(wasmtime::format_err!(
+                    "building the snapshot panicked"
+                )))
+            })
+    })?;
     let partial = path.with_extension("partial");
     std::fs::write(&partial, &wasm).map_err(io(format!("writing {}", partial.display())))?;
     std::fs::rename(&partial, &path).map_err(io(format!("moving to {}", path.display())))?;
@@ -120,10 +131,10 @@ fn build(artifacts: &Artifacts, scratch: &Path) -> Result<Vec<u8>> {
     wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut InitState| &mut s.wasi)
         .map_err(Error::Engine)?;
     linker
-        .func_wrap("host", "call", door::<InitState>)
+        .func_wrap("host", "call", host_call::<InitState>)
         .map_err(Error::Engine)?;
 
-    // The same preopens, in the same order, as a session has (`session::preopen`).
+    // The same preopens, in the same order, as a session has (`session::store::preopen`).
     let empty = tempfile::Builder::new()
         .prefix("snapshot-")
         .tempdir_in(scratch)
@@ -139,7 +150,7 @@ fn build(artifacts: &Artifacts, scratch: &Path) -> Result<Vec<u8>> {
     wasi.stderr(stderr.clone())
         .arg("/usr/local/bin/python.wasm")
         .envs(arl_runtimes::python::BASE_ENV);
-    crate::session::preopen(&mut wasi, &artifacts.mounts, &workspace, &tmp)?;
+    crate::session::store::preopen(&mut wasi, &artifacts.mounts, &workspace, &tmp)?;
     let mut store = Store::new(
         &engine,
         InitState {

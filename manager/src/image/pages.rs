@@ -1,0 +1,265 @@
+//! The pages a guest wrote, found through `/proc/self/pagemap` and copied out: what a
+//! capture, a checkpoint and a restore move.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, OnceLock};
+
+/// The host's page size, the unit of capture.
+pub fn page_size() -> usize {
+    rustix::param::page_size()
+}
+
+/// `/proc/self/pagemap`, opened once; `None` where the kernel does not offer it (gVisor,
+/// some hardened kernels), and then every page counts as written.
+fn pagemap() -> Option<&'static File> {
+    static PAGEMAP: OnceLock<Option<File>> = OnceLock::new();
+    PAGEMAP
+        .get_or_init(|| match File::open("/proc/self/pagemap") {
+            Ok(file) => Some(file),
+            Err(e) => {
+                tracing::warn!(error = %e, "no /proc/self/pagemap: captures copy whole memories");
+                None
+            }
+        })
+        .as_ref()
+}
+
+/// The host pages of `memory` that the guest wrote since it was instantiated, ascending.
+/// A page not listed still holds the module's image (or zeros past it).
+pub fn written_pages(memory: &[u8]) -> Vec<u32> {
+    let page = page_size();
+    let count = memory.len() / page;
+    let all = || (0..count as u32).collect();
+    let Some(pagemap) = pagemap() else {
+        return all();
+    };
+    let start = memory.as_ptr() as usize;
+    let mut entries = vec![0u8; count * 8];
+    if let Err(e) = pagemap.read_exact_at(&mut entries, (start / page) as u64 * 8) {
+        tracing::warn!(error = %e, "reading /proc/self/pagemap failed: copying the whole memory");
+        return all();
+    }
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    const FILE_OR_SHARED: u64 = 1 << 61;
+    entries
+        .chunks_exact(8)
+        .enumerate()
+        .filter_map(|(i, e)| {
+            let e = u64::from_le_bytes(e.try_into().unwrap_or_default());
+            let private = e & (PRESENT | SWAPPED) != 0 && e & FILE_OR_SHARED == 0;
+            private.then_some(i as u32)
+        })
+        .collect()
+}
+
+/// Copies of some host pages of a linear memory: their numbers (ascending) and, for each,
+/// where its bytes are in `data` (pages added later go at its end, so that keeping a
+/// checkpoint up to date never moves or re-faults what it holds already).
+#[derive(Debug, Default)]
+pub struct Pages {
+    index: Vec<u32>,
+    slots: Vec<u32>,
+    data: Vec<u8>,
+}
+
+impl Clone for Pages {
+    fn clone(&self) -> Self {
+        let mut data = bytes_with_room(self.data.len());
+        data.extend_from_slice(&self.data);
+        Self {
+            index: self.index.clone(),
+            slots: self.slots.clone(),
+            data,
+        }
+    }
+}
+
+impl PartialEq for Pages {
+    /// The same pages with the same bytes, wherever they sit in `data`.
+    fn eq(&self, other: &Self) -> bool {
+        self.index == other.index && self.iter().zip(other.iter()).all(|(a, b)| a == b)
+    }
+}
+
+impl Eq for Pages {}
+
+impl Pages {
+    /// Pages `index` (ascending), their bytes one after another in `data`.
+    pub(crate) fn from_parts(index: Vec<u32>, data: Vec<u8>) -> Self {
+        Self {
+            slots: (0..index.len() as u32).collect(),
+            index,
+            data,
+        }
+    }
+
+    /// The numbers of the pages it holds, ascending.
+    pub fn numbers(&self) -> &[u32] {
+        &self.index
+    }
+
+    /// How many pages it holds.
+    pub fn count(&self) -> usize {
+        self.index.len()
+    }
+
+    /// The pages of `memory` the guest wrote.
+    pub fn capture(memory: &[u8]) -> Self {
+        let index = written_pages(memory);
+        let mut data = bytes_with_room(index.len() * page_size());
+        for &i in &index {
+            data.extend_from_slice(page_of(memory, i));
+        }
+        let slots = (0..index.len() as u32).collect();
+        Self { index, slots, data }
+    }
+
+    /// Each page's number and bytes, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &[u8])> {
+        (0..self.index.len()).map(|n| (self.index[n], self.slot(n)))
+    }
+
+    /// Writes the pages into `memory`, which holds the module's image elsewhere.
+    pub fn restore(&self, memory: &mut [u8]) {
+        let page = page_size();
+        for (i, bytes) in self.iter() {
+            let at = i as usize * page;
+            memory[at..at + page].copy_from_slice(bytes);
+        }
+    }
+
+    /// Brings the copies in `pages` up to date with `memory`, which has only grown and been
+    /// written since: pages that changed are copied again, pages written for the first time
+    /// added. Copies shared with a capture still in use are left to it (copy on write).
+    pub fn sync(pages: &mut Arc<Pages>, memory: &[u8]) {
+        let written = written_pages(memory);
+        let changed: Vec<usize> = (0..pages.index.len())
+            .filter(|&n| pages.slot(n) != page_of(memory, pages.index[n]))
+            .collect();
+        let added: Vec<u32> = {
+            let mut known = pages.index.iter().peekable();
+            written
+                .into_iter()
+                .filter(|i| {
+                    while known.next_if(|k| *k < i).is_some() {}
+                    known.peek() != Some(&i)
+                })
+                .collect()
+        };
+        if changed.is_empty() && added.is_empty() {
+            return;
+        }
+        let pages = Arc::make_mut(pages);
+        let page = page_size();
+        for n in changed {
+            let at = pages.slots[n] as usize * page;
+            pages.data[at..at + page].copy_from_slice(page_of(memory, pages.index[n]));
+        }
+        if added.is_empty() {
+            return;
+        }
+        let first_slot = pages.index.len() as u32;
+        let needed = pages.data.len() + added.len() * page;
+        if pages.data.capacity() < needed.max(OWN_MAPPING) {
+            let mut grown = bytes_with_room(needed);
+            grown.extend_from_slice(&pages.data);
+            pages.data = grown;
+        }
+        for &i in &added {
+            pages.data.extend_from_slice(page_of(memory, i));
+        }
+        // Merge the new pages into the ascending index.
+        let old = std::mem::take(&mut pages.index)
+            .into_iter()
+            .zip(std::mem::take(&mut pages.slots));
+        let mut merged: Vec<(u32, u32)> = old.chain(added.into_iter().zip(first_slot..)).collect();
+        merged.sort_unstable_by_key(|&(i, _)| i);
+        (pages.index, pages.slots) = merged.into_iter().unzip();
+    }
+
+    fn slot(&self, n: usize) -> &[u8] {
+        let page = page_size();
+        let at = self.slots[n] as usize * page;
+        &self.data[at..at + page]
+    }
+}
+
+/// The least a copy of pages reserves (address space, not memory): above the largest size
+/// glibc's malloc serves from its heaps (32 MiB), so that each copy is a mapping of its own,
+/// given back to the kernel whole when it is dropped. Served from a heap, the copies an idle
+/// session lets go of would stay resident in it.
+const OWN_MAPPING: usize = 33 << 20;
+
+/// An empty buffer for at least `len` bytes, in a mapping of its own (see [`OWN_MAPPING`]).
+fn bytes_with_room(len: usize) -> Vec<u8> {
+    Vec::with_capacity(len.max(OWN_MAPPING))
+}
+
+fn page_of(memory: &[u8], i: u32) -> &[u8] {
+    let page = page_size();
+    let at = i as usize * page;
+    &memory[at..at + page]
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    #[test]
+    fn written_pages_are_the_ones_touched() {
+        let page = page_size();
+        let mut memory = vec![0u8; page * 64];
+        memory[page * 3] = 7;
+        memory[page * 40 + 5] = 9;
+        let pages = Pages::capture(&memory);
+        let mut fresh = vec![0u8; page * 64];
+        pages.restore(&mut fresh);
+        assert_eq!(fresh, memory);
+    }
+
+    #[test]
+    fn a_sync_takes_the_pages_written_since() {
+        let page = page_size();
+        let mut memory = vec![1u8; page * 8];
+        let mut pages = Arc::new(Pages::capture(&memory));
+        memory[page * 2] = 5;
+        let shared = pages.clone();
+        Pages::sync(&mut pages, &memory);
+        assert!(
+            !Arc::ptr_eq(&pages, &shared),
+            "a shared copy is left as it was"
+        );
+        let mut copy = vec![1u8; page * 8];
+        pages.restore(&mut copy);
+        assert_eq!(copy, memory);
+        let mut old = vec![1u8; page * 8];
+        shared.restore(&mut old);
+        assert_eq!(old[page * 2], 1);
+    }
+
+    #[test]
+    fn pages_written_later_are_merged_in_order() {
+        let page = page_size();
+        let mut pages = Arc::new(Pages {
+            index: vec![1, 5],
+            slots: vec![0, 1],
+            data: vec![7u8; page * 2],
+        });
+        let mut memory = vec![0u8; page * 8];
+        memory[page..page * 2].fill(7);
+        memory[page * 5..page * 6].fill(7);
+        memory[page * 3] = 9; // written for the first time
+        Pages::sync(&mut pages, &memory);
+        let mut back = vec![0u8; page * 8];
+        pages.restore(&mut back);
+        assert_eq!(back, memory);
+        assert!(
+            pages.index.windows(2).all(|w| w[0] < w[1]),
+            "{:?}",
+            pages.index
+        );
+    }
+}

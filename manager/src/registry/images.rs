@@ -1,0 +1,135 @@
+//! A session's image taken out and put back: fork, snapshot, export, import and restore, each
+//! a new session started from an [`Image`] on a slot of its own.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::request::CreateRequest;
+use super::{Registry, blocking};
+use crate::image::{self, Image};
+use crate::session::{Origin, Session};
+use crate::snapshots::{SnapshotInfo, SnapshotStore};
+use crate::{Error, Result};
+
+impl Registry {
+    /// The largest import (an export's bytes) this manager takes.
+    pub fn import_limit(&self) -> usize {
+        let (memory, files) = self.image_bounds();
+        usize::try_from(memory.saturating_add(files)).unwrap_or(usize::MAX)
+    }
+
+    /// The most memory and file bytes an image may claim here.
+    pub(super) fn image_bounds(&self) -> (u64, u64) {
+        let config = &self.inner.config;
+        (
+            config.max_memory_bytes,
+            config.defaults.workspace_bytes.max(1 << 30),
+        )
+    }
+
+    /// A new session with the same interpreter state and files as `id`'s, evolving on its
+    /// own from now: its pseudo-random states are drawn anew on its first turn.
+    pub async fn fork(&self, id: &str) -> Result<Arc<Session>> {
+        self.check_open()?;
+        let source = self.get(id)?;
+        let image = source.capture().await?;
+        let request = CreateRequest::default();
+        self.restore(image, &request, true, Some(source.dir.clone()))
+            .await
+    }
+
+    /// Stores the state and files of session `id` as a snapshot.
+    pub async fn snapshot(&self, id: &str) -> Result<SnapshotInfo> {
+        let image = self.image_with_files(id).await?;
+        let snapshots = self.inner.snapshots.clone();
+        blocking(move || snapshots.save(&image)).await
+    }
+
+    /// The state and files of session `id`, as bytes another manager can import.
+    pub async fn export(&self, id: &str) -> Result<Vec<u8>> {
+        let image = self.image_with_files(id).await?;
+        blocking(move || {
+            let mut bytes = Vec::new();
+            image
+                .encode(&mut bytes)
+                .map_err(|e| Error::Io("encoding the export".into(), e))?;
+            Ok(bytes)
+        })
+        .await
+    }
+
+    /// A new session from bytes made by [`export`](Self::export), here or on another manager.
+    pub async fn import(&self, bytes: bytes::Bytes) -> Result<Arc<Session>> {
+        self.check_open()?;
+        let (max_memory, max_files) = self.image_bounds();
+        let image = blocking(move || Image::decode(&bytes[..], max_memory, max_files)).await?;
+        self.restore(image, &CreateRequest::default(), false, None)
+            .await
+    }
+
+    async fn image_with_files(&self, id: &str) -> Result<Image> {
+        let session = self.get(id)?;
+        let mut image = session.capture().await?;
+        let (dir, quota) = (session.dir.clone(), session.limits.workspace_bytes);
+        image.files = blocking(move || image::read_dirs(&dir, quota)).await?;
+        Ok(image)
+    }
+
+    /// The stored snapshots.
+    pub fn snapshots(&self) -> &SnapshotStore {
+        &self.inner.snapshots
+    }
+
+    /// Starts a session from `image`, with the request's limits over the image's; its files
+    /// are the image's own, or copied from `copy_from` (a fork's parent).
+    pub(super) async fn restore(
+        &self,
+        image: Image,
+        request: &CreateRequest,
+        reseed: bool,
+        copy_from: Option<PathBuf>,
+    ) -> Result<Arc<Session>> {
+        self.check_open()?;
+        if request.env.is_some() {
+            return Err(Error::InvalidRequest(
+                "env cannot be given with from_snapshot: the interpreter keeps its own".into(),
+            ));
+        }
+        let runtime = self.runtime(request.runtime.as_deref().unwrap_or(&image.runtime))?;
+        if runtime.name != image.runtime || runtime.digest != image.module {
+            return Err(Error::ModuleMismatch(
+                short_digest(&image.module),
+                short_digest(&runtime.digest),
+            ));
+        }
+        let limits = self.limits(request, &runtime, image.limits)?;
+        if limits.memory_bytes < image.memory_bytes {
+            return Err(Error::InvalidRequest(format!(
+                "the snapshot's memory is {} MiB, above the memory_mib asked for",
+                image.memory_bytes.div_ceil(1 << 20)
+            )));
+        }
+        let permit = self.acquire_slot().await?;
+        let origin = Origin {
+            image: Arc::new(image),
+            reseed,
+        };
+        let session = self
+            .start(
+                runtime,
+                limits,
+                vec![],
+                permit,
+                false,
+                Some((origin, copy_from)),
+            )
+            .await?;
+        self.adopt(&session);
+        Ok(session)
+    }
+}
+
+/// The first 12 hex digits of a digest, as errors show it.
+fn short_digest(digest: &str) -> String {
+    digest.chars().take(12).collect()
+}

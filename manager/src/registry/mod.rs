@@ -1,0 +1,400 @@
+//! All sessions of one manager: create within capacity, look up, list, end.
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | this one | the [`Registry`]: lifecycle (create, get, list, delete, shutdown), drain, load |
+//! | [`request`] | what a create may ask, and the checks of limits, env and deadlines |
+//! | [`runtimes`] | loading runtimes, and looking one up by name |
+//! | [`warm`] | the warm pool of sessions started ahead of demand |
+//! | [`images`] | fork, snapshot, export, import, restore |
+//! | [`reaper`] | idle TTL, lifetime and memory-pressure upkeep |
+
+pub mod images;
+pub mod reaper;
+pub mod request;
+pub mod runtimes;
+pub mod warm;
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::ManagerConfig;
+use crate::engine::{EngineSettings, SandboxEngine};
+use crate::image;
+use crate::metrics::{Load, Metrics};
+use crate::runtime::Runtime;
+use crate::session::{self, EndReason, Info, Limits, NewSession, Origin, Session};
+use crate::snapshots::SnapshotStore;
+use crate::{Error, Result};
+
+pub use reaper::available_memory;
+pub use request::CreateRequest;
+use request::check_env;
+use warm::WarmPool;
+
+/// Ended sessions remembered so that later calls answer "ended, because..." (410).
+const TOMBSTONES: usize = 100_000;
+
+/// The sessions of one manager and the engine they run on. Cheap to clone.
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<ManagerState>,
+}
+
+/// What every clone of a [`Registry`] shares: the sessions, the engine and runtimes, the
+/// slots of the pooling allocator, the warm pool and the snapshot store.
+struct ManagerState {
+    config: ManagerConfig,
+    engine: SandboxEngine,
+    cache: arl_runtimes::ModuleCache,
+    runtimes: RwLock<HashMap<String, Arc<Runtime>>>,
+    sessions: RwLock<HashMap<String, Arc<Session>>>,
+    tombstones: Mutex<Tombstones>,
+    slots: Arc<Semaphore>,
+    warm: WarmPool,
+    metrics: Arc<Metrics>,
+    draining: AtomicBool,
+    stopping: AtomicBool,
+    snapshots: SnapshotStore,
+    data_dir: PathBuf,
+    _private_dir: Option<tempfile::TempDir>,
+}
+
+#[derive(Default)]
+struct Tombstones {
+    reasons: HashMap<String, EndReason>,
+    order: VecDeque<String>,
+}
+
+impl Tombstones {
+    fn insert(&mut self, id: String, reason: EndReason) {
+        if self.order.len() >= TOMBSTONES
+            && let Some(old) = self.order.pop_front()
+        {
+            self.reasons.remove(&old);
+        }
+        self.order.push_back(id.clone());
+        self.reasons.insert(id, reason);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Where a turn goes: the live session a client named, and the deadline it asked for
+/// (`None`: the session's own). Every door (HTTP, RLM, gRPC) resolves its turns here.
+pub struct Target {
+    pub session: Arc<Session>,
+    pub timeout: Option<Duration>,
+}
+
+impl Registry {
+    /// Makes the engine and the data folder; no runtime is loaded yet.
+    pub fn new(config: ManagerConfig) -> Result<Self> {
+        config.validate()?;
+        let engine = SandboxEngine::new(EngineSettings {
+            max_sessions: config.max_sessions,
+            max_memory_bytes: config.max_memory_bytes,
+        })?;
+        let (data_dir, private) = match &config.data_dir {
+            Some(dir) => (dir.clone(), None),
+            None => {
+                let tmp = tempfile::Builder::new()
+                    .prefix("arl-manager-")
+                    .tempdir()
+                    .map_err(|e| Error::Io("creating the data folder".into(), e))?;
+                (tmp.path().to_owned(), Some(tmp))
+            }
+        };
+        let sessions_dir = data_dir.join("sessions");
+        std::fs::create_dir_all(&sessions_dir)
+            .map_err(|e| Error::Io(format!("creating {}", sessions_dir.display()), e))?;
+        Ok(Self {
+            inner: Arc::new(ManagerState {
+                cache: arl_runtimes::ModuleCache::new(config.cache_dir.join("modules")),
+                slots: Arc::new(Semaphore::new(config.max_sessions as usize)),
+                snapshots: SnapshotStore::new(config.snapshot_dir()),
+                config,
+                engine,
+                runtimes: RwLock::default(),
+                sessions: RwLock::default(),
+                tombstones: Mutex::default(),
+                warm: WarmPool::default(),
+                metrics: Arc::new(Metrics::new()),
+                draining: AtomicBool::new(false),
+                stopping: AtomicBool::new(false),
+                data_dir,
+                _private_dir: private,
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &ManagerConfig {
+        &self.inner.config
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Sessions, capacity, memory and whether new sessions are refused.
+    pub fn load(&self) -> Load {
+        let sessions = read(&self.inner.sessions);
+        Load {
+            sessions: sessions.len() as u64,
+            capacity: u64::from(self.inner.config.max_sessions),
+            memory_bytes: sessions.values().map(|s| s.memory_bytes()).sum(),
+            draining: self.draining(),
+        }
+    }
+
+    /// Starts (`true`) or stops refusing new sessions; existing ones carry on either way.
+    pub fn set_draining(&self, draining: bool) {
+        let was = self.inner.draining.swap(draining, Ordering::SeqCst);
+        if draining {
+            self.drop_warm();
+        }
+        if was != draining {
+            tracing::info!(draining, "drain changed");
+        }
+    }
+
+    pub fn draining(&self) -> bool {
+        self.inner.draining.load(Ordering::SeqCst)
+    }
+
+    /// Refuses new sessions for good: the manager is stopping.
+    pub fn stop_accepting(&self) {
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        self.drop_warm();
+    }
+
+    /// Creates a session within the manager's capacity.
+    pub async fn create(&self, request: CreateRequest) -> Result<Arc<Session>> {
+        self.check_open()?;
+        if let Some(id) = &request.from_snapshot {
+            let (max_memory, max_files) = self.image_bounds();
+            let snapshots = self.inner.snapshots.clone();
+            let id = id.clone();
+            let image = blocking(move || snapshots.load(&id, max_memory, max_files)).await?;
+            return self.restore(image, &request, false, None).await;
+        }
+        let runtime = self.runtime(request.runtime.as_deref().unwrap_or("python"))?;
+        if request.is_plain(&self.inner.config.defaults)
+            && let Some(session) = self.claim_warm(&runtime.name)
+        {
+            self.adopt(&session);
+            self.top_up_soon();
+            return Ok(session);
+        }
+        let limits = self.limits(&request, &runtime, self.inner.config.defaults)?;
+        let env = check_env(request.env.unwrap_or_default())?;
+        let permit = self.acquire_slot().await?;
+        let session = self
+            .start(runtime, limits, env, permit, false, None)
+            .await?;
+        self.adopt(&session);
+        self.top_up_soon();
+        Ok(session)
+    }
+
+    pub(super) fn check_open(&self) -> Result<()> {
+        if self.inner.stopping.load(Ordering::SeqCst) {
+            return Err(Error::ShuttingDown);
+        }
+        if self.draining() {
+            return Err(Error::Draining);
+        }
+        Ok(())
+    }
+
+    /// The session `id` names and the deadline `timeout_ms` asks for, both checked: the
+    /// deadline first (422 before 404), then the session (404, or 410 with why it ended).
+    pub fn target(&self, id: &str, timeout_ms: Option<u64>) -> Result<Target> {
+        let timeout = self.check_timeout(timeout_ms)?;
+        Ok(Target {
+            session: self.get(id)?,
+            timeout,
+        })
+    }
+
+    /// The live session with `id`; an ended one answers why it ended.
+    pub fn get(&self, id: &str) -> Result<Arc<Session>> {
+        if let Some(session) = read(&self.inner.sessions).get(id) {
+            return match session.ended() {
+                Some(reason) => Err(Error::Ended(reason)),
+                None => Ok(session.clone()),
+            };
+        }
+        let tombstones = self
+            .inner
+            .tombstones
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match tombstones.reasons.get(id) {
+            Some(reason) => Err(Error::Ended(reason.clone())),
+            None => Err(Error::NotFound(id.to_owned())),
+        }
+    }
+
+    /// Every live session, oldest first.
+    pub fn list(&self) -> Vec<Info> {
+        let mut all: Vec<Info> = read(&self.inner.sessions)
+            .values()
+            .map(|s| s.info())
+            .collect();
+        all.sort_by_key(|i| i.created_at);
+        all
+    }
+
+    /// Ends and forgets a session at a client's request; later calls answer 404.
+    pub fn delete(&self, id: &str) -> Result<()> {
+        let session = write(&self.inner.sessions).remove(id);
+        match session {
+            Some(session) => {
+                session.end(EndReason::Deleted);
+                Ok(())
+            }
+            None => self.get(id).map(drop),
+        }
+    }
+
+    /// Deletes every session; how many there were.
+    pub fn delete_all(&self) -> usize {
+        let all: Vec<_> = write(&self.inner.sessions).drain().collect();
+        for (_, session) in &all {
+            session.end(EndReason::Deleted);
+        }
+        all.len()
+    }
+
+    /// Ends every session (the manager is stopping) and waits until their stores are gone.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        self.drop_warm();
+        let all: Vec<_> = read(&self.inner.sessions).values().cloned().collect();
+        for session in &all {
+            session.end(EndReason::Shutdown);
+        }
+        let all_slots = self.inner.config.max_sessions;
+        let _ = tokio::time::timeout(grace, self.inner.slots.acquire_many(all_slots)).await;
+    }
+
+    /// Starts a session on `permit`'s slot: a new interpreter, or one from an image whose
+    /// files are written (or copied from a folder) into the new session's folder first.
+    pub(super) async fn start(
+        &self,
+        runtime: Arc<Runtime>,
+        limits: Limits,
+        env: Vec<(String, String)>,
+        permit: OwnedSemaphorePermit,
+        warm: bool,
+        origin: Option<(Origin, Option<PathBuf>)>,
+    ) -> Result<Arc<Session>> {
+        let hex = uuid::Uuid::new_v4().simple();
+        let id = match self.inner.config.id_prefix.as_str() {
+            "" => hex.to_string(),
+            prefix => format!("{prefix}.{hex}"),
+        };
+        let dir = self.inner.data_dir.join("sessions").join(&id);
+        let origin = match origin {
+            None => None,
+            Some((origin, copy_from)) => {
+                // Most forks have no files to copy: that is seen without a blocking thread.
+                let copy_from = copy_from.filter(|d| !image::own_dirs_empty(d));
+                let (image, to) = (origin.image.clone(), dir.clone());
+                let written = match copy_from {
+                    Some(source) => blocking(move || image::copy_dirs(&source, &to)).await,
+                    None if image.files.is_empty() => Ok(()),
+                    None => blocking(move || image::write_dirs(&to, &image.files)).await,
+                };
+                if let Err(e) = written {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(e);
+                }
+                Some(origin)
+            }
+        };
+        let weak = Arc::downgrade(&self.inner);
+        let on_end = move |session: &Session, reason: EndReason| {
+            if let Some(inner) = weak.upgrade() {
+                inner.forget(session, reason);
+            }
+        };
+        let new = NewSession {
+            id,
+            runtime,
+            limits,
+            env,
+            dir: dir.clone(),
+            permit,
+            metrics: self.inner.metrics.clone(),
+            warm,
+            origin,
+        };
+        session::start(new, on_end).await.inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&dir);
+        })
+    }
+
+    /// Makes `session` a client's: listed, counted, reaped.
+    pub(super) fn adopt(&self, session: &Arc<Session>) {
+        self.inner.metrics.session_created(&session.runtime);
+        write(&self.inner.sessions).insert(session.id.clone(), session.clone());
+    }
+}
+
+impl ManagerState {
+    fn forget(&self, session: &Session, reason: EndReason) {
+        let id = session.id.as_str();
+        write(&self.sessions).remove(id);
+        if session.is_warm() {
+            return; // never a client's: nothing to count or remember
+        }
+        self.metrics.session_ended(&reason);
+        if reason != EndReason::Deleted {
+            tracing::info!(session = id, %reason, "session ended");
+            self.tombstones
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(id.to_owned(), reason);
+        }
+    }
+}
+
+/// Runs blocking work (files, compression) off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Io("a blocking task".into(), std::io::Error::other(e)))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tombstones_forget_the_oldest_past_the_cap() {
+        let mut t = Tombstones::default();
+        for i in 0..TOMBSTONES + 1 {
+            t.insert(i.to_string(), EndReason::Idle);
+        }
+        assert!(!t.reasons.contains_key("0"));
+        assert_eq!(t.reasons.get("1"), Some(&EndReason::Idle));
+        assert_eq!(t.reasons.len(), TOMBSTONES);
+    }
+}

@@ -1,0 +1,168 @@
+//! What a client may ask of a session, and the checks every door's requests go through
+//! before they reach a session: limits within the manager's bounds, an environment of sane
+//! size, a per-turn deadline.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::Registry;
+use crate::runtime::Runtime;
+use crate::session::Limits;
+use crate::{Error, Result};
+
+/// Entries a request's `env` may have, and bytes each key or value may hold.
+const MAX_ENV: usize = 256;
+const MAX_ENV_BYTES: usize = 32 << 10;
+
+/// What a client asks for when it creates a session; every field optional.
+#[derive(Debug, Clone, Default, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    /// The runtime's name; `"python"` when absent.
+    #[schema(example = "python")]
+    pub runtime: Option<String>,
+    /// Deadline of one execution; the manager's default when absent.
+    pub timeout_ms: Option<u64>,
+    /// Memory limit; the manager's default when absent.
+    pub memory_mib: Option<u64>,
+    /// Added to the guest's fixed environment.
+    pub env: Option<BTreeMap<String, String>>,
+    /// End the session after this long unused; the manager's default when absent.
+    pub idle_ttl_secs: Option<u64>,
+    /// End the session this long after its creation, even mid-turn; the manager's default
+    /// when absent.
+    pub lifetime_secs: Option<u64>,
+    /// Roll a turn that traps, times out, is cancelled or blows the memory limit back, and
+    /// carry on (`true`, the manager's default unless it runs with `--no-rollback`); or end
+    /// the session (`false`).
+    pub rollback: Option<bool>,
+    /// Start from this snapshot's state instead of a new interpreter. Its limits are the
+    /// snapshot's unless given here; `env` cannot be given (the interpreter has its own).
+    #[schema(example = "snap-5f0c1b2e9d8a4c7b8e6f1a2b3c4d5e6f")]
+    pub from_snapshot: Option<String>,
+}
+
+/// The longest idle TTL or lifetime a request may ask for: 30 days.
+const MAX_TTL_SECS: u64 = 30 * 24 * 3600;
+
+impl CreateRequest {
+    /// Whether it asks for nothing but the defaults (a runtime aside), so that a warm session
+    /// started ahead can serve it.
+    pub(super) fn is_plain(&self, defaults: &Limits) -> bool {
+        self.from_snapshot.is_none()
+            && self.rollback.is_none_or(|r| r == defaults.rollback)
+            && self.timeout_ms.is_none()
+            && self.memory_mib.is_none()
+            && self.idle_ttl_secs.is_none()
+            && self.lifetime_secs.is_none()
+            && self.env.as_ref().is_none_or(BTreeMap::is_empty)
+    }
+}
+
+impl Registry {
+    /// `base` (the manager's defaults, or a snapshot's limits) with the request's over it.
+    pub(super) fn limits(
+        &self,
+        request: &CreateRequest,
+        runtime: &Runtime,
+        base: Limits,
+    ) -> Result<Limits> {
+        let config = &self.inner.config;
+        let mut limits = base;
+        if let Some(rollback) = request.rollback {
+            limits.rollback = rollback;
+        }
+        if let Some(ms) = request.timeout_ms {
+            if ms == 0 || Duration::from_millis(ms) > config.max_timeout {
+                return Err(Error::InvalidRequest(format!(
+                    "timeout_ms must be between 1 and {}",
+                    config.max_timeout.as_millis()
+                )));
+            }
+            limits.timeout = Duration::from_millis(ms);
+        }
+        if let Some(mib) = request.memory_mib {
+            let bytes = mib.saturating_mul(1 << 20);
+            if bytes < runtime.min_memory_bytes || bytes > config.max_memory_bytes {
+                return Err(Error::InvalidRequest(format!(
+                    "memory_mib must be between {} (the {} runtime's initial memory) and {}",
+                    runtime.min_memory_bytes.div_ceil(1 << 20),
+                    runtime.name,
+                    config.max_memory_bytes >> 20
+                )));
+            }
+            limits.memory_bytes = bytes;
+        }
+        for (name, asked, limit) in [
+            ("idle_ttl_secs", request.idle_ttl_secs, &mut limits.idle_ttl),
+            ("lifetime_secs", request.lifetime_secs, &mut limits.lifetime),
+        ] {
+            if let Some(secs) = asked {
+                if secs == 0 || secs > MAX_TTL_SECS {
+                    return Err(Error::InvalidRequest(format!(
+                        "{name} must be between 1 and {MAX_TTL_SECS}"
+                    )));
+                }
+                *limit = Duration::from_secs(secs);
+            }
+        }
+        Ok(limits)
+    }
+
+    /// Checks a per-execution deadline a client asked for (`None`: the session's own).
+    pub fn check_timeout(&self, timeout_ms: Option<u64>) -> Result<Option<Duration>> {
+        let max = self.inner.config.max_timeout;
+        match timeout_ms {
+            Some(0) => Err(Error::InvalidRequest(
+                "timeout_ms must be at least 1".into(),
+            )),
+            Some(ms) if Duration::from_millis(ms) > max => Err(Error::InvalidRequest(format!(
+                "timeout_ms must be at most {}",
+                max.as_millis()
+            ))),
+            other => Ok(other.map(Duration::from_millis)),
+        }
+    }
+}
+
+pub(super) fn check_env(env: BTreeMap<String, String>) -> Result<Vec<(String, String)>> {
+    if env.len() > MAX_ENV {
+        return Err(Error::InvalidRequest(format!(
+            "env may have at most {MAX_ENV} entries"
+        )));
+    }
+    for (key, value) in &env {
+        if key.is_empty() || key.contains(['=', '\0']) || key.len() > MAX_ENV_BYTES {
+            return Err(Error::InvalidRequest(format!(
+                "env key {key:?} must be non-empty, without '=' or NUL, at most {MAX_ENV_BYTES} bytes"
+            )));
+        }
+        if value.contains('\0') || value.len() > MAX_ENV_BYTES {
+            return Err(Error::InvalidRequest(format!(
+                "env value of {key:?} must have no NUL and at most {MAX_ENV_BYTES} bytes"
+            )));
+        }
+    }
+    Ok(env.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_keys_and_values_are_checked() {
+        let ok = BTreeMap::from([("A".to_owned(), "1".to_owned())]);
+        assert_eq!(
+            check_env(ok).ok(),
+            Some(vec![("A".to_owned(), "1".to_owned())])
+        );
+        for bad in [("", "x"), ("A=B", "x"), ("A", "nul\0")] {
+            let env = BTreeMap::from([(bad.0.to_owned(), bad.1.to_owned())]);
+            assert!(
+                matches!(check_env(env), Err(Error::InvalidRequest(_))),
+                "{bad:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! The runtimes a manager serves: loaded (compiled once, cached) before any session of them.
+
+use std::sync::Arc;
+
+use arl_runtimes::Progress;
+
+use super::{Registry, read, write};
+use crate::runtime::{Runtime, RuntimeSpec};
+use crate::{Error, Result};
+
+impl Registry {
+    /// Loads a runtime (compiling it on first use) and makes it available to new sessions.
+    /// Blocking: call it from a blocking thread.
+    pub fn load_runtime(&self, spec: RuntimeSpec, progress: Progress<'_>) -> Result<()> {
+        let runtime = Runtime::load(
+            self.inner.engine.engine(),
+            &self.inner.cache,
+            spec,
+            progress,
+        )?;
+        write(&self.inner.runtimes).insert(runtime.name.clone(), Arc::new(runtime));
+        Ok(())
+    }
+
+    /// Fetches, verifies, snapshots and loads CPython. Blocking, about three minutes the
+    /// first time.
+    pub fn load_python(&self, progress: Progress<'_>) -> Result<()> {
+        let cache_dir = &self.inner.config.cache_dir;
+        let artifacts = arl_runtimes::python::fetch(cache_dir, progress)?;
+        let (snapshot, digest) = crate::preinit::python(&artifacts, cache_dir, progress)?;
+        self.load_runtime(RuntimeSpec::python(artifacts, snapshot, digest), progress)
+    }
+
+    /// Whether any runtime is loaded.
+    pub fn ready(&self) -> bool {
+        !read(&self.inner.runtimes).is_empty()
+    }
+
+    pub(super) fn runtime(&self, name: &str) -> Result<Arc<Runtime>> {
+        let runtimes = read(&self.inner.runtimes);
+        if runtimes.is_empty() {
+            return Err(Error::NotReady);
+        }
+        runtimes.get(name).cloned().ok_or_else(|| {
+            let mut names: Vec<_> = runtimes.keys().cloned().collect();
+            names.sort();
+            Error::UnknownRuntime(name.to_owned(), names.join(", "))
+        })
+    }
+}

@@ -1,0 +1,278 @@
+//! The handle every caller holds: it sends work to the session's task over a channel and
+//! reads the bookkeeping the task keeps up to date. Dropping a turn's future cancels the turn.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::history::{History, HistoryEntry};
+use super::stream::TurnStream;
+use super::types::{EndReason, Info, Lifecycle, Limits, Outcome};
+use crate::files::Workspace;
+use crate::image::Image;
+use crate::output::Sink;
+use crate::{Error, Result};
+
+/// Turns that may wait behind a running one before an execute is refused as busy.
+pub const QUEUE_DEPTH: usize = 16;
+
+/// A session's bookkeeping, shared by its handle and its task.
+pub(super) struct Stats {
+    pub created_at: SystemTime,
+    pub created: Instant,
+    pub state: Lifecycle,
+    pub last_used_at: SystemTime,
+    pub last_used: Instant,
+    pub executions: u64,
+    pub memory_bytes: u64,
+}
+
+/// One execution asked of the session's task.
+pub(super) struct Turn {
+    pub code: String,
+    pub timeout: Duration,
+    pub sink: Option<Sink>,
+    pub reply: oneshot::Sender<Outcome>,
+}
+
+/// What the session's task is asked to do, in order.
+pub(super) enum Job {
+    Turn(Turn),
+    /// Take the state out, at rest between turns.
+    Capture(oneshot::Sender<Result<Image>>),
+}
+
+/// The handle every caller holds; the store itself lives in the session's task.
+pub struct Session {
+    pub id: String,
+    pub runtime: String,
+    pub limits: Limits,
+    /// The files under the guest's `/workspace`.
+    pub workspace: Arc<Workspace>,
+    jobs: mpsc::Sender<Job>,
+    stop: watch::Sender<Option<EndReason>>,
+    stats: Mutex<Stats>,
+    history: Mutex<History>,
+    /// The session's own folder (`workspace/`, `tmp/`).
+    pub dir: PathBuf,
+}
+
+/// The receiving ends of a session's handle: what its task reads.
+pub(super) struct Inbox {
+    pub jobs: mpsc::Receiver<Job>,
+    pub stop: watch::Receiver<Option<EndReason>>,
+}
+
+/// What a new handle starts with.
+pub(super) struct Start {
+    pub id: String,
+    pub runtime: String,
+    pub limits: Limits,
+    pub workspace: Workspace,
+    pub dir: PathBuf,
+    /// Started ahead of demand, for no client yet (see [`Session::claim`]).
+    pub warm: bool,
+    pub executions: u64,
+    pub history: History,
+    pub memory_bytes: u64,
+}
+
+impl Session {
+    /// A handle and the inbox its task reads.
+    pub(super) fn new(start: Start) -> (Arc<Self>, Inbox) {
+        let (jobs, queue) = mpsc::channel(QUEUE_DEPTH);
+        let (stop, stopped) = watch::channel(None);
+        let (now, at) = (Instant::now(), SystemTime::now());
+        let session = Arc::new(Session {
+            id: start.id,
+            runtime: start.runtime,
+            limits: start.limits,
+            workspace: Arc::new(start.workspace),
+            jobs,
+            stop,
+            stats: Mutex::new(Stats {
+                created_at: at,
+                created: now,
+                state: if start.warm {
+                    Lifecycle::Warm
+                } else {
+                    Lifecycle::Starting
+                },
+                last_used_at: at,
+                last_used: now,
+                executions: start.executions,
+                memory_bytes: start.memory_bytes,
+            }),
+            history: Mutex::new(start.history),
+            dir: start.dir,
+        });
+        let inbox = Inbox {
+            jobs: queue,
+            stop: stopped,
+        };
+        (session, inbox)
+    }
+
+    pub(super) fn stats(&self) -> std::sync::MutexGuard<'_, Stats> {
+        self.stats.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn info(&self) -> Info {
+        let stats = self.stats();
+        Info {
+            id: self.id.clone(),
+            runtime: self.runtime.clone(),
+            state: stats.state.clone(),
+            created_at: stats.created_at,
+            last_used_at: stats.last_used_at,
+            executions: stats.executions,
+            memory_bytes: stats.memory_bytes,
+            limits: self.limits,
+        }
+    }
+
+    /// Whether the session waits in the warm pool, no client's yet.
+    pub fn is_warm(&self) -> bool {
+        self.stats().state == Lifecycle::Warm
+    }
+
+    /// The guest's linear memory after its last turn.
+    pub fn memory_bytes(&self) -> u64 {
+        self.stats().memory_bytes
+    }
+
+    /// When the session was handed to its client.
+    pub fn created_at(&self) -> SystemTime {
+        self.stats().created_at
+    }
+
+    /// Hands a warm session (started ahead, its first turn already run) to a client: its
+    /// clocks and counters start now, as if it had just been created.
+    pub fn claim(&self) {
+        let mut stats = self.stats();
+        if stats.state == Lifecycle::Warm {
+            stats.state = Lifecycle::Idle; // the warm pool holds only sessions at rest
+        }
+        let (now, at) = (Instant::now(), SystemTime::now());
+        stats.created = now;
+        stats.created_at = at;
+        stats.last_used = now;
+        stats.last_used_at = at;
+        stats.executions = 0;
+    }
+
+    /// The reason the session ended, if it has.
+    pub fn ended(&self) -> Option<EndReason> {
+        match &self.stats().state {
+            Lifecycle::Ended(reason) => Some(reason.clone()),
+            _ => None,
+        }
+    }
+
+    /// Since when the session has been at rest between turns; `None` while a turn runs.
+    pub fn idle_since(&self) -> Option<Instant> {
+        let stats = self.stats();
+        matches!(stats.state, Lifecycle::Idle).then_some(stats.last_used)
+    }
+
+    /// When the session's idle TTL or lifetime has passed at `now`, the reason.
+    pub fn expired(&self, now: Instant) -> Option<EndReason> {
+        let stats = self.stats();
+        if now.duration_since(stats.created) >= self.limits.lifetime {
+            return Some(EndReason::Lifetime);
+        }
+        let idle = matches!(stats.state, Lifecycle::Idle | Lifecycle::Starting);
+        (idle && now.duration_since(stats.last_used) >= self.limits.idle_ttl)
+            .then_some(EndReason::Idle)
+    }
+
+    /// Runs `code` as the next turn, after the turns already queued. `timeout` overrides the
+    /// session's deadline for this turn; `sink` receives output as the guest writes it.
+    ///
+    /// Dropping the returned future stops the turn (or skips it while queued): a turn cut
+    /// short leaves the interpreter in no known state, so it is rolled back as after a
+    /// deadline (or, with `rollback: false`, ends the session).
+    pub async fn execute(
+        &self,
+        code: String,
+        timeout: Option<Duration>,
+        sink: Option<Sink>,
+    ) -> Result<Outcome> {
+        if let Some(reason) = self.ended() {
+            return Err(Error::Ended(reason));
+        }
+        let (reply, answer) = oneshot::channel();
+        self.send(Job::Turn(Turn {
+            code,
+            timeout: timeout.unwrap_or(self.limits.timeout),
+            sink,
+            reply,
+        }))?;
+        answer.await.map_err(|_| self.gone())
+    }
+
+    /// The session's state after the turns queued before this call: what fork, snapshot and
+    /// export are made of. Refused (`Error::Refused`) while the guest holds files open.
+    pub async fn capture(&self) -> Result<Image> {
+        if let Some(reason) = self.ended() {
+            return Err(Error::Ended(reason));
+        }
+        let (reply, answer) = oneshot::channel();
+        self.send(Job::Capture(reply))?;
+        answer.await.map_err(|_| self.gone())?
+    }
+
+    fn send(&self, job: Job) -> Result<()> {
+        self.jobs.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Error::Busy(QUEUE_DEPTH),
+            mpsc::error::TrySendError::Closed(_) => self.gone(),
+        })
+    }
+
+    /// The session's trajectory as JSON Lines, oldest turn first, and how many older turns
+    /// were forgotten to keep it within [`HISTORY_BYTES`](super::HISTORY_BYTES).
+    pub fn history(&self) -> (Vec<Arc<str>>, u64) {
+        let history = self.history.lock().unwrap_or_else(PoisonError::into_inner);
+        (history.lines.iter().cloned().collect(), history.dropped)
+    }
+
+    /// Adds turn `n` to the history.
+    pub(super) fn record(&self, entry: &HistoryEntry) {
+        if let Ok(line) = serde_json::to_string(entry) {
+            self.history
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(line.into());
+        }
+    }
+
+    /// Like [`execute`](Self::execute), as a stream: the output as the guest writes it, then
+    /// the outcome. Dropping the stream stops the turn.
+    pub fn execute_streaming(
+        self: Arc<Self>,
+        code: String,
+        timeout: Option<Duration>,
+    ) -> TurnStream {
+        let (sink, output) = mpsc::unbounded_channel();
+        TurnStream::new(output, async move {
+            self.execute(code, timeout, Some(sink)).await
+        })
+    }
+
+    fn gone(&self) -> Error {
+        Error::Ended(self.ended().unwrap_or(EndReason::Deleted))
+    }
+
+    /// Ends the session: a running turn is stopped, the store dropped, the workspace removed.
+    pub fn end(&self, reason: EndReason) {
+        self.stop.send_if_modified(|current| {
+            if current.is_some() {
+                return false;
+            }
+            *current = Some(reason);
+            true
+        });
+    }
+}
