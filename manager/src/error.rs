@@ -50,5 +50,74 @@ pub enum Error {
     Runtime(#[from] arl_runtimes::Error),
 }
 
+impl Error {
+    /// What the host ran out of, when this is an I/O failure for want of descriptors, disk or
+    /// memory: the manager is at its edge, and the request can be retried elsewhere or later.
+    pub fn exhausted(&self) -> Option<&'static str> {
+        use rustix::io::Errno;
+        let Error::Io(_, e) = self else {
+            return None;
+        };
+        match Errno::from_io_error(e)? {
+            Errno::MFILE | Errno::NFILE => Some("open files"),
+            Errno::NOSPC | Errno::DQUOT => Some("disk space"),
+            Errno::NOMEM => Some("memory"),
+            _ => None,
+        }
+    }
+
+    /// Whether this is the manager's own failure rather than a refusal of the request.
+    pub fn is_internal(&self) -> bool {
+        matches!(
+            self,
+            Error::Io(..) | Error::Instantiate(_) | Error::Engine(_) | Error::Runtime(_)
+        )
+    }
+
+    /// What a client is told: the error itself, except that the manager's own failures say
+    /// only what failed, never a host path or the engine's words (those go to the log).
+    pub fn public_message(&self) -> String {
+        match (self.exhausted(), self) {
+            (Some(what), _) => format!(
+                "the manager is out of {what} for new work; retry later or on another manager"
+            ),
+            (None, Error::Io(what, _)) => format!(
+                "the manager failed at {}; see its log",
+                what.split_whitespace().next().unwrap_or("a file operation")
+            ),
+            (None, e) if e.is_internal() => "the manager failed internally; see its log".into(),
+            (None, e) => e.to_string(),
+        }
+    }
+}
+
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hosts_own_failures_name_no_host_path() {
+        let out_of_files = Error::Io(
+            "opening /var/lib/arl/sessions/abc/workspace".into(),
+            std::io::Error::from_raw_os_error(rustix::io::Errno::MFILE.raw_os_error()),
+        );
+        assert_eq!(out_of_files.exhausted(), Some("open files"));
+        assert!(!out_of_files.public_message().contains("/var/lib"));
+        let other = Error::Io(
+            "opening /var/lib/arl/x".into(),
+            std::io::Error::from_raw_os_error(rustix::io::Errno::ACCESS.raw_os_error()),
+        );
+        assert_eq!(other.exhausted(), None);
+        assert!(other.is_internal());
+        assert_eq!(
+            other.public_message(),
+            "the manager failed at opening; see its log"
+        );
+        let refusal = Error::QuotaExceeded(5);
+        assert!(!refusal.is_internal());
+        assert_eq!(refusal.public_message(), refusal.to_string());
+    }
+}

@@ -28,6 +28,10 @@ pub const SERVICE: &str = "arl.v1.Sessions";
 /// Maps a core error to the gRPC status with the same meaning as its HTTP answer.
 pub fn status(e: Error) -> Status {
     let code = match &e {
+        e if e.exhausted().is_some() => {
+            tracing::error!(error = %e, "out of resources");
+            Code::Unavailable
+        }
         Error::UnknownRuntime(..) | Error::InvalidRequest(_) | Error::BadPath(..) => {
             Code::InvalidArgument
         }
@@ -43,7 +47,7 @@ pub fn status(e: Error) -> Status {
             Code::Internal
         }
     };
-    Status::new(code, e.to_string())
+    Status::new(code, e.public_message())
 }
 
 /// `arl.v1.Sessions` over a registry.

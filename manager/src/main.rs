@@ -193,13 +193,24 @@ fn check_exposure(serve: &Serve) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Raises the open-files limit as far as this process may: each session holds its WASI
-/// preopens (four for Python), so thousands of sessions need tens of thousands.
-fn raise_open_files(max_sessions: u32) {
+/// Descriptors a session holds at rest: its WASI preopens (four for Python).
+const FDS_PER_SESSION: u64 = 4;
+/// Descriptors kept for everything else: sockets, the module cache, uploads, snapshots.
+const FDS_RESERVED: u64 = 1024;
+
+/// The most sessions a process with `open_files` descriptors can hold (at least one).
+fn sessions_within(open_files: u64) -> u32 {
+    let fit = open_files.saturating_sub(FDS_RESERVED) / FDS_PER_SESSION;
+    u32::try_from(fit).unwrap_or(u32::MAX).max(1)
+}
+
+/// Raises the open-files limit as far as this process may, and answers the limit it got:
+/// each session holds its WASI preopens, so thousands of sessions need tens of thousands.
+fn raise_open_files(max_sessions: u32) -> u64 {
     use rlimit::Resource;
-    let wanted = u64::from(max_sessions) * 4 + 1024;
+    let wanted = u64::from(max_sessions) * FDS_PER_SESSION + FDS_RESERVED;
     let Ok((soft, hard)) = Resource::NOFILE.get() else {
-        return;
+        return u64::MAX;
     };
     let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
@@ -210,23 +221,30 @@ fn raise_open_files(max_sessions: u32) {
     if raised.is_err() {
         let _ = Resource::NOFILE.set(target.min(hard), hard);
     }
-    let now = Resource::NOFILE.get().map_or(soft, |(s, _)| s);
-    if now < wanted {
-        tracing::warn!(
-            open_files = now,
-            wanted,
-            "the open-files limit is below what --max-sessions needs; raise `ulimit -n`"
-        );
-    }
+    Resource::NOFILE.get().map_or(soft, |(s, _)| s)
 }
 
 async fn run(serve: Serve) -> anyhow::Result<()> {
     check_exposure(&serve)?;
-    raise_open_files(serve.max_sessions);
+    let open_files = raise_open_files(serve.max_sessions);
     if serve.auth_token.as_deref() == Some("") {
         anyhow::bail!("--auth-token must not be empty");
     }
-    let registry = Registry::new(config(&serve)?)?;
+    let mut config = config(&serve)?;
+    // A session the descriptors cannot hold would fail half-made (its bootstrap without a
+    // workspace): the capacity is what the open-files limit reaches, and `/v1/load` says so.
+    let reachable = sessions_within(open_files);
+    if reachable < config.max_sessions {
+        tracing::warn!(
+            open_files,
+            max_sessions = config.max_sessions,
+            reachable,
+            "the open-files limit holds fewer sessions than --max-sessions: serving {reachable}; \
+             raise `ulimit -n` for more"
+        );
+        config.max_sessions = reachable;
+    }
+    let registry = Registry::new(config)?;
     let http = tokio::net::TcpListener::bind(serve.listen)
         .await
         .with_context(|| format!("binding {}", serve.listen))?;
@@ -264,4 +282,16 @@ async fn run(serve: Serve) -> anyhow::Result<()> {
     served.await??;
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_capacity_is_what_the_descriptors_hold() {
+        assert_eq!(sessions_within(20_000), 4_744);
+        assert_eq!(sessions_within(1_024), 1, "never none");
+        assert_eq!(sessions_within(u64::MAX), u32::MAX);
+    }
 }

@@ -100,6 +100,39 @@ fn an_open_address_needs_a_token_or_insecure() {
     }
 }
 
+#[test]
+fn the_capacity_is_what_the_open_files_limit_holds() {
+    let http = port();
+    // `ulimit -n` sets the hard limit too: the manager cannot raise it past 1,500.
+    let script = format!(
+        "ulimit -n 1500 && exec {BIN} serve --log error --max-sessions 6000 --warm-sessions 0 \
+         --listen 127.0.0.1:{http} --grpc-listen 127.0.0.1:0"
+    );
+    let mut child = Command::new("sh")
+        .args(["-c", &script])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let rt = runtime();
+    let load = rt.block_on(async {
+        let url = format!("http://127.0.0.1:{http}/v1/load");
+        loop {
+            if let Ok(r) = reqwest::get(&url).await {
+                break r.json::<serde_json::Value>().await.unwrap();
+            }
+            assert!(child.try_wait().unwrap().is_none(), "the manager exited");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        load["capacity"], 119,
+        "(1,500 - 1,024 reserved) / 4 descriptors a session: {load}"
+    );
+}
+
 /// `arl-manager serve` on a free port with `args`, once /readyz answers 200.
 fn serve(args: &[&str], rt: &tokio::runtime::Runtime) -> (std::process::Child, String) {
     let http = port();

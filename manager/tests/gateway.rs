@@ -105,6 +105,37 @@ async fn execute_rpc(rpc: &mut SessionsClient<Channel>, id: &str, code: &str) ->
     last.expect("a result event")
 }
 
+/// The status of `method path` sent to `base` as written, with the gateway's token: reqwest
+/// would resolve the `..` segments before sending.
+async fn raw_status(base: &str, method: &str, path: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {GATEWAY_TOKEN}\r\n\
+         content-length: 0\r\nconnection: close\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {answer:?}"))
+}
+
+/// Whether `manager` says it drains.
+async fn draining(manager: &Manager) -> bool {
+    let r = reqwest::Client::new()
+        .get(format!("{}/v1/load", manager.base))
+        .bearer_auth(MANAGER_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    r.json::<Value>().await.unwrap()["draining"] == true
+}
+
 fn owner(id: &str) -> &str {
     gateway::owner(id).unwrap()
 }
@@ -176,6 +207,37 @@ fn the_gateway_spreads_sessions_routes_by_id_and_answers_410_for_a_dead_manager(
             BTreeMap::from([("m1", 2), ("m2", 2), ("m3", 2)]),
             "{ids:?}"
         );
+        // A path that climbs out of its session never reaches another manager route: not
+        // `/v1/drain`, not the RLM delete-all.
+        for (method, path) in [
+            ("POST", format!("/v1/sessions/{}/../../drain", ids[0])),
+            (
+                "POST",
+                format!("/v1/sessions/{}/%2e%2e/%2E%2e/drain", ids[0]),
+            ),
+            (
+                "DELETE",
+                format!("/v1/sessions/{}/..%5c..%5c..%5csessions", ids[0]),
+            ),
+        ] {
+            assert_eq!(
+                raw_status(&base, method, &path).await,
+                400,
+                "{method} {path}"
+            );
+        }
+        for m in &managers {
+            assert!(
+                !draining(m).await,
+                "{} was drained through the gateway",
+                m.name
+            );
+        }
+        for id in &ids {
+            let m = managers.iter().find(|m| m.name == owner(id)).unwrap();
+            assert!(holds(m, id).await, "{id} is gone");
+        }
+
         // Polled loads from here on (started after the spread: a read in flight during a
         // create could answer the load from before it, and skew the placement under test).
         let poller = tokio::spawn(fleet.clone().poll_every(polled, Duration::from_millis(200)));

@@ -7,7 +7,9 @@ use std::time::{Instant, SystemTime};
 
 use k8s_openapi::api::core::v1::Pod;
 
-use crate::crd::{DRAINING_ANNOTATION, MANAGER_CONTAINER, POOL_LABEL, RUNTIME_ANNOTATION};
+use crate::crd::{
+    DRAINING_ANNOTATION, MANAGER_CONTAINER, POOL_LABEL, RUNTIME_ANNOTATION, WarmPool,
+};
 use crate::manager::{Endpoint, Load, Managers};
 use crate::token::TokenKey;
 
@@ -43,12 +45,26 @@ impl Member {
         self.ready && !self.draining && self.load.is_some_and(|(l, _)| !l.draining)
     }
 
-    /// What a Pod of a WarmPool makes; `None` until it has an IP.
-    pub fn from_pod(pod: &Pod, tokens: &TokenKey) -> Option<Self> {
+    /// What a Pod of a WarmPool makes; `None` until it has an IP, and `None` for a pod that
+    /// none of `pools` controls: a pool label and a container named `manager` are anyone's to
+    /// write, so only the controller owner reference to a known WarmPool (its UID) lets a pod
+    /// receive sessions, code and tokens.
+    pub fn from_pod(pod: &Pod, tokens: &TokenKey, pools: &KnownPools) -> Option<Self> {
         let meta = &pod.metadata;
         let name = meta.name.clone()?;
         let namespace = meta.namespace.clone().unwrap_or_default();
         let pool = meta.labels.as_ref()?.get(POOL_LABEL)?.clone();
+        let uid = pools.get(&(namespace.clone(), pool.clone()))?;
+        let controlled = meta.owner_references.iter().flatten().any(|owner| {
+            owner.controller == Some(true)
+                && owner.kind == "WarmPool"
+                && owner.api_version == WARM_POOL_API_VERSION
+                && owner.name == pool
+                && &owner.uid == uid
+        });
+        if !controlled {
+            return None;
+        }
         let status = pod.status.as_ref()?;
         let ip = status.pod_ip.clone()?;
         let container = pod
@@ -101,6 +117,29 @@ impl Member {
             load: None,
         })
     }
+}
+
+/// The `apiVersion` a pod's owner reference names a WarmPool by.
+const WARM_POOL_API_VERSION: &str = "arl.infra.io/v1alpha1";
+
+/// The WarmPools the operator watches: (namespace, name) to UID.
+pub type KnownPools = BTreeMap<(String, String), String>;
+
+/// `pools` as [`Member::from_pod`] checks pods against.
+pub fn known_pools<'a>(pools: impl IntoIterator<Item = &'a WarmPool>) -> KnownPools {
+    pools
+        .into_iter()
+        .filter_map(|p| {
+            let meta = &p.metadata;
+            Some((
+                (
+                    meta.namespace.clone().unwrap_or_default(),
+                    meta.name.clone()?,
+                ),
+                meta.uid.clone()?,
+            ))
+        })
+        .collect()
 }
 
 /// Why a new session has nowhere to go.

@@ -386,6 +386,9 @@ async fn list_snapshots(State(gateway): State<Gateway>, headers: HeaderMap) -> R
 /// Passes a call about one snapshot to each ready manager in turn, until one has it.
 async fn first_found(State(gateway): State<Gateway>, request: Request) -> Response {
     let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    if leaves_its_route(&path) {
+        return escaping_path(&path);
+    }
     let headers = request.headers().clone();
     for member in gateway.fleet.members().into_iter().filter(|m| m.ready) {
         let empty = Payload::Whole(Bytes::new());
@@ -409,9 +412,33 @@ pub fn owner(id: &str) -> Option<&str> {
         .filter(|pod| !pod.is_empty())
 }
 
+/// Whether `path` holds a segment that building the upstream URL would resolve away: `.` or
+/// `..` (also percent-encoded, as URL parsers decode them), a backslash (which `http` URLs
+/// read as `/`), or an encoded `/`. Such a path could leave the session it names and reach
+/// another route of the manager (`/v1/drain`, `DELETE /sessions`).
+fn leaves_its_route(path: &str) -> bool {
+    path.split('/').any(|segment| {
+        let decoded = percent_encoding::percent_decode_str(segment).collect::<Vec<u8>>();
+        matches!(decoded.as_slice(), b"." | b"..")
+            || decoded.iter().any(|&b| b == b'\\' || b == b'/')
+    })
+}
+
+/// The answer to a path that [`leaves_its_route`].
+fn escaping_path(path: &str) -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        "invalid_path",
+        format!("the path {path:?} has a `.` or `..` segment, a backslash or an encoded `/`"),
+    )
+}
+
 /// Passes a call about one session to the manager that owns it.
 async fn forward(State(gateway): State<Gateway>, request: Request) -> Response {
     let path = request.uri().path().to_owned();
+    if leaves_its_route(&path) {
+        return escaping_path(&path);
+    }
     let id = path
         .trim_start_matches("/v1/sessions/")
         .split('/')
@@ -545,4 +572,32 @@ async fn relay(response: reqwest::Response) -> Response {
             "unreadable response",
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_that_climb_out_of_their_session_are_caught() {
+        for bad in [
+            "/v1/sessions/m1.x/../../drain",
+            "/v1/sessions/m1.x/%2e%2E/%2e%2e/drain",
+            "/v1/sessions/m1.x/./files",
+            "/v1/sessions/m1.x/..%5c..%5cdrain",
+            "/v1/sessions/m1.x/a\\b",
+            "/v1/sessions/m1.x%2f..%2f..%2fdrain",
+            "/v1/snapshots/..",
+        ] {
+            assert!(leaves_its_route(bad), "{bad}");
+        }
+        for good in [
+            "/v1/sessions/m1.x/execute",
+            "/v1/sessions/m1.x/files/a/b.txt",
+            "/v1/sessions/m1.x/files/..hidden/x.y",
+            "/v1/snapshots/snap-0123",
+        ] {
+            assert!(!leaves_its_route(good), "{good}");
+        }
+    }
 }

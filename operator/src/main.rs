@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use arl_operator::crd::{POOL_LABEL, Sandbox, WarmPool};
-use arl_operator::fleet::{Fleet, Member};
+use arl_operator::fleet::{Fleet, Member, known_pools};
 use arl_operator::gateway::{self, Gateway};
 use arl_operator::grpc::{self, GrpcGateway};
 use arl_operator::manager::{Endpoint, Managers};
@@ -238,25 +238,38 @@ async fn run_cluster(run: Run) -> anyhow::Result<()> {
     let managers = Managers::new();
     let interval = Duration::from_secs(run.common.load_interval_secs);
 
-    // Every pool pod, as a fleet member, kept current by a watch.
-    let (store, writer) = reflector::store::<Pod>();
-    let watched = reflector(
-        writer,
+    // Every pool pod that a watched WarmPool controls, as a fleet member, kept current by a
+    // watch of both.
+    let (pod_store, pod_writer) = reflector::store::<Pod>();
+    let pod_events = reflector(
+        pod_writer,
         watcher(pods.clone(), watcher::Config::default().labels(POOL_LABEL)),
-    );
+    )
+    .default_backoff()
+    .touched_objects()
+    .map(|event| event.map(drop));
+    let (pool_store, pool_writer) = reflector::store::<WarmPool>();
+    let pool_events = reflector(
+        pool_writer,
+        watcher(pools.clone(), watcher::Config::default()),
+    )
+    .default_backoff()
+    .touched_objects()
+    .map(|event| event.map(drop));
     let (fleet_w, tokens_w) = (fleet.clone(), tokens.clone());
     let pod_watch = tokio::spawn(async move {
-        let mut events = std::pin::pin!(watched.default_backoff().touched_objects());
+        let mut events = std::pin::pin!(futures_util::stream::select(pod_events, pool_events));
         while let Some(event) = events.next().await {
             if let Err(e) = event {
-                tracing::warn!(error = %e, "pod watch");
+                tracing::warn!(error = %e, "pod or pool watch");
                 continue;
             }
+            let pools = known_pools(pool_store.state().iter().map(|p| &**p));
             fleet_w.replace(
-                store
+                pod_store
                     .state()
                     .iter()
-                    .filter_map(|p| Member::from_pod(p, &tokens_w)),
+                    .filter_map(|p| Member::from_pod(p, &tokens_w, &pools)),
             );
         }
     });

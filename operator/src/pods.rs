@@ -233,7 +233,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
     use super::*;
     use crate::crd::DRAINING_ANNOTATION;
-    use crate::fleet::Member;
+    use crate::fleet::{KnownPools, Member, known_pools};
     use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
     use serde_json::json;
 
@@ -330,7 +330,8 @@ mod tests {
     fn a_running_pool_pod_becomes_a_fleet_member_the_gateway_can_reach() {
         let p = pool(json!({ "runtime": { "wasm": "python" } }));
         let pod = running(manager_pod(&p, "img"), "10.1.2.3");
-        let member = Member::from_pod(&pod, &key()).unwrap();
+        let pools = known_pools([&p]);
+        let member = Member::from_pod(&pod, &key(), &pools).unwrap();
         assert_eq!(member.name, "py-x7k2q");
         assert_eq!(
             (member.namespace.as_str(), member.pool.as_str()),
@@ -351,15 +352,42 @@ mod tests {
             .as_mut()
             .unwrap()
             .insert(DRAINING_ANNOTATION.into(), "2026-12-01T00:00:00Z".into());
-        let member = Member::from_pod(&v6, &key()).unwrap();
+        let member = Member::from_pod(&v6, &key(), &pools).unwrap();
         assert_eq!(member.endpoint.http, "http://[fd00::7]:8080");
         assert!(member.draining, "a draining pod takes no new sessions");
 
         let mut pending = manager_pod(&p, "img");
         pending.metadata.name = Some("py-new".into());
         assert!(
-            Member::from_pod(&pending, &key()).is_none(),
+            Member::from_pod(&pending, &key(), &pools).is_none(),
             "no IP yet, nothing to reach"
         );
+    }
+
+    #[test]
+    fn only_a_pod_a_known_pool_controls_joins_the_fleet() {
+        let p = pool(json!({ "runtime": { "wasm": "python" } }));
+        let pools = known_pools([&p]);
+        let ours = running(manager_pod(&p, "img"), "10.1.2.3");
+        assert!(Member::from_pod(&ours, &key(), &pools).is_some());
+
+        // Labelled like a pool pod, with a container named `manager`, but nobody's.
+        let mut forged = ours.clone();
+        forged.metadata.owner_references = None;
+        assert!(Member::from_pod(&forged, &key(), &pools).is_none());
+        // An owner reference naming the pool, with another UID (a deleted or forged pool).
+        let mut stale = ours.clone();
+        stale.metadata.owner_references.as_mut().unwrap()[0].uid = "u-other".into();
+        assert!(Member::from_pod(&stale, &key(), &pools).is_none());
+        // Owned, but not as its controller.
+        let mut borrowed = ours.clone();
+        borrowed.metadata.owner_references.as_mut().unwrap()[0].controller = Some(false);
+        assert!(Member::from_pod(&borrowed, &key(), &pools).is_none());
+        // The same pool name in another namespace is another pool.
+        let mut elsewhere = ours.clone();
+        elsewhere.metadata.namespace = Some("intruders".into());
+        assert!(Member::from_pod(&elsewhere, &key(), &pools).is_none());
+        // A pool the operator does not watch (yet, or any more).
+        assert!(Member::from_pod(&ours, &key(), &KnownPools::new()).is_none());
     }
 }

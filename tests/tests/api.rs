@@ -440,6 +440,22 @@ async fn load_and_metrics_follow_the_sessions() {
         text.contains(r#"route="/v1/sessions/{id}/execute""#),
         "routes are counted by pattern, not by id"
     );
+    // Made-up methods share one label: they cannot grow the series without bound.
+    for made_up in ["FROB1", "FROB2"] {
+        let method = reqwest::Method::from_bytes(made_up.as_bytes()).unwrap();
+        let r = client()
+            .request(method, m.url("/v1/load"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405, "{made_up}");
+    }
+    let (_, text) = metrics_text(m).await;
+    assert!(!text.contains("FROB"), "{text}");
+    assert!(
+        text.contains(r#"arl_http_requests_total{method="other","#),
+        "{text}"
+    );
 }
 
 #[tokio::test]

@@ -248,6 +248,35 @@ async fn output_over_the_cap_is_cut_and_marked() {
     assert_eq!(v["result"].as_str().unwrap().len(), 64 << 10);
     assert_eq!(v["truncated"], true);
     assert_eq!(m.exec(&id, "print('ok')").await["truncated"], false);
+    // An exception's message and traceback are the guest's output too: capped alike, and a
+    // long one takes one bounded line of the history, not the whole history.
+    m.exec(&id, "kept = 'yes'").await;
+    let v = m.exec(&id, "raise ValueError('z' * 3_000_000)").await;
+    assert_eq!(
+        v["error"]["type"],
+        "ValueError",
+        "{}",
+        &v.to_string()[..200]
+    );
+    assert!(v["error"]["message"].as_str().unwrap().len() <= 64 << 10);
+    assert!(v["error"]["traceback"].as_str().unwrap().len() <= 64 << 10);
+    assert_eq!(v["truncated"], true);
+    let (status, history) = m.get_text(&format!("/v1/sessions/{id}/history")).await;
+    assert_eq!(status, 200);
+    let lines: Vec<serde_json::Value> = history
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        lines.iter().any(|l| l["code"] == "kept = 'yes'"),
+        "older turns kept"
+    );
+    let last = lines.last().unwrap();
+    assert_eq!(
+        (last["clipped"].as_bool(), last["error"]["type"].as_str()),
+        (Some(true), Some("ValueError"))
+    );
+    assert!(history.lines().last().unwrap().len() < 64 << 10);
 }
 
 #[tokio::test]

@@ -252,15 +252,164 @@ async fn import(body: Vec<u8>) -> (u16, Value) {
 
 /// A snapshot whose header names another module than the one this manager runs.
 fn with_module(bytes: &[u8], module: &str) -> Vec<u8> {
+    with_header(bytes, |header| header["module"] = json!(module))
+}
+
+/// A snapshot whose header `edit` changed (the payload's checksum does not cover it).
+fn with_header(bytes: &[u8], edit: impl FnOnce(&mut Value)) -> Vec<u8> {
     let len = u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize;
     let mut header: Value = serde_json::from_slice(&bytes[12..12 + len]).unwrap();
-    header["module"] = json!(module);
+    edit(&mut header);
     let header = serde_json::to_vec(&header).unwrap();
     let mut out = bytes[..8].to_vec();
     out.extend_from_slice(&(header.len() as u32).to_le_bytes());
     out.extend_from_slice(&header);
     out.extend_from_slice(&bytes[12 + len..]);
     out
+}
+
+#[tokio::test]
+async fn an_image_is_held_to_the_limits_a_create_is() {
+    let id = session().await;
+    result(&id, "kept = 'yes'").await;
+    let bytes = export(&id).await;
+    // Past --max-timeout-ms, or past --max-memory-mib: refused as a create would be.
+    for (field, value) in [
+        ("timeout_ms", json!(100_000_000_000u64)),
+        ("memory_bytes", json!(1u64 << 50)),
+        ("lifetime_s", json!(0)),
+    ] {
+        let crafted = with_header(&bytes, |h| h["limits"][field] = value.clone());
+        let (status, v) = import(crafted).await;
+        assert_eq!(
+            (status, v["error"]["code"].as_str()),
+            (422, Some("invalid_snapshot")),
+            "{field}: {v}"
+        );
+    }
+    // What only the manager decides (output kept, upload quota) is capped at its own.
+    let crafted = with_header(&bytes, |h| {
+        h["limits"]["output_bytes"] = json!(u64::MAX);
+        h["limits"]["workspace_bytes"] = json!(u64::MAX);
+    });
+    let (status, v) = import(crafted).await;
+    assert_eq!(status, 201, "{v}");
+    let defaults = python_config().defaults;
+    assert_eq!(v["limits"]["output_bytes"], defaults.output_bytes, "{v}");
+    assert_eq!(
+        v["limits"]["workspace_bytes"], defaults.workspace_bytes,
+        "{v}"
+    );
+    let imported = v["id"].as_str().unwrap();
+    assert_eq!(result(imported, "kept").await, "'yes'");
+}
+
+#[tokio::test]
+async fn a_symlink_out_of_the_session_carries_nothing_into_a_fork_or_an_export() {
+    let id = session().await;
+    let made = result(
+        &id,
+        "import os\n\
+         os.makedirs('/workspace/real', exist_ok=True)\n\
+         open('/workspace/real/mine.txt', 'w').write('mine')\n\
+         os.symlink('../../../../../../../../etc', '/workspace/etc')\n\
+         os.symlink('../../../../../../../../etc/hostname', '/workspace/hostname')\n\
+         os.symlink('../../../../../../../../etc', '/tmp/etc')\n\
+         sorted(os.listdir('/workspace'))",
+    )
+    .await;
+    assert_eq!(made, "['etc', 'hostname', 'real']");
+    let child = fork(&id).await;
+    assert_eq!(
+        result(
+            &child,
+            "sorted(os.listdir('/workspace')), os.path.lexists('/tmp/etc')"
+        )
+        .await,
+        "(['real'], False)",
+        "a fork carries the files, never what a symlink points at"
+    );
+    assert_eq!(
+        result(&child, "open('/workspace/real/mine.txt').read()").await,
+        "'mine'"
+    );
+    let bytes = export(&id).await;
+    let (status, v) = import(bytes).await;
+    assert_eq!(status, 201, "{v}");
+    let imported = v["id"].as_str().unwrap();
+    assert_eq!(
+        result(imported, "sorted(os.listdir('/workspace'))").await,
+        "['real']"
+    );
+}
+
+#[tokio::test]
+async fn swapping_files_for_symlinks_while_forking_carries_nothing_from_outside() {
+    let m = manager();
+    let id = session().await;
+    // A file that the guest keeps swapping for a symlink to a host file and back, and a
+    // folder it keeps swapping for a symlink to a host folder, while the host forks.
+    result(
+        &id,
+        "import os\n\
+         def swap(n):\n\
+         \x20   for _ in range(n):\n\
+         \x20       for name, target, make in [('f', '../../../../../../../../etc/hostname', lambda p: open(p, 'w').write('guest')), ('d', '../../../../../../../../etc', os.mkdir)]:\n\
+         \x20           p = '/workspace/' + name\n\
+         \x20           if os.path.islink(p): os.remove(p); make(p)\n\
+         \x20           else:\n\
+         \x20               (os.rmdir if os.path.isdir(p) else os.remove)(p); os.symlink(target, p)\n\
+         open('/workspace/f', 'w').write('guest')\n\
+         os.mkdir('/workspace/d')",
+    )
+    .await;
+    let host_name = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    let swap = |n: u32| {
+        let url = m.url(&format!("/v1/sessions/{id}/execute"));
+        tokio::spawn(async move {
+            let r = client()
+                .post(url)
+                .json(&json!({"code": format!("swap({n})")}))
+                .send()
+                .await
+                .unwrap();
+            decode(r).await
+        })
+    };
+    for round in 0..20 {
+        // Queued in this order, the fork's files are copied while the second swap runs.
+        let first = swap(50);
+        let fork = {
+            let url = m.url(&format!("/v1/sessions/{id}/fork"));
+            tokio::spawn(async move { decode(client().post(url).send().await.unwrap()).await })
+        };
+        let second = swap(400);
+        let (status, v) = fork.await.unwrap();
+        for turn in [first, second] {
+            let (_, done) = turn.await.unwrap();
+            assert_eq!(done["error"], Value::Null, "{done}");
+        }
+        assert_eq!(status, 201, "round {round}: {v}");
+        let child = v["id"].as_str().unwrap().to_owned();
+        let seen = result(
+            &child,
+            "import os\n\
+             [(r, sorted(fs)) for r, ds, fs in os.walk('/workspace')], \
+             [open(os.path.join(r, f)).read() for r, ds, fs in os.walk('/workspace') for f in fs]",
+        )
+        .await;
+        assert!(
+            !seen.contains("passwd") && !seen.contains("os-release"),
+            "round {round}: a host folder was copied: {seen}"
+        );
+        if !host_name.trim().is_empty() && host_name.trim() != "guest" {
+            assert!(
+                !seen.contains(host_name.trim()),
+                "round {round}: a host file was copied: {seen}"
+            );
+        }
+        m.delete(&format!("/v1/sessions/{child}")).await;
+    }
 }
 
 #[tokio::test]

@@ -182,13 +182,29 @@ fn unauthorized() -> Response {
 
 /// Counts every answered request by method, matched route and status.
 async fn count(State(registry): State<Registry>, request: Request, next: Next) -> Response {
-    let method = request.method().clone();
+    let method = method_label(request.method());
     let route = route_of(&request).to_owned();
     let response = next.run(request).await;
     registry
         .metrics()
-        .http_request(method.as_str(), &route, response.status().as_u16());
+        .http_request(method, &route, response.status().as_u16());
     response
+}
+
+/// A method as a metrics label: the standard ones by name, any other as `other`, so that
+/// made-up methods (sent by anyone, token or not) cannot add series without bound.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        _ => "other",
+    }
 }
 
 fn route_of<B>(request: &axum::http::Request<B>) -> &str {
@@ -252,8 +268,12 @@ impl ApiError {
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
-        let message = e.to_string();
+        let message = e.public_message();
         let (status, code) = match &e {
+            e if e.exhausted().is_some() => {
+                tracing::error!(error = %e, "out of resources");
+                (StatusCode::SERVICE_UNAVAILABLE, "resources_exhausted")
+            }
             Error::UnknownRuntime(..) => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_runtime"),
             Error::InvalidRequest(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
             Error::Full(_) => (StatusCode::TOO_MANY_REQUESTS, "capacity_exhausted"),
@@ -305,7 +325,9 @@ impl From<BytesRejection> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(self.body())).into_response();
-        if self.status == StatusCode::TOO_MANY_REQUESTS || self.code == "not_ready" {
+        if self.status == StatusCode::TOO_MANY_REQUESTS
+            || matches!(self.code, "not_ready" | "resources_exhausted")
+        {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -163,7 +163,10 @@ impl Image {
         }
         let files: u64 = header.files.iter().map(|f| f.len).sum();
         if header.memory_bytes > max_memory
-            || header.pages * header.page_size > header.memory_bytes
+            || header
+                .pages
+                .checked_mul(header.page_size)
+                .is_none_or(|bytes| bytes > header.memory_bytes)
             || files > max_files
             || header.history_bytes > 64 << 20
         {
@@ -172,7 +175,8 @@ impl Image {
         let Some(len) = header.payload_len() else {
             return bad("its sizes do not add up".into());
         };
-        let mut payload = Vec::with_capacity(len as usize);
+        // Grown as the payload really arrives, not reserved from what the header claims.
+        let mut payload = Vec::with_capacity(usize::try_from(len.min(64 << 20)).unwrap_or(0));
         let mut z = zstd::Decoder::new(input)
             .map_err(|e| Error::BadSnapshot(format!("its payload: {e}")))?
             .take(len + 1);
@@ -309,6 +313,26 @@ mod tests {
             (42, 3, image.limits)
         );
         assert_eq!(back.captured_at, image.captured_at);
+    }
+
+    #[test]
+    fn a_header_whose_sizes_overflow_is_refused() {
+        let page = page_size();
+        let image = image(&vec![0u8; page * 4]);
+        let mut bytes = vec![];
+        image.encode(&mut bytes).unwrap();
+        let len = u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize;
+        let mut header: serde_json::Value = serde_json::from_slice(&bytes[12..12 + len]).unwrap();
+        header["pages"] = serde_json::json!(u64::MAX / 2);
+        let header = serde_json::to_vec(&header).unwrap();
+        let mut crafted = MAGIC.to_vec();
+        crafted.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        crafted.extend_from_slice(&header);
+        crafted.extend_from_slice(&bytes[12 + len..]);
+        assert!(matches!(
+            Image::decode(&crafted[..], 1 << 40, 1 << 30),
+            Err(Error::BadSnapshot(_))
+        ));
     }
 
     #[test]

@@ -11,7 +11,26 @@ use crate::session::{Origin, Session};
 use crate::snapshots::{SnapshotInfo, SnapshotStore};
 use crate::{Error, Result};
 
+/// Where an image comes from, which decides how far it is trusted.
+pub(super) enum Provenance {
+    /// Captured just now from a live session of this manager (whose folder is given): its
+    /// limits are the ones its create was checked for.
+    Fork(PathBuf),
+    /// A stored snapshot or an import: its limits are a claim, checked as a create's.
+    Elsewhere,
+}
+
 impl Registry {
+    /// A turn to decode an image: at most [`DECODING`](super::DECODING) at once, since each
+    /// may hold up to the manager's image bounds in memory while it is read.
+    pub(super) async fn decoding_slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>> {
+        self.inner
+            .decoding
+            .acquire()
+            .await
+            .map_err(|_| Error::ShuttingDown)
+    }
+
     /// The largest import (an export's bytes) this manager takes.
     pub fn import_limit(&self) -> usize {
         let (memory, files) = self.image_bounds();
@@ -34,7 +53,7 @@ impl Registry {
         let source = self.get(id)?;
         let image = source.capture().await?;
         let request = CreateRequest::default();
-        self.restore(image, &request, true, Some(source.dir.clone()))
+        self.restore(image, &request, Provenance::Fork(source.dir.clone()))
             .await
     }
 
@@ -62,8 +81,9 @@ impl Registry {
     pub async fn import(&self, bytes: bytes::Bytes) -> Result<Arc<Session>> {
         self.check_open()?;
         let (max_memory, max_files) = self.image_bounds();
+        let _decoding = self.decoding_slot().await?;
         let image = blocking(move || Image::decode(&bytes[..], max_memory, max_files)).await?;
-        self.restore(image, &CreateRequest::default(), false, None)
+        self.restore(image, &CreateRequest::default(), Provenance::Elsewhere)
             .await
     }
 
@@ -80,14 +100,13 @@ impl Registry {
         &self.inner.snapshots
     }
 
-    /// Starts a session from `image`, with the request's limits over the image's; its files
-    /// are the image's own, or copied from `copy_from` (a fork's parent).
+    /// Starts a session from `image`, with the request's limits over the image's (checked
+    /// unless it is a fork's); its files are the image's own, or copied from a fork's parent.
     pub(super) async fn restore(
         &self,
         image: Image,
         request: &CreateRequest,
-        reseed: bool,
-        copy_from: Option<PathBuf>,
+        provenance: Provenance,
     ) -> Result<Arc<Session>> {
         self.check_open()?;
         if request.env.is_some() {
@@ -102,7 +121,11 @@ impl Registry {
                 short_digest(&runtime.digest),
             ));
         }
-        let limits = self.limits(request, &runtime, image.limits)?;
+        let (base, reseed, copy_from) = match provenance {
+            Provenance::Fork(parent) => (image.limits, true, Some(parent)),
+            Provenance::Elsewhere => (self.image_limits(image.limits, &runtime)?, false, None),
+        };
+        let limits = self.limits(request, &runtime, base)?;
         if limits.memory_bytes < image.memory_bytes {
             return Err(Error::InvalidRequest(format!(
                 "the snapshot's memory is {} MiB, above the memory_mib asked for",

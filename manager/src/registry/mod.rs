@@ -32,11 +32,15 @@ use crate::session::{self, EndReason, Info, Limits, NewSession, Origin, Session}
 use crate::snapshots::SnapshotStore;
 use crate::{Error, Result};
 
+use images::Provenance;
 pub use reaper::available_memory;
 pub use request::CreateRequest;
 use request::check_env;
 use warm::WarmPool;
 
+/// Images decoded at once (imports and restores): each may hold up to the manager's image
+/// bounds in memory while it is read.
+const DECODING: usize = 2;
 /// Ended sessions remembered so that later calls answer "ended, because..." (410).
 const TOMBSTONES: usize = 100_000;
 
@@ -56,6 +60,8 @@ struct ManagerState {
     sessions: RwLock<HashMap<String, Arc<Session>>>,
     tombstones: Mutex<Tombstones>,
     slots: Arc<Semaphore>,
+    /// Turns to decode an image (see [`DECODING`]).
+    decoding: Semaphore,
     warm: WarmPool,
     metrics: Arc<Metrics>,
     draining: AtomicBool,
@@ -133,6 +139,7 @@ impl Registry {
                 runtimes: RwLock::default(),
                 sessions: RwLock::default(),
                 tombstones: Mutex::default(),
+                decoding: Semaphore::new(DECODING),
                 warm: WarmPool::default(),
                 metrics: Arc::new(Metrics::new()),
                 draining: AtomicBool::new(false),
@@ -190,8 +197,9 @@ impl Registry {
             let (max_memory, max_files) = self.image_bounds();
             let snapshots = self.inner.snapshots.clone();
             let id = id.clone();
+            let _decoding = self.decoding_slot().await?;
             let image = blocking(move || snapshots.load(&id, max_memory, max_files)).await?;
-            return self.restore(image, &request, false, None).await;
+            return self.restore(image, &request, Provenance::Elsewhere).await;
         }
         let runtime = self.runtime(request.runtime.as_deref().unwrap_or("python"))?;
         if request.is_plain(&self.inner.config.defaults)
@@ -317,8 +325,11 @@ impl Registry {
                 // Most forks have no files to copy: that is seen without a blocking thread.
                 let copy_from = copy_from.filter(|d| !image::own_dirs_empty(d));
                 let (image, to) = (origin.image.clone(), dir.clone());
+                let (_, max_files) = self.image_bounds();
                 let written = match copy_from {
-                    Some(source) => blocking(move || image::copy_dirs(&source, &to)).await,
+                    Some(source) => {
+                        blocking(move || image::copy_dirs(&source, &to, max_files)).await
+                    }
                     None if image.files.is_empty() => Ok(()),
                     None => blocking(move || image::write_dirs(&to, &image.files)).await,
                 };

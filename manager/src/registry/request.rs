@@ -109,6 +109,31 @@ impl Registry {
         Ok(limits)
     }
 
+    /// The limits a stored or imported image claims, checked exactly as a create's would be
+    /// (an image from elsewhere is a client's request, not the manager's word): out of bounds,
+    /// the image is refused (`invalid_snapshot`). The output and upload bounds are the
+    /// manager's alone, so the image's are kept only where they are lower.
+    pub(super) fn image_limits(&self, claimed: Limits, runtime: &Runtime) -> Result<Limits> {
+        let defaults = self.inner.config.defaults;
+        let as_asked = CreateRequest {
+            timeout_ms: Some(u64::try_from(claimed.timeout.as_millis()).unwrap_or(u64::MAX)),
+            memory_mib: Some(claimed.memory_bytes.div_ceil(1 << 20)),
+            idle_ttl_secs: Some(claimed.idle_ttl.as_secs_f64().ceil() as u64),
+            lifetime_secs: Some(claimed.lifetime.as_secs_f64().ceil() as u64),
+            rollback: Some(claimed.rollback),
+            ..CreateRequest::default()
+        };
+        let mut limits = self
+            .limits(&as_asked, runtime, defaults)
+            .map_err(|e| match e {
+                Error::InvalidRequest(why) => Error::BadSnapshot(format!("its limits: {why}")),
+                other => other,
+            })?;
+        limits.output_bytes = claimed.output_bytes.min(defaults.output_bytes);
+        limits.workspace_bytes = claimed.workspace_bytes.min(defaults.workspace_bytes);
+        Ok(limits)
+    }
+
     /// Checks a per-execution deadline a client asked for (`None`: the session's own).
     pub fn check_timeout(&self, timeout_ms: Option<u64>) -> Result<Option<Duration>> {
         let max = self.inner.config.max_timeout;

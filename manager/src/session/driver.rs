@@ -506,8 +506,14 @@ impl Driver {
             }
         }
         let mut truncated = out_cut || err_cut;
-        if let Some(r) = result.as_mut().filter(|r| r.len() > limits.output_bytes) {
-            r.truncate(floor_char_boundary(r, limits.output_bytes));
+        let cap = limits.output_bytes;
+        let fields = result.iter_mut().chain(
+            error
+                .iter_mut()
+                .flat_map(|e| [&mut e.kind, &mut e.message, &mut e.traceback]),
+        );
+        for text in fields.filter(|t| t.len() > cap) {
+            text.truncate(floor_char_boundary(text, cap));
             truncated = true;
         }
         if let Some(reason) = &ended {

@@ -87,7 +87,11 @@ impl HistoryEntry {
             stdout: clip(&outcome.stdout, &mut clipped),
             stderr: clip(&outcome.stderr, &mut clipped),
             result: outcome.result.as_deref().map(|r| clip(r, &mut clipped)),
-            error: outcome.error.clone(),
+            error: outcome.error.as_ref().map(|e| GuestError {
+                kind: clip(&e.kind, &mut clipped),
+                message: clip(&e.message, &mut clipped),
+                traceback: clip(&e.traceback, &mut clipped),
+            }),
             duration_ms: outcome.duration.as_secs_f64() * 1e3,
             rolled_back: outcome.rolled_back.is_some(),
             rollback_reason: outcome.rolled_back.as_ref().map(ToString::to_string),
