@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::session::Limits;
+use crate::session::types::Limits;
 use crate::{Error, Result};
 
 /// How a manager runs. Every field has a flag and an `ARL_*` variable in `arl-manager serve`.

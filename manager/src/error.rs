@@ -1,7 +1,7 @@
 //! Everything the session core can refuse or fail at, in one enum; each door (HTTP, gRPC,
 //! and the compatibility adapters) translates it at its edge.
 
-use crate::session::EndReason;
+use crate::session::types::EndReason;
 
 /// Everything the session core can refuse or fail at.
 #[derive(Debug, thiserror::Error)]

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::pages::page_size;
 use super::{FileRecord, Image, Pages};
-use crate::session::{Limits, rfc3339};
+use crate::session::types::{Limits, rfc3339};
 use crate::{Error, Result};
 
 /// The first bytes of every snapshot file and export.

@@ -25,7 +25,7 @@ use std::time::{Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::session::Limits;
+use crate::session::types::Limits;
 
 pub use files::{OWN_DIRS, copy_dirs, own_dirs_empty, read_dirs, write_dirs};
 pub use format::{Header, LimitsRecord};
