@@ -46,7 +46,15 @@ pub struct Gateway {
     fleet: Fleet,
     http: reqwest::Client,
     token: Bearer,
+    /// The most bytes, and the longest time, one manager's listing may take.
+    listing: (usize, Duration),
 }
+
+/// How much of one manager's `GET /v1/sessions` or `/v1/snapshots` the gateway reads, and
+/// for how long: a manager that answers more, or slower, is reported unreachable rather
+/// than holding the gateway's memory or its answer.
+const LISTING_BYTES: usize = 32 << 20;
+pub(crate) const LISTING_TIME: Duration = Duration::from_secs(10);
 
 impl Gateway {
     /// A gateway over `fleet`; clients must send `token` as a bearer token when it is set.
@@ -61,7 +69,37 @@ impl Gateway {
             fleet,
             http,
             token: Bearer::new(token),
+            listing: (LISTING_BYTES, LISTING_TIME),
         }
+    }
+
+    /// The same gateway reading at most `bytes` of each manager's listing, within `time`.
+    pub fn with_listing_bounds(mut self, bytes: usize, time: Duration) -> Self {
+        self.listing = (bytes, time);
+        self
+    }
+
+    /// `member`'s answer to `GET path` as JSON, when it comes whole within the listing
+    /// bounds and says 2xx; `None` otherwise.
+    async fn listing(&self, member: &Member, path: &str, headers: &HeaderMap) -> Option<Value> {
+        let (max, time) = self.listing;
+        let read = async {
+            let empty = Payload::Whole(Bytes::new());
+            let mut response = send(self, member, Method::GET, path, headers, empty)
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())?;
+            let mut body = Vec::new();
+            while let Some(chunk) = response.chunk().await.ok()? {
+                if body.len() + chunk.len() > max {
+                    tracing::warn!(pod = %member.name, max, path, "a listing over the bound");
+                    return None;
+                }
+                body.extend_from_slice(&chunk);
+            }
+            serde_json::from_slice(&body).ok()
+        };
+        tokio::time::timeout(time, read).await.ok().flatten()
     }
 }
 
@@ -322,26 +360,15 @@ async fn list(State(gateway): State<Gateway>, headers: HeaderMap) -> Response {
         .into_iter()
         .filter(|m| m.ready)
         .collect();
-    let calls = members.iter().map(|m| {
-        send(
-            &gateway,
-            m,
-            Method::GET,
-            "/v1/sessions",
-            &headers,
-            Payload::Whole(Bytes::new()),
-        )
-    });
+    let calls = members
+        .iter()
+        .map(|m| gateway.listing(m, "/v1/sessions", &headers));
     let mut sessions = Vec::new();
     let mut unreachable = Vec::new();
-    for (member, result) in members
+    for (member, listed) in members
         .iter()
         .zip(futures_util::future::join_all(calls).await)
     {
-        let listed = match result {
-            Ok(r) if r.status().is_success() => r.json::<Value>().await.ok(),
-            _ => None,
-        };
         match listed.as_ref().and_then(|v| v["sessions"].as_array()) {
             Some(found) => sessions.extend(found.iter().cloned()),
             None => unreachable.push(member.name.clone()),
@@ -354,20 +381,7 @@ async fn list(State(gateway): State<Gateway>, headers: HeaderMap) -> Response {
 async fn list_snapshots(State(gateway): State<Gateway>, headers: HeaderMap) -> Response {
     let mut snapshots: Vec<Value> = Vec::new();
     for member in gateway.fleet.members().into_iter().filter(|m| m.ready) {
-        let empty = Payload::Whole(Bytes::new());
-        let listed = match send(
-            &gateway,
-            &member,
-            Method::GET,
-            "/v1/snapshots",
-            &headers,
-            empty,
-        )
-        .await
-        {
-            Ok(r) if r.status().is_success() => r.json::<Value>().await.ok(),
-            _ => None,
-        };
+        let listed = gateway.listing(&member, "/v1/snapshots", &headers).await;
         if let Some(found) = listed.as_ref().and_then(|v| v["snapshots"].as_array()) {
             snapshots.extend(found.iter().cloned());
         }
@@ -576,7 +590,74 @@ async fn relay(response: reqwest::Response) -> Response {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
+    use crate::manager::Endpoint;
+
+    /// A stand-in manager on a free port whose `GET /v1/sessions` answers `sessions` after
+    /// `delay`.
+    async fn fake_manager(name: &str, sessions: usize, delay: Duration) -> Member {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let body = json!({ "sessions": vec![json!({"id": "x".repeat(1000)}); sessions] });
+        let router = Router::new().route(
+            "/v1/sessions",
+            get(move || {
+                let body = body.clone();
+                async move {
+                    tokio::time::sleep(delay).await;
+                    axum::Json(body)
+                }
+            }),
+        );
+        tokio::spawn(arl_serve::serve_http(
+            listener,
+            router,
+            std::future::pending(),
+        ));
+        Member {
+            name: name.into(),
+            namespace: String::new(),
+            pool: String::new(),
+            runtime: Some("python".into()),
+            endpoint: Endpoint {
+                http: format!("http://{addr}"),
+                token: None,
+            },
+            grpc: None,
+            ready: true,
+            draining: false,
+            load: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_listing_too_big_or_too_slow_is_left_out_not_waited_for() {
+        let fleet = Fleet::default();
+        fleet.upsert(fake_manager("small", 2, Duration::ZERO).await);
+        fleet.upsert(fake_manager("huge", 5_000, Duration::ZERO).await);
+        fleet.upsert(fake_manager("stuck", 1, Duration::from_secs(3600)).await);
+        let gateway =
+            Gateway::new(fleet, None).with_listing_bounds(1 << 20, Duration::from_millis(500));
+        let answer = list(State(gateway), HeaderMap::new()).await;
+        let body = axum::body::to_bytes(answer.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            v["sessions"].as_array().unwrap().len(),
+            2,
+            "the small one's"
+        );
+        let mut unreachable: Vec<&str> = v["unreachable"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u.as_str().unwrap())
+            .collect();
+        unreachable.sort();
+        assert_eq!(unreachable, ["huge", "stuck"]);
+    }
 
     #[test]
     fn paths_that_climb_out_of_their_session_are_caught() {

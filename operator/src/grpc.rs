@@ -17,7 +17,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::fleet::{Fleet, Member, Unplaced};
-use crate::gateway::owner;
+use crate::gateway::{LISTING_TIME, owner};
 
 /// Largest gRPC message passed through (a manager's default body limit).
 const MAX_MESSAGE: usize = 16 << 20;
@@ -157,6 +157,16 @@ fn relayed<T>(
     }
 }
 
+/// A manager's listing, given up after [`LISTING_TIME`] (its size is bounded by the
+/// channel's message limit).
+async fn bounded<T>(
+    call: impl Future<Output = Result<Response<T>, Status>>,
+) -> Result<Response<T>, Status> {
+    tokio::time::timeout(LISTING_TIME, call)
+        .await
+        .map_err(|_| Status::deadline_exceeded("the manager's listing took too long"))?
+}
+
 /// Whether `status` says the manager could not be reached (a transport error), rather than
 /// that it answered.
 fn unreachable(status: &Status) -> bool {
@@ -208,9 +218,8 @@ impl Sessions for GrpcGateway {
             .collect();
         let calls = members.iter().map(|m| async move {
             let mut client = self.client(m)?;
-            client
-                .list_sessions(Self::to(m, pb::ListSessionsRequest {})?)
-                .await
+            let call = client.list_sessions(Self::to(m, pb::ListSessionsRequest {})?);
+            bounded(call).await
         });
         let mut sessions = Vec::new();
         for (member, listed) in members
@@ -414,10 +423,8 @@ impl Sessions for GrpcGateway {
         let mut snapshots: Vec<pb::Snapshot> = Vec::new();
         for member in self.grpc_members() {
             let mut client = self.client(&member)?;
-            match client
-                .list_snapshots(Self::to(&member, pb::ListSnapshotsRequest {})?)
-                .await
-            {
+            let call = client.list_snapshots(Self::to(&member, pb::ListSnapshotsRequest {})?);
+            match bounded(call).await {
                 Ok(listed) => snapshots.extend(listed.into_inner().snapshots),
                 Err(e) => tracing::warn!(pod = %member.name, error = %e, "snapshots not listed"),
             }

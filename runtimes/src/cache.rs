@@ -15,7 +15,9 @@ pub type Progress<'a> = &'a (dyn Fn(&str) + Sync);
 
 /// A directory of precompiled modules, keyed by the module's sha256, the wasmtime version and
 /// the engine's compilation settings, so a `.cwasm` is only ever loaded by an engine that
-/// could have written it.
+/// could have written it. Beside each `.cwasm` is the sha256 it was written with
+/// (`.cwasm.sha256`): loading one is wasmtime's unsafe `deserialize`, so a file that does not
+/// match its recorded digest (damaged, or changed since) is never loaded, and is compiled anew.
 #[derive(Debug, Clone)]
 pub struct ModuleCache {
     dir: PathBuf,
@@ -89,6 +91,9 @@ impl ModuleCache {
         drop(bytes);
         let staged = path.with_extension("cwasm.tmp");
         fs::write(&staged, &compiled).map_err(io(format!("writing {}", staged.display())))?;
+        let recorded = digest_path(&path);
+        fs::write(&recorded, hex::encode(Sha256::digest(&compiled)))
+            .map_err(io(format!("writing {}", recorded.display())))?;
         fs::rename(&staged, &path).map_err(io(format!("renaming {}", staged.display())))?;
         progress(&format!(
             "compiled in {:.1} s",
@@ -98,10 +103,23 @@ impl ModuleCache {
     }
 }
 
+/// Where the sha256 of the `.cwasm` at `path` is recorded.
+fn digest_path(path: &Path) -> PathBuf {
+    path.with_extension("cwasm.sha256")
+}
+
 fn deserialize(engine: &Engine, path: &Path) -> Result<Module> {
+    let recorded = fs::read_to_string(digest_path(path)).unwrap_or_default();
+    let actual = sha256_file(path)?;
+    if recorded.trim() != actual {
+        return Err(Error::Unverified {
+            path: path.to_owned(),
+        });
+    }
     // SAFETY: the file is one this cache wrote with `Engine::precompile_module` under a key
     // that names this wasmtime version and this engine's settings, in a directory owned by
-    // the user running the manager; wasmtime checks the header and settings again.
+    // the user running the manager, and its bytes are the ones it wrote (the digest above);
+    // wasmtime checks the header and settings again.
     #[allow(
         unsafe_code,
         reason = "loading our own precompiled .cwasm is wasmtime's unsafe API"
@@ -145,4 +163,64 @@ pub fn sha256_file(path: &Path) -> Result<String> {
         hasher.update(&buf[..n]);
     }
     Ok(hex::encode(hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// The smallest module: the magic and version, no sections.
+    const EMPTY_MODULE: &[u8] = b"\0asm\x01\0\0\0";
+
+    #[test]
+    fn a_cwasm_that_is_not_what_was_compiled_is_never_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let wasm = dir.path().join("m.wasm");
+        fs::write(&wasm, EMPTY_MODULE).unwrap();
+        let cache = ModuleCache::new(dir.path().join("modules"));
+        let engine = Engine::default();
+        let said = Mutex::new(Vec::<String>::new());
+        let progress = |step: &str| said.lock().unwrap().push(step.to_owned());
+        let compiles = || {
+            said.lock()
+                .unwrap()
+                .iter()
+                .filter(|s| s.starts_with("compiling"))
+                .count()
+        };
+        cache.load(&engine, &wasm, None, &progress).unwrap();
+        assert_eq!(compiles(), 1);
+        cache.load(&engine, &wasm, None, &progress).unwrap();
+        assert_eq!(
+            compiles(),
+            1,
+            "a sound .cwasm is loaded, not compiled again"
+        );
+
+        let cwasm = fs::read_dir(dir.path().join("modules"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|x| x == "cwasm"))
+            .unwrap();
+        let mut bytes = fs::read(&cwasm).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        fs::write(&cwasm, &bytes).unwrap();
+        assert!(matches!(
+            deserialize(&engine, &cwasm),
+            Err(Error::Unverified { .. })
+        ));
+        cache.load(&engine, &wasm, None, &progress).unwrap();
+        assert_eq!(
+            compiles(),
+            2,
+            "a changed .cwasm is compiled anew, not loaded"
+        );
+        fs::remove_file(digest_path(&cwasm)).unwrap();
+        cache.load(&engine, &wasm, None, &progress).unwrap();
+        assert_eq!(compiles(), 3, "one without its recorded digest too");
+    }
 }

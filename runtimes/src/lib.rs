@@ -50,6 +50,10 @@ pub enum Error {
     },
     #[error("{path} is not a runtime module: {reason}")]
     Contract { path: PathBuf, reason: String },
+    #[error(
+        "{path} is not the file this cache compiled (its sha256 differs from the one recorded)"
+    )]
+    Unverified { path: PathBuf },
 }
 
 /// `Result` with this crate's [`Error`].
