@@ -7,8 +7,8 @@
 
 use std::io;
 use std::path::{Component, Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -60,6 +60,9 @@ pub struct Workspace {
     staging: PathBuf,
     quota: u64,
     uploads: AtomicU64,
+    /// Held while an upload is counted against the quota and moved into place, so that
+    /// uploads in parallel cannot each fill the room that only one of them may take.
+    committing: Mutex<()>,
 }
 
 /// An upload being written: a staged file, renamed into the workspace by [`Workspace::commit`].
@@ -85,6 +88,7 @@ impl Workspace {
             staging: staging.to_owned(),
             quota,
             uploads: AtomicU64::new(0),
+            committing: Mutex::new(()),
         };
         this.root()?;
         this.staging()?;
@@ -149,12 +153,30 @@ impl Workspace {
         Ok((upload, file))
     }
 
-    /// Moves a finished upload into place, making missing folders on the way.
+    /// Moves a finished upload into place, making missing folders on the way. The quota is
+    /// checked again here, one commit at a time, with the workspace as it is now: uploads
+    /// that ran side by side each saw the room left when they began.
     pub fn commit(&self, upload: Upload) -> Result<Entry> {
         let Upload { staged, path, .. } = upload;
+        let _one_at_a_time = self
+            .committing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let result = (|| {
             let rel = check(&path)?;
             let (root, staging) = (self.root()?, self.staging()?);
+            let size = staging
+                .metadata(&staged)
+                .map_err(|e| Error::Io("measuring an upload".into(), e))?
+                .len();
+            let replaced = match root.symlink_metadata(rel) {
+                Ok(meta) if meta.is_file() => meta.len(),
+                _ => 0,
+            };
+            let used = self.usage()?.saturating_sub(replaced);
+            if used.saturating_add(size) > self.quota {
+                return Err(Error::QuotaExceeded(self.quota));
+            }
             if let Some(parent) = rel.parent().filter(|p| !p.as_os_str().is_empty()) {
                 root.create_dir_all(parent)
                     .map_err(|e| fs_error(&path, e))?;

@@ -222,6 +222,38 @@ async fn the_workspace_quota_answers_413_and_keeps_what_is_there() {
     assert_eq!((status, back == noise(600 << 10)), (200, true));
 }
 
+#[tokio::test]
+async fn uploads_side_by_side_cannot_each_take_the_room_left() {
+    let m = own_manager(
+        |c| c.defaults.workspace_bytes = 1 << 20,
+        ServeOptions::default(),
+    );
+    let id = m.create(json!({})).await;
+    // Six uploads of 300 KiB at once: each sees 1 MiB free when it begins, three fit.
+    let uploads = (0..6).map(|n| {
+        let (m, id) = (m.clone(), id.clone());
+        tokio::spawn(async move { put(&m, &id, &format!("f{n}.bin"), noise(300 << 10)).await })
+    });
+    let mut stored = 0;
+    for upload in futures_util::future::join_all(uploads).await {
+        let (status, v) = upload.unwrap();
+        match status {
+            201 => stored += 1,
+            413 => assert_eq!(v["error"]["code"], "quota_exceeded", "{v}"),
+            other => panic!("{other}: {v}"),
+        }
+    }
+    assert_eq!(stored, 3, "1 MiB holds three 300 KiB files");
+    let (_, v) = m.get(&format!("/v1/sessions/{id}/files")).await;
+    let total: u64 = v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["size"].as_u64().unwrap())
+        .sum();
+    assert!(total <= 1 << 20, "{total} bytes stored under a 1 MiB quota");
+}
+
 /// One Server-Sent Event: its name and its data.
 #[derive(Debug, Clone)]
 struct Sse {
