@@ -46,9 +46,12 @@ pub const EXECUTIONS: &str = "arl_executions_total";
 pub const EXECUTION_DURATION: &str = "arl_execution_duration_seconds";
 /// HTTP requests answered, by `method`, matched `route` and `status`.
 pub const HTTP_REQUESTS: &str = "arl_http_requests_total";
+/// Captures that copied a whole memory because `/proc/self/pagemap` could not say which
+/// pages were written: above 0, fork, snapshot and rollback cost far more than they should.
+pub const WHOLE_MEMORY_CAPTURES: &str = "arl_whole_memory_captures_total";
 
 /// Every name above, for documentation and tests.
-pub const ALL: [&str; 9] = [
+pub const ALL: [&str; 10] = [
     SESSIONS_ACTIVE,
     SESSIONS_CAPACITY,
     MEMORY_BYTES,
@@ -58,6 +61,7 @@ pub const ALL: [&str; 9] = [
     EXECUTIONS,
     EXECUTION_DURATION,
     HTTP_REQUESTS,
+    WHOLE_MEMORY_CAPTURES,
 ];
 
 /// The `Content-Type` of [`Metrics::render`]'s text.
@@ -116,6 +120,7 @@ pub struct Metrics {
     executions: Family<OutcomeLabel, Counter>,
     duration: Histogram,
     http: Family<HttpLabels, Counter>,
+    whole_memory: Counter,
     active: Gauge,
     capacity: Gauge,
     memory: Gauge,
@@ -137,6 +142,7 @@ impl Metrics {
             executions: Family::default(),
             duration: Histogram::new(exponential_buckets(0.000_25, 2.0, 20)),
             http: Family::default(),
+            whole_memory: Counter::default(),
             active: Gauge::default(),
             capacity: Gauge::default(),
             memory: Gauge::default(),
@@ -186,6 +192,11 @@ impl Metrics {
             "HTTP requests answered, by method, route and status",
             this.http.clone(),
         );
+        registry.register(
+            counter(WHOLE_MEMORY_CAPTURES),
+            "Captures that copied a whole memory for want of /proc/self/pagemap",
+            this.whole_memory.clone(),
+        );
         Self { registry, ..this }
     }
 
@@ -231,6 +242,9 @@ impl Metrics {
         self.capacity.set(gauge(load.capacity));
         self.memory.set(gauge(load.memory_bytes));
         self.draining.set(i64::from(load.draining));
+        let whole = crate::image::pages::whole_memory_captures();
+        self.whole_memory
+            .inc_by(whole.saturating_sub(self.whole_memory.get()));
         let mut text = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);

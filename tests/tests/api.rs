@@ -455,11 +455,36 @@ async fn load_and_metrics_follow_the_sessions() {
     assert_eq!(load["draining"], false);
     assert!(load["sessions"].as_u64().unwrap() >= 1, "{load}");
     assert!(load["memory_bytes"].as_u64().unwrap() >= 40 << 20, "{load}");
-    let (kind, text) = metrics_text(m).await;
+    // A session that ended, so that the ended counter has a series whichever tests ran first:
+    // wait for it to be counted (its task ends just after the delete answers).
+    let gone = m.create(json!({})).await;
+    m.delete(&format!("/v1/sessions/{gone}")).await;
+    let (kind, text) = loop {
+        let (kind, text) = metrics_text(m).await;
+        if text.contains(r#"arl_sessions_ended_total{reason="deleted"}"#) {
+            break (kind, text);
+        }
+        tokio::task::yield_now().await;
+    };
     assert!(kind.starts_with("application/openmetrics-text"), "{kind}");
     for name in arl_manager::metrics::ALL {
         assert!(text.contains(name), "{name} missing:\n{text}");
     }
+    // The README's table lists exactly the metrics there are.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let mut documented: Vec<&str> = readme
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `arl_"))
+        .filter_map(|rest| rest.split('`').next())
+        .collect();
+    documented.sort_unstable();
+    let mut exposed: Vec<&str> = arl_manager::metrics::ALL
+        .iter()
+        .map(|n| n.trim_start_matches("arl_"))
+        .collect();
+    exposed.sort_unstable();
+    assert_eq!(documented, exposed, "the README's metrics table");
     assert!(text.contains("arl_sessions_capacity 64"), "{text}");
     assert!(text.contains(r#"arl_sessions_created_total{runtime="python"}"#));
     assert!(text.contains(r#"arl_executions_total{outcome="ok"}"#));

@@ -3,26 +3,48 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Once, OnceLock};
 
 /// The host's page size, the unit of capture.
 pub fn page_size() -> usize {
     rustix::param::page_size()
 }
 
+/// Captures that fell back to copying a whole memory (see [`whole_memory_captures`]).
+static WHOLE_MEMORY: AtomicU64 = AtomicU64::new(0);
+
+/// How many captures copied a whole memory because `/proc/self/pagemap` could not say which
+/// pages were written (the metric `arl_whole_memory_captures_total`).
+pub fn whole_memory_captures() -> u64 {
+    WHOLE_MEMORY.load(Ordering::Relaxed)
+}
+
+/// Counts a capture that copies the whole memory, and says so at `error` the first time:
+/// forks, snapshots and rollbacks then cost far more than they should.
+fn whole_memory(why: &dyn std::fmt::Display) {
+    static SAID: Once = Once::new();
+    WHOLE_MEMORY.fetch_add(1, Ordering::Relaxed);
+    SAID.call_once(|| {
+        tracing::error!(
+            error = %why,
+            "cannot read /proc/self/pagemap: captures copy whole memories (counted in \
+             arl_whole_memory_captures_total)"
+        );
+    });
+}
+
 /// `/proc/self/pagemap`, opened once; `None` where the kernel does not offer it (gVisor,
 /// some hardened kernels), and then every page counts as written.
 fn pagemap() -> Option<&'static File> {
-    static PAGEMAP: OnceLock<Option<File>> = OnceLock::new();
-    PAGEMAP
-        .get_or_init(|| match File::open("/proc/self/pagemap") {
-            Ok(file) => Some(file),
-            Err(e) => {
-                tracing::warn!(error = %e, "no /proc/self/pagemap: captures copy whole memories");
-                None
-            }
-        })
-        .as_ref()
+    static PAGEMAP: OnceLock<Result<File, String>> = OnceLock::new();
+    match PAGEMAP.get_or_init(|| File::open("/proc/self/pagemap").map_err(|e| e.to_string())) {
+        Ok(file) => Some(file),
+        Err(e) => {
+            whole_memory(e);
+            None
+        }
+    }
 }
 
 /// The host pages of `memory` that the guest wrote since it was instantiated, ascending.
@@ -37,7 +59,7 @@ pub fn written_pages(memory: &[u8]) -> Vec<u32> {
     let start = memory.as_ptr() as usize;
     let mut entries = vec![0u8; count * 8];
     if let Err(e) = pagemap.read_exact_at(&mut entries, (start / page) as u64 * 8) {
-        tracing::warn!(error = %e, "reading /proc/self/pagemap failed: copying the whole memory");
+        whole_memory(&e);
         return all();
     }
     const PRESENT: u64 = 1 << 63;
@@ -207,6 +229,20 @@ fn page_of(memory: &[u8], i: u32) -> &[u8] {
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
+
+    #[test]
+    fn only_the_pages_written_are_found_and_captured() {
+        // A linear memory as wasmtime maps it: page-aligned, no page present until written.
+        let mut store = wasmtime::Store::new(&wasmtime::Engine::default(), ());
+        let memory = wasmtime::Memory::new(&mut store, wasmtime::MemoryType::new(4, None)).unwrap();
+        let page = page_size();
+        let data = memory.data_mut(&mut store);
+        data[page * 3] = 7;
+        data[page * 40 + 5] = 9;
+        assert_eq!(written_pages(data), [3, 40]);
+        assert_eq!(Pages::capture(data).numbers(), [3, 40]);
+        assert_eq!(whole_memory_captures(), 0, "pagemap was read, not guessed");
+    }
 
     #[test]
     fn written_pages_are_the_ones_touched() {
