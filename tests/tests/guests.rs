@@ -599,3 +599,55 @@ async fn before_a_runtime_is_loaded_the_manager_is_not_ready() {
         (503, Some("not_ready"))
     );
 }
+
+#[tokio::test]
+async fn a_seventeenth_waiting_execute_is_refused_as_busy() {
+    let m = manager();
+    let id = session("spinner").await;
+    let url = m.url(&format!("/v1/sessions/{id}/execute"));
+    let send = |code: &'static str| {
+        let url = url.clone();
+        tokio::spawn(async move {
+            decode(
+                client()
+                    .post(url)
+                    .json(&json!({"code": code, "timeout_ms": 60_000}))
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await
+        })
+    };
+    let running = send("spin");
+    while m.get(&format!("/v1/sessions/{id}")).await.1["state"] != "running" {
+        tokio::task::yield_now().await;
+    }
+    // 16 may wait behind the running turn; the ones past them answer at once, as busy,
+    // while the waiting ones cannot answer before the spinner stops.
+    let waiting: Vec<_> = (0..20).map(|_| send("ping")).collect();
+    let (first, _, rest) = futures_util::future::select_all(waiting).await;
+    let (status, v) = first.unwrap();
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (409, Some("session_busy")),
+        "{v}"
+    );
+    m.delete(&format!("/v1/sessions/{id}")).await;
+    let mut busy = 1;
+    for answer in futures_util::future::join_all(rest).await {
+        let (status, v) = answer.unwrap();
+        match status {
+            409 => busy += 1,
+            // Queued behind the spinner when it was deleted: the session's end, not a hang.
+            200 | 410 => assert!(
+                v["end_reason"] == "deleted" || v["error"]["code"] == "session_ended",
+                "{v}"
+            ),
+            other => panic!("{other}: {v}"),
+        }
+    }
+    assert_eq!(busy, 4, "20 sent, 16 waited");
+    let (_, v) = running.await.unwrap();
+    assert_eq!(v["end_reason"], "deleted", "{v}");
+}
