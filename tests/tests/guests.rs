@@ -593,7 +593,18 @@ async fn before_a_runtime_is_loaded_the_manager_is_not_ready() {
         (status, v["error"]["code"].as_str()),
         (503, Some("not_ready"))
     );
-    let (status, v) = m.post("/v1/sessions", json!({})).await;
+    let r = client()
+        .post(m.url("/v1/sessions"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers().get("retry-after").map(|v| v.to_str().unwrap()),
+        Some("1"),
+        "a client is told when to try again"
+    );
+    let (status, v) = decode(r).await;
     assert_eq!(
         (status, v["error"]["code"].as_str()),
         (503, Some("not_ready"))
