@@ -79,6 +79,35 @@ impl Gateway {
         self
     }
 
+    /// Every ready manager's `GET path`, asked at once: by manager name, the array under
+    /// `field` of its answer, or `None` when it gave none within the listing bounds.
+    async fn listings(
+        &self,
+        path: &str,
+        field: &str,
+        headers: &HeaderMap,
+    ) -> Vec<(String, Option<Vec<Value>>)> {
+        let members: Vec<Member> = self
+            .fleet
+            .members()
+            .into_iter()
+            .filter(|m| m.ready)
+            .collect();
+        let calls = members.iter().map(|m| self.listing(m, path, headers));
+        let answers = futures_util::future::join_all(calls).await;
+        members
+            .into_iter()
+            .zip(answers)
+            .map(|(member, answer)| {
+                let found = answer.and_then(|mut v| match v[field].take() {
+                    Value::Array(items) => Some(items),
+                    _ => None,
+                });
+                (member.name, found)
+            })
+            .collect()
+    }
+
     /// `member`'s answer to `GET path` as JSON, when it comes whole within the listing
     /// bounds and says 2xx; `None` otherwise.
     async fn listing(&self, member: &Member, path: &str, headers: &HeaderMap) -> Option<Value> {
@@ -354,24 +383,12 @@ async fn place(
 
 /// Every session of every manager.
 async fn list(State(gateway): State<Gateway>, headers: HeaderMap) -> Response {
-    let members: Vec<Member> = gateway
-        .fleet
-        .members()
-        .into_iter()
-        .filter(|m| m.ready)
-        .collect();
-    let calls = members
-        .iter()
-        .map(|m| gateway.listing(m, "/v1/sessions", &headers));
     let mut sessions = Vec::new();
     let mut unreachable = Vec::new();
-    for (member, listed) in members
-        .iter()
-        .zip(futures_util::future::join_all(calls).await)
-    {
-        match listed.as_ref().and_then(|v| v["sessions"].as_array()) {
-            Some(found) => sessions.extend(found.iter().cloned()),
-            None => unreachable.push(member.name.clone()),
+    for (member, listed) in gateway.listings("/v1/sessions", "sessions", &headers).await {
+        match listed {
+            Some(found) => sessions.extend(found),
+            None => unreachable.push(member),
         }
     }
     axum::Json(json!({ "sessions": sessions, "unreachable": unreachable })).into_response()
@@ -380,11 +397,11 @@ async fn list(State(gateway): State<Gateway>, headers: HeaderMap) -> Response {
 /// Every snapshot any manager has, newest first, each once.
 async fn list_snapshots(State(gateway): State<Gateway>, headers: HeaderMap) -> Response {
     let mut snapshots: Vec<Value> = Vec::new();
-    for member in gateway.fleet.members().into_iter().filter(|m| m.ready) {
-        let listed = gateway.listing(&member, "/v1/snapshots", &headers).await;
-        if let Some(found) = listed.as_ref().and_then(|v| v["snapshots"].as_array()) {
-            snapshots.extend(found.iter().cloned());
-        }
+    for (_, listed) in gateway
+        .listings("/v1/snapshots", "snapshots", &headers)
+        .await
+    {
+        snapshots.extend(listed.into_iter().flatten());
     }
     let key = |v: &Value| {
         (

@@ -99,7 +99,8 @@ impl ModuleCache {
             "compiled in {:.1} s",
             started.elapsed().as_secs_f64()
         ));
-        deserialize(engine, &path)
+        // Its digest is the one just recorded: no need to read it back to check.
+        deserialize_unchecked(engine, &path)
     }
 }
 
@@ -108,6 +109,7 @@ fn digest_path(path: &Path) -> PathBuf {
     path.with_extension("cwasm.sha256")
 }
 
+/// Loads the `.cwasm` at `path` if its bytes match the digest recorded beside it.
 fn deserialize(engine: &Engine, path: &Path) -> Result<Module> {
     let recorded = fs::read_to_string(digest_path(path)).unwrap_or_default();
     let actual = sha256_file(path)?;
@@ -116,10 +118,15 @@ fn deserialize(engine: &Engine, path: &Path) -> Result<Module> {
             path: path.to_owned(),
         });
     }
+    deserialize_unchecked(engine, path)
+}
+
+/// Loads the `.cwasm` at `path`, whose bytes the caller knows to be the ones this cache wrote.
+fn deserialize_unchecked(engine: &Engine, path: &Path) -> Result<Module> {
     // SAFETY: the file is one this cache wrote with `Engine::precompile_module` under a key
     // that names this wasmtime version and this engine's settings, in a directory owned by
-    // the user running the manager, and its bytes are the ones it wrote (the digest above);
-    // wasmtime checks the header and settings again.
+    // the user running the manager, and its bytes are the ones it wrote (checked against the
+    // recorded digest, or written just now); wasmtime checks the header and settings again.
     #[allow(
         unsafe_code,
         reason = "loading our own precompiled .cwasm is wasmtime's unsafe API"
