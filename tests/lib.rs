@@ -119,6 +119,12 @@ impl Runtimes {
     }
 }
 
+impl Drop for TestManager {
+    fn drop(&mut self) {
+        self.stop_and_wait();
+    }
+}
+
 /// A manager serving HTTP and gRPC on `127.0.0.1:<random ports>` from a thread with its own
 /// tokio runtime, so that one manager can serve every test of a binary.
 pub struct TestManager {
@@ -194,6 +200,15 @@ impl TestManager {
             stop: std::sync::Mutex::new(Some(stop)),
             thread: std::sync::Mutex::new(Some(thread)),
         })
+    }
+
+    /// Stops the manager and waits for its thread, so that its sessions end and its data
+    /// folder is removed (a test's own manager; the shared ones live as long as the binary).
+    fn stop_and_wait(&self) {
+        self.stop();
+        if let Some(thread) = self.thread.lock().unwrap().take() {
+            let _ = thread.join();
+        }
     }
 
     /// Starts a graceful stop, as SIGTERM does; `join` waits for it to finish.

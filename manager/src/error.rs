@@ -30,6 +30,11 @@ pub enum Error {
     FileNotFound(String),
     #[error("the workspace quota of {0} bytes would be exceeded")]
     QuotaExceeded(u64),
+    #[error(
+        "the session's files (/workspace and /tmp) are past its quota of {0} bytes: delete some \
+         through the files API before running more code"
+    )]
+    DiskFull(u64),
     #[error("no snapshot has the id {0:?}")]
     SnapshotNotFound(String),
     #[error("the snapshot cannot be used: {0}")]

@@ -3,11 +3,16 @@
 //! Every path goes through a capability handle on the workspace folder (cap-std, the crate
 //! WASI itself uses), so that neither `..`, an absolute path nor a symlink the guest made can
 //! lead outside it. Uploads are staged beside the workspace and renamed into place whole, so
-//! the guest never sees half a file; a per-session quota bounds what uploads may add.
+//! the guest never sees half a file.
+//!
+//! One per-session quota bounds what the session's files hold, `/workspace` and `/tmp`
+//! together, whoever wrote them: uploads are counted as they arrive and again as they move
+//! into place; the guest's own writes are counted by the session's task, at the end of every
+//! turn and while a long one runs (see [`Workspace::recount`]).
 
 use std::io;
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -24,6 +29,10 @@ pub const READ_CHUNK: usize = 256 << 10;
 
 /// The longest path a client may name.
 const MAX_PATH_BYTES: usize = 4096;
+
+/// Files and folders a session may hold, whatever their size: a million empty files cost the
+/// node inodes and every count a long walk.
+pub const MAX_ENTRIES: u64 = 100_000;
 
 /// What a workspace entry is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,12 +62,15 @@ pub struct Entry {
     pub modified: Option<SystemTime>,
 }
 
-/// The workspace of one session, with its upload staging folder and quota.
+/// The workspace of one session, with its `/tmp`, its upload staging folder and its quota.
 #[derive(Debug)]
 pub struct Workspace {
     root: PathBuf,
+    tmp: PathBuf,
     staging: PathBuf,
     quota: u64,
+    /// The last count found the files past the quota: no turn runs until some are deleted.
+    over: AtomicBool,
     uploads: AtomicU64,
     /// Held while an upload is counted against the quota and moved into place, so that
     /// uploads in parallel cannot each fill the room that only one of them may take.
@@ -77,16 +89,18 @@ pub struct Upload {
 }
 
 impl Workspace {
-    /// Opens the workspace folder `root`, staging uploads in `staging` (outside the guest's
-    /// view), with `quota` bytes for the workspace as a whole.
+    /// Opens the workspace folder `root` beside the guest's `tmp`, staging uploads in
+    /// `staging` (outside the guest's view), with `quota` bytes for the two folders' files.
     ///
     /// The folders are opened for each operation rather than held: a session then costs no
     /// file descriptors beyond its WASI preopens, which matters at ten thousand sessions.
-    pub fn open(root: &Path, staging: &Path, quota: u64) -> Result<Self> {
+    pub fn open(root: &Path, tmp: &Path, staging: &Path, quota: u64) -> Result<Self> {
         let this = Self {
             root: root.to_owned(),
+            tmp: tmp.to_owned(),
             staging: staging.to_owned(),
             quota,
+            over: AtomicBool::new(false),
             uploads: AtomicU64::new(0),
             committing: Mutex::new(()),
         };
@@ -107,22 +121,70 @@ impl Workspace {
         self.quota
     }
 
-    /// Bytes held by the workspace's files (symlinks count their own size, not the target's).
+    /// Bytes held by the session's files in `/workspace` and `/tmp` (a symlink counts its own
+    /// size, not its target's). Past [`MAX_ENTRIES`] files and folders the count stops and
+    /// answers `u64::MAX`: over any quota.
     pub fn usage(&self) -> Result<u64> {
-        fn walk(dir: &Dir) -> io::Result<u64> {
-            let mut total = 0;
+        fn walk(dir: &Dir, entries: &mut u64) -> io::Result<u64> {
+            let mut total = 0u64;
             for entry in dir.entries()? {
                 let entry = entry?;
+                *entries += 1;
+                if *entries > MAX_ENTRIES {
+                    return Ok(u64::MAX);
+                }
+                // The entry's own metadata: a symlink is never followed.
                 let meta = entry.metadata()?;
-                total += if meta.is_dir() {
-                    walk(&entry.open_dir()?)?
+                let size = if meta.is_dir() {
+                    walk(&entry.open_dir()?, entries)?
                 } else {
                     meta.len()
                 };
+                total = total.saturating_add(size);
             }
             Ok(total)
         }
-        walk(&self.root()?).map_err(|e| Error::Io("measuring the workspace".into(), e))
+        let mut entries = 0;
+        let measure = |dir: &PathBuf, entries: &mut u64| {
+            walk(&open_dir(dir)?, entries).map_err(|e| Error::Io("measuring the files".into(), e))
+        };
+        let files = measure(&self.root, &mut entries)?;
+        Ok(files.saturating_add(measure(&self.tmp, &mut entries)?))
+    }
+
+    /// Counts the files again and remembers whether they are past the quota; answers the
+    /// count. The session's task calls this after each turn (and while a long one runs), the
+    /// files API after each delete.
+    pub fn recount(&self) -> Result<u64> {
+        let used = self.usage()?;
+        self.over.store(used > self.quota, Ordering::Relaxed);
+        Ok(used)
+    }
+
+    /// Empties the guest's `/tmp` (without following a link out of it) and counts again: what a
+    /// turn stopped at the quota left there is scratch no later turn can count on.
+    pub fn clear_tmp(&self) -> Result<u64> {
+        let tmp = open_dir(&self.tmp)?;
+        let entries = tmp
+            .entries()
+            .map_err(|e| Error::Io("listing /tmp".into(), e))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let removed = match entry.file_type() {
+                Ok(kind) if kind.is_dir() => tmp.remove_dir_all(&name),
+                _ => tmp.remove_file(&name),
+            };
+            removed.map_err(|e| Error::Io("emptying /tmp".into(), e))?;
+        }
+        self.recount()
+    }
+
+    /// Refuses a turn while the last count found the files past the quota.
+    pub fn check_room(&self) -> Result<()> {
+        if self.over.load(Ordering::Relaxed) {
+            return Err(Error::DiskFull(self.quota));
+        }
+        Ok(())
     }
 
     /// Starts an upload to `path`: checks the path and how much room the quota leaves
@@ -264,7 +326,9 @@ impl Workspace {
         } else {
             root.remove_file(rel)
         }
-        .map_err(|e| fs_error(path, e))
+        .map_err(|e| fs_error(path, e))?;
+        self.recount()?;
+        Ok(())
     }
 }
 
@@ -428,10 +492,11 @@ mod tests {
 
     fn workspace(quota: u64) -> (tempfile::TempDir, Workspace) {
         let tmp = tempfile::tempdir().unwrap();
-        let (root, staging) = (tmp.path().join("w"), tmp.path().join("s"));
-        std::fs::create_dir(&root).unwrap();
-        std::fs::create_dir(&staging).unwrap();
-        let ws = Workspace::open(&root, &staging, quota).unwrap();
+        let [root, guest_tmp, staging] = ["w", "t", "s"].map(|d| tmp.path().join(d));
+        for d in [&root, &guest_tmp, &staging] {
+            std::fs::create_dir(d).unwrap();
+        }
+        let ws = Workspace::open(&root, &guest_tmp, &staging, quota).unwrap();
         (tmp, ws)
     }
 
@@ -483,6 +548,31 @@ mod tests {
         put(&ws, "a", b"1234567890").unwrap();
         assert_eq!(ws.usage().unwrap(), 10);
         assert!(matches!(ws.stat("b"), Err(Error::FileNotFound(_))));
+    }
+
+    #[test]
+    fn what_the_guest_writes_in_either_folder_is_counted() {
+        let (tmp, ws) = workspace(10);
+        std::fs::write(tmp.path().join("w/a"), b"123456").unwrap();
+        assert_eq!(ws.recount().unwrap(), 6);
+        assert!(ws.check_room().is_ok());
+        std::fs::create_dir(tmp.path().join("t/d")).unwrap();
+        std::fs::write(tmp.path().join("t/d/b"), b"12345").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", tmp.path().join("t/link")).unwrap();
+        assert_eq!(ws.recount().unwrap(), 6 + 5 + "/etc/passwd".len() as u64);
+        assert!(matches!(ws.check_room(), Err(Error::DiskFull(10))));
+        assert!(matches!(put(&ws, "c", b"1"), Err(Error::QuotaExceeded(10))));
+        assert_eq!(ws.clear_tmp().unwrap(), 6);
+        assert!(ws.check_room().is_ok());
+        assert!(
+            std::fs::metadata("/etc/passwd").is_ok(),
+            "the link's target stays"
+        );
+        std::fs::write(tmp.path().join("w/b"), b"12345").unwrap();
+        ws.recount().unwrap();
+        assert!(ws.check_room().is_err());
+        ws.delete("b").unwrap();
+        assert!(ws.check_room().is_ok(), "a delete counts again");
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub fn status(e: Error) -> Status {
             Code::InvalidArgument
         }
         Error::BadSnapshot(_) | Error::ModuleMismatch(..) => Code::InvalidArgument,
-        Error::Full(_) | Error::QuotaExceeded(_) => Code::ResourceExhausted,
+        Error::Full(_) | Error::QuotaExceeded(_) | Error::DiskFull(_) => Code::ResourceExhausted,
         Error::NotFound(_) | Error::FileNotFound(_) | Error::SnapshotNotFound(_) => Code::NotFound,
         Error::Refused(_) => Code::FailedPrecondition,
         Error::Ended(_) => Code::FailedPrecondition,

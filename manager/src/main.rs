@@ -87,7 +87,8 @@ struct Serve {
     /// A session is ended this many seconds after it was created.
     #[arg(long, env = "ARL_LIFETIME_SECS", default_value_t = 3600)]
     lifetime_secs: u64,
-    /// Bytes that uploads may fill a session's workspace with; past it, uploads answer 413.
+    /// MiB a session's files (`/workspace` and `/tmp`, uploaded or written by its code) may
+    /// hold; past it, uploads answer 413 and a turn is stopped and rolled back.
     #[arg(long, env = "ARL_WORKSPACE_MIB", default_value_t = 100)]
     workspace_mib: u64,
     /// Largest JSON request body and gRPC message, in bytes; larger ones answer 413 (file

@@ -108,8 +108,10 @@ fn the_capacity_is_what_the_open_files_limit_holds() {
         "ulimit -n 1500 && exec {BIN} serve --log error --max-sessions 6000 --warm-sessions 0 \
          --listen 127.0.0.1:{http} --grpc-listen 127.0.0.1:0"
     );
+    let tmp = tempfile::tempdir().unwrap(); // killed below: its data folder goes with `tmp`
     let mut child = Command::new("sh")
         .args(["-c", &script])
+        .env("TMPDIR", tmp.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -133,19 +135,53 @@ fn the_capacity_is_what_the_open_files_limit_holds() {
     );
 }
 
-/// `arl-manager serve` on a free port with `args`, once /readyz answers 200.
-fn serve(args: &[&str], rt: &tokio::runtime::Runtime) -> (std::process::Child, String) {
+/// `arl-manager serve` on a free port with `args`, once /readyz answers 200. Its temporary
+/// files (its data folder among them) go to `tmp`.
+fn serve(
+    args: &[&str],
+    tmp: &std::path::Path,
+    rt: &tokio::runtime::Runtime,
+) -> (std::process::Child, String) {
     let http = port();
     let child = Command::new(BIN)
         .args(["serve", "--log", "warn", "--grpc-listen", "127.0.0.1:0"])
         .args(args)
         .env("ARL_LISTEN", format!("127.0.0.1:{http}"))
+        .env("TMPDIR", tmp)
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
     let base = format!("http://127.0.0.1:{http}");
     rt.block_on(wait_ready(&base));
     (child, base)
+}
+
+/// Waits until session `id` is running a turn.
+async fn wait_running(client: &reqwest::Client, base: &str, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info: serde_json::Value = client
+            .get(format!("{base}/v1/sessions/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if info["state"] == "running" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never running: {info}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// What is left in `dir`.
+fn left_in(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect()
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -189,36 +225,47 @@ async fn execute(client: &reqwest::Client, base: &str, id: &str, code: &str) -> 
 }
 
 /// `arl-manager serve` from the README: it binds, becomes ready, and serves a Python session;
-/// on SIGTERM it stops taking connections but lets a running execution finish.
+/// on SIGTERM it stops taking connections but lets a running execution finish, then removes
+/// its data folder.
 #[test]
 fn serve_answers_and_sigterm_lets_running_executions_finish() {
     let rt = runtime();
-    let (mut child, base) = serve(&["--shutdown-grace-secs", "20"], &rt);
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut child, base) = serve(&["--shutdown-grace-secs", "60"], tmp.path(), &rt);
+    assert_eq!(left_in(tmp.path()).len(), 1, "the manager's data folder");
     let client = reqwest::Client::new();
-    let (v, late) = rt.block_on(async {
+    let (v, refused_while_running) = rt.block_on(async {
         let id = session(&client, &base).await;
         execute(&client, &base, &id, "x = 41").await;
         assert_eq!(execute(&client, &base, &id, "x + 1").await["result"], "42");
         let slow = tokio::spawn({
-            let (client, base) = (client.clone(), base.clone());
+            let (client, base, id) = (client.clone(), base.clone(), id.clone());
             async move {
                 execute(
                     &client,
                     &base,
                     &id,
-                    "import time; time.sleep(1.5); 'finished'",
+                    "import time; time.sleep(8); 'finished'",
                 )
                 .await
             }
         });
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        wait_running(&client, &base, &id).await;
         sigterm(&child);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let late = reqwest::Client::new()
-            .get(format!("{base}/healthz"))
-            .send()
-            .await;
-        (slow.await.unwrap(), late)
+        // New connections are refused from now on, while the execution still runs.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let refused = loop {
+            let late = reqwest::Client::new()
+                .get(format!("{base}/healthz"))
+                .send()
+                .await;
+            if late.is_err() {
+                break !slow.is_finished();
+            }
+            assert!(Instant::now() < deadline, "still taking connections");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        (slow.await.unwrap(), refused)
     });
     let status = child.wait().unwrap();
     assert_eq!(
@@ -226,24 +273,29 @@ fn serve_answers_and_sigterm_lets_running_executions_finish() {
         "the running execution finished: {v}"
     );
     assert_eq!(v["session_ended"], false);
-    assert!(late.is_err(), "no new connections once stopping: {late:?}");
+    assert!(
+        refused_while_running,
+        "no new connections once stopping, while the execution ran"
+    );
     assert!(status.success(), "SIGTERM is a clean stop: {status}");
+    assert_eq!(left_in(tmp.path()), Vec::<std::path::PathBuf>::new());
 }
 
 /// Past the grace period, what still runs is stopped with the reason `shutdown`.
 #[test]
 fn sigterm_ends_what_outlasts_the_grace_period() {
     let rt = runtime();
-    let (mut child, base) = serve(&["--shutdown-grace-secs", "1"], &rt);
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut child, base) = serve(&["--shutdown-grace-secs", "1"], tmp.path(), &rt);
     let client = reqwest::Client::new();
     let started = Instant::now();
     let v = rt.block_on(async {
         let id = session(&client, &base).await;
         let slow = tokio::spawn({
-            let (client, base) = (client.clone(), base.clone());
-            async move { execute(&client, &base, &id, "import time; time.sleep(60)").await }
+            let (client, base, id) = (client.clone(), base.clone(), id.clone());
+            async move { execute(&client, &base, &id, "import time; time.sleep(600)").await }
         });
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        wait_running(&client, &base, &id).await;
         sigterm(&child);
         slow.await.unwrap()
     });
@@ -252,7 +304,8 @@ fn sigterm_ends_what_outlasts_the_grace_period() {
     assert_eq!(v["end_reason"], "shutdown", "{v}");
     assert!(status.success(), "{status}");
     assert!(
-        started.elapsed() < Duration::from_secs(30),
-        "the stop did not wait for the 60 s sleep"
+        started.elapsed() < Duration::from_secs(300),
+        "the stop did not wait for the 600 s sleep"
     );
+    assert_eq!(left_in(tmp.path()), Vec::<std::path::PathBuf>::new());
 }

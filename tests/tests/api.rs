@@ -254,6 +254,50 @@ async fn uploads_side_by_side_cannot_each_take_the_room_left() {
     assert!(total <= 1 << 20, "{total} bytes stored under a 1 MiB quota");
 }
 
+#[tokio::test]
+async fn what_the_guest_writes_counts_against_the_quota_and_stops_there() {
+    let m = own_manager(
+        |c| c.defaults.workspace_bytes = 1 << 20,
+        ServeOptions::default(),
+    );
+    let id = m.create(json!({"timeout_ms": 60_000})).await;
+    let files = format!("/v1/sessions/{id}/files");
+    assert_eq!(m.exec(&id, "x = 1").await["error"], Value::Null);
+
+    // Past the quota when the turn ends: rolled back, /tmp emptied.
+    let v = m
+        .exec(&id, "x = 2\nopen('/tmp/big', 'wb').write(b'0' * (2 << 20))")
+        .await;
+    assert_eq!(v["error"]["type"], "DiskQuotaExceeded", "{v}");
+    assert_eq!(v["rollback_reason"], "disk_quota", "{v}");
+    let v = m.exec(&id, "import os\n(x, os.listdir('/tmp'))").await;
+    assert_eq!(v["result"], "(1, [])", "{v}");
+
+    // Past it while the turn runs: stopped within a count (0.1 s), long before its deadline,
+    // with what reached /workspace kept and every later turn refused until it is deleted.
+    let started = Instant::now();
+    let v = m
+        .exec(
+            &id,
+            "x = 3\nwith open('/workspace/grow.bin', 'wb') as f:\n    while True:\n        \
+             f.write(b'0' * 65536); f.flush()",
+        )
+        .await;
+    assert_eq!(v["error"]["type"], "DiskQuotaExceeded", "{v}");
+    assert!(started.elapsed() < Duration::from_secs(30), "not stopped");
+    let (status, v) = m
+        .post(&format!("/v1/sessions/{id}/execute"), json!({"code": "x"}))
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (413, Some("quota_exceeded")),
+        "{v}"
+    );
+    let (status, _) = m.delete(&format!("{files}/grow.bin")).await;
+    assert_eq!(status, 204);
+    assert_eq!(m.exec(&id, "x").await["result"], "1");
+}
+
 /// One Server-Sent Event: its name and its data.
 #[derive(Debug, Clone)]
 struct Sse {

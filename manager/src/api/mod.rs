@@ -291,7 +291,9 @@ impl From<Error> for ApiError {
             Error::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             Error::BadPath(..) => (StatusCode::BAD_REQUEST, "invalid_path"),
             Error::FileNotFound(_) => (StatusCode::NOT_FOUND, "file_not_found"),
-            Error::QuotaExceeded(_) => (StatusCode::PAYLOAD_TOO_LARGE, "quota_exceeded"),
+            Error::QuotaExceeded(_) | Error::DiskFull(_) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "quota_exceeded")
+            }
             Error::Io(..) | Error::Instantiate(_) | Error::Engine(_) | Error::Runtime(_) => {
                 tracing::error!(error = %e, "internal error");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")

@@ -115,7 +115,7 @@ pub async fn start(
         std::fs::create_dir_all(d)
             .map_err(|e| Error::Io(format!("creating {}", d.display()), e))?;
     }
-    let files = Workspace::open(&workspace, &uploads, limits.workspace_bytes)?;
+    let files = Workspace::open(&workspace, &tmp, &uploads, limits.workspace_bytes)?;
     let (stdout, stderr) = (Capture::new(Stream::Stdout), Capture::new(Stream::Stderr));
     let (env, bootstrap) = match &origin {
         // The image's interpreter is past its bootstrap, with the environment it was given.
@@ -322,6 +322,7 @@ impl Driver {
                     Rollback::Trap(what) => EndReason::Trap(what.clone()),
                     Rollback::Cancelled => EndReason::Cancelled,
                     Rollback::Memory => EndReason::Trap("out of memory".into()),
+                    Rollback::Disk(quota) => EndReason::Disk(*quota),
                 };
                 outcome.rolled_back = None;
                 outcome.error = Some(GuestError {
@@ -333,6 +334,11 @@ impl Driver {
                     traceback: String::new(),
                 });
                 outcome.ended = Some(reason);
+            }
+            if matches!(outcome.rolled_back, Some(Rollback::Disk(_)))
+                && let Err(e) = self.session.workspace.clear_tmp()
+            {
+                tracing::warn!(session = %self.session.id, error = %e, "emptying /tmp failed");
             }
             let ended = outcome.ended.clone();
             let counted = !self.session.is_warm(); // a warm-up turn is no client's
@@ -467,10 +473,12 @@ impl Driver {
         let mut ended = match end {
             TurnEnd::Ended(EndReason::Deadline) if capped => Some(EndReason::Lifetime),
             TurnEnd::Ended(reason) => Some(reason),
+            TurnEnd::Returned if self.past_quota() => Some(EndReason::Disk(limits.workspace_bytes)),
             TurnEnd::Returned => None,
         };
         let (mut result, mut error) = (None, None);
         match (report, self.protocol) {
+            (Some(_), _) if matches!(ended, Some(EndReason::Disk(_))) => {}
             (Some(report), _) => {
                 result = report.result;
                 error = report.error;
@@ -577,8 +585,36 @@ impl Driver {
             },
             reason = stop_reason(stopped) => TurnEnd::Ended(reason),
             () = cancelled => TurnEnd::Ended(EndReason::Cancelled),
+            quota = filled(self.session.workspace.clone()) => TurnEnd::Ended(EndReason::Disk(quota)),
         };
         (end, self.store.data_mut().report.take())
+    }
+
+    /// Counts the session's files after a turn: whether the guest wrote them past the quota.
+    /// A count that fails (the host out of descriptors) lets the turn stand.
+    fn past_quota(&self) -> bool {
+        let workspace = &self.session.workspace;
+        workspace
+            .recount()
+            .is_ok_and(|used| used > workspace.quota())
+    }
+}
+
+/// How often the files of a running turn are counted against the session's quota: what a
+/// guest can write past it is what it writes in this long.
+const DISK_CHECK: Duration = Duration::from_millis(100);
+
+/// Resolves (with the quota) when a count finds `workspace`'s files past their quota.
+async fn filled(workspace: Arc<Workspace>) -> u64 {
+    loop {
+        tokio::time::sleep(DISK_CHECK).await;
+        let counted = workspace.clone();
+        let used = tokio::task::spawn_blocking(move || counted.recount()).await;
+        if let Ok(Ok(used)) = used
+            && used > workspace.quota()
+        {
+            return workspace.quota();
+        }
     }
 }
 

@@ -203,6 +203,7 @@ impl Session {
         if let Some(reason) = self.ended() {
             return Err(Error::Ended(reason));
         }
+        self.workspace.check_room()?;
         let (reply, answer) = oneshot::channel();
         self.send(Job::Turn(Turn {
             code,

@@ -42,6 +42,8 @@ pub enum Rollback {
     Memory,
     /// Its caller went away mid-turn.
     Cancelled,
+    /// The session's files passed their quota (bytes) while it ran.
+    Disk(u64),
 }
 
 impl Rollback {
@@ -52,6 +54,7 @@ impl Rollback {
             Rollback::Trap(_) => "trap",
             Rollback::Memory => "memory",
             Rollback::Cancelled => "cancelled",
+            Rollback::Disk(_) => "disk_quota",
         }
     }
 }
@@ -86,6 +89,8 @@ pub enum EndReason {
     Shutdown,
     /// The caller went away mid-turn, so the turn was stopped.
     Cancelled,
+    /// A turn's files passed the session's quota (bytes), with rollback off.
+    Disk(u64),
 }
 
 impl EndReason {
@@ -101,6 +106,7 @@ impl EndReason {
             EndReason::Evicted => "evicted",
             EndReason::Shutdown => "shutdown",
             EndReason::Cancelled => "cancelled",
+            EndReason::Disk(_) => "disk_quota",
         }
     }
 }
@@ -199,6 +205,7 @@ impl EndReason {
             EndReason::Deadline => Some(Rollback::Deadline),
             EndReason::Trap(what) => Some(Rollback::Trap(what.clone())),
             EndReason::Cancelled => Some(Rollback::Cancelled),
+            EndReason::Disk(quota) => Some(Rollback::Disk(*quota)),
             _ => None,
         }
     }
@@ -218,6 +225,9 @@ pub(super) fn ended_error(reason: &EndReason, deadline: Duration) -> GuestError 
         }
         EndReason::Cancelled => {
             "the caller went away mid-turn, so the turn was stopped; the session has ended".into()
+        }
+        EndReason::Disk(quota) => {
+            format!("the session's files passed its quota of {quota} bytes; the session has ended")
         }
         other => format!("the session has ended: {other}"),
     };
@@ -246,6 +256,15 @@ pub(super) fn rolled_back_error(
         Rollback::Cancelled => (
             "Cancelled",
             format!("the caller went away mid-turn, so the turn was stopped; {BACK}"),
+        ),
+        Rollback::Disk(quota) => (
+            "DiskQuotaExceeded",
+            format!(
+                "the session's files (/workspace and /tmp) passed its quota of {quota} bytes, \
+                 so the execution was stopped and /tmp emptied; {BACK}. What it wrote to \
+                 /workspace stays: while that is past the quota, delete files through the files \
+                 API before running more code"
+            ),
         ),
         Rollback::Memory => {
             let guest = guest.unwrap_or_else(|| GuestError {

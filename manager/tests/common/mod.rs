@@ -79,7 +79,19 @@ impl Manager {
 }
 
 impl Drop for Manager {
+    /// Stops the manager as Kubernetes does (SIGTERM, then SIGKILL past a grace), so that it
+    /// removes its data folder as a stopped manager must.
     fn drop(&mut self) {
+        let term = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while term.is_ok() && Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
