@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -143,6 +144,12 @@ pub struct PodOverrides {
     /// A RuntimeClass, e.g. gVisor for a second wall around the container runtime.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime_class_name: Option<String>,
+    /// Disk the pod's data folder (its sessions' files and snapshots) may use: the emptyDir's
+    /// `sizeLimit`, and the manager container's `ephemeral-storage` limit unless `resources`
+    /// sets one. Each session is held to its own quota first; this bounds the pod as a whole
+    /// (past it, the kubelet evicts the pod). Default `10Gi`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_size_limit: Option<Quantity>,
 }
 
 /// What the WarmPool controller observed at its last reconcile.

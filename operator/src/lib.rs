@@ -39,6 +39,11 @@ pub enum Error {
     Finalizer(String),
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error(
+        "the Secret {0} exists and is not this pool's (no owner reference to it): refusing to \
+         overwrite it; delete or rename it, or rename the pool"
+    )]
+    ForeignSecret(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -57,6 +62,9 @@ pub struct Context {
     pub manager_image: String,
     /// How often loads are read and pools reconsidered.
     pub interval: std::time::Duration,
+    /// The namespace the operator and the gateway run in: the only one whose pods each pool's
+    /// NetworkPolicy lets reach its managers.
+    pub system_namespace: String,
 }
 
 impl Context {

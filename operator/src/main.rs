@@ -29,7 +29,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the controllers and the gateway in a cluster (in-cluster config or ~/.kube/config).
+    /// Run the controllers and/or the gateway in a cluster (in-cluster config or
+    /// ~/.kube/config). In a cluster they run as two Deployments (`--components`), so that
+    /// the process that parses clients' traffic holds no write access to the API server.
     Run(Box<Run>),
     /// Run only the gateway, over managers given by address (no cluster needed).
     Gateway(GatewayOnly),
@@ -65,10 +67,34 @@ struct Common {
     log: String,
 }
 
+/// What `run` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Component {
+    /// The WarmPool and Sandbox controllers and the autoscaler (writes pods, Secrets,
+    /// NetworkPolicies and status; serves no client).
+    Controllers,
+    /// The HTTP and gRPC gateway (reads pods and WarmPools only).
+    Gateway,
+}
+
 #[derive(Debug, Args)]
 struct Run {
     #[command(flatten)]
     common: Common,
+    /// What this process runs: `controllers`, `gateway`, or both (comma-separated).
+    #[arg(
+        long,
+        env = "ARL_COMPONENTS",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "controllers,gateway"
+    )]
+    components: Vec<Component>,
+    /// The namespace the controllers and the gateway run in: each pool's NetworkPolicy lets
+    /// only their pods (`app.kubernetes.io/name` arl-operator or arl-gateway) there reach its
+    /// managers.
+    #[arg(long, env = "ARL_SYSTEM_NAMESPACE", default_value = "arl-system")]
+    system_namespace: String,
     /// Watch only this namespace [default: all].
     #[arg(long, env = "ARL_NAMESPACE")]
     namespace: Option<String>,
@@ -111,7 +137,12 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&common.log).context("--log")?)
         .init();
-    for addr in [common.gateway_listen, common.gateway_grpc_listen] {
+    let gateway = match &cli.command {
+        Command::Run(run) => run.components.contains(&Component::Gateway),
+        Command::Gateway(_) => true,
+    };
+    let listens = [common.gateway_listen, common.gateway_grpc_listen];
+    for addr in listens.into_iter().filter(|_| gateway) {
         if !addr.ip().is_loopback() && common.auth_token.is_none() && !common.insecure {
             anyhow::bail!(
                 "refusing to serve the gateway on {addr} without --auth-token (ARL_AUTH_TOKEN): \
@@ -275,19 +306,29 @@ async fn run_cluster(run: Run) -> anyhow::Result<()> {
     });
     let poller = tokio::spawn(fleet.clone().poll_every(managers.clone(), interval));
 
-    let ctx = Context {
-        client,
-        fleet: fleet.clone(),
-        managers,
-        tokens,
-        manager_image: run.manager_image,
-        interval,
+    let mut tasks = vec![pod_watch, poller];
+    if run.components.contains(&Component::Controllers) {
+        let ctx = Context {
+            client,
+            fleet: fleet.clone(),
+            managers,
+            tokens,
+            manager_image: run.manager_image,
+            interval,
+            system_namespace: run.system_namespace,
+        }
+        .shared();
+        tasks.push(tokio::spawn(pool::run(ctx.clone(), pools, pods)));
+        tasks.push(tokio::spawn(sandbox::run(ctx, sandboxes)));
     }
-    .shared();
-    let pools_ctl = tokio::spawn(pool::run(ctx.clone(), pools, pods));
-    let sandboxes_ctl = tokio::spawn(sandbox::run(ctx, sandboxes));
-    let served = serve_gateway(fleet, &run.common).await;
-    for task in [pod_watch, poller, pools_ctl, sandboxes_ctl] {
+    let served = if run.components.contains(&Component::Gateway) {
+        serve_gateway(fleet, &run.common).await
+    } else {
+        tracing::info!("controllers running; no gateway in this process");
+        arl_serve::stop_signal().await;
+        Ok(())
+    };
+    for task in tasks {
         task.abort();
     }
     served

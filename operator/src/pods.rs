@@ -7,7 +7,14 @@ use k8s_openapi::api::core::v1::{
     HTTPGetAction, ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, Probe, SeccompProfile,
     Secret, SecretKeySelector, SecurityContext, Volume, VolumeMount,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, LabelSelectorRequirement, ObjectMeta,
+};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 
@@ -38,6 +45,68 @@ pub fn labels(pool: &str) -> BTreeMap<String, String> {
 pub fn selector(pool: &str) -> String {
     format!("{POOL_LABEL}={pool}")
 }
+
+/// The pods allowed to reach managers, in the operator's namespace: the controllers (which
+/// drain managers and place Sandboxes) and the gateway.
+pub const CONTROL_PLANE: [&str; 2] = ["arl-operator", "arl-gateway"];
+
+/// The NetworkPolicy of a pool's pods, owned by the pool: their managers' ports are reached
+/// only from the control plane's pods in `system_namespace`, and they reach nothing (a guest
+/// has no socket; the manager needs no network but its clients).
+pub fn network_policy(pool: &WarmPool, system_namespace: &str) -> NetworkPolicy {
+    let name = pool.metadata.name.clone().unwrap_or_default();
+    let port = |port: i32| NetworkPolicyPort {
+        port: Some(IntOrString::Int(port)),
+        protocol: Some("TCP".into()),
+        ..NetworkPolicyPort::default()
+    };
+    NetworkPolicy {
+        metadata: ObjectMeta {
+            name: Some(network_policy_name(&name)),
+            namespace: pool.metadata.namespace.clone(),
+            labels: Some(labels(&name)),
+            owner_references: pool.controller_owner_ref(&()).map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([(POOL_LABEL.to_owned(), name)])),
+                ..LabelSelector::default()
+            }),
+            policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
+            ingress: Some(vec![NetworkPolicyIngressRule {
+                from: Some(vec![NetworkPolicyPeer {
+                    namespace_selector: Some(LabelSelector {
+                        match_labels: Some(BTreeMap::from([(
+                            "kubernetes.io/metadata.name".to_owned(),
+                            system_namespace.to_owned(),
+                        )])),
+                        ..LabelSelector::default()
+                    }),
+                    pod_selector: Some(LabelSelector {
+                        match_expressions: Some(vec![LabelSelectorRequirement {
+                            key: "app.kubernetes.io/name".into(),
+                            operator: "In".into(),
+                            values: Some(CONTROL_PLANE.map(str::to_owned).to_vec()),
+                        }]),
+                        ..LabelSelector::default()
+                    }),
+                    ..NetworkPolicyPeer::default()
+                }]),
+                ports: Some(vec![port(HTTP_PORT), port(GRPC_PORT)]),
+            }]),
+            egress: Some(vec![]),
+        }),
+    }
+}
+
+/// Name of the NetworkPolicy of a pool's pods.
+pub fn network_policy_name(pool: &str) -> String {
+    format!("{pool}-arl-manager")
+}
+
+/// Disk a pool pod's data folder may use when its template says nothing.
+pub const DATA_SIZE_LIMIT: &str = "10Gi";
 
 /// Name of the Secret holding the pool's manager token.
 pub fn token_secret_name(pool: &str) -> String {
@@ -110,6 +179,16 @@ pub fn manager_pod(pool: &WarmPool, default_image: &str) -> Pod {
         mount_path: "/var/lib/arl".into(),
         ..VolumeMount::default()
     };
+    let data_size = overrides
+        .data_size_limit
+        .clone()
+        .unwrap_or_else(|| Quantity(DATA_SIZE_LIMIT.into()));
+    let mut resources = overrides.resources.clone().unwrap_or_default();
+    resources
+        .limits
+        .get_or_insert_with(BTreeMap::new)
+        .entry("ephemeral-storage".into())
+        .or_insert_with(|| data_size.clone());
     let manager = Container {
         name: MANAGER_CONTAINER.into(),
         image: Some(
@@ -162,7 +241,7 @@ pub fn manager_pod(pool: &WarmPool, default_image: &str) -> Pod {
         ]),
         readiness_probe: Some(probe("/readyz", 2)),
         liveness_probe: Some(probe("/healthz", 10)),
-        resources: overrides.resources.clone(),
+        resources: Some(resources),
         security_context: Some(locked_down()),
         volume_mounts: Some(vec![workspace.clone()]),
         ..Container::default()
@@ -200,7 +279,10 @@ pub fn manager_pod(pool: &WarmPool, default_image: &str) -> Pod {
             containers,
             volumes: Some(vec![Volume {
                 name: "data".into(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
+                empty_dir: Some(EmptyDirVolumeSource {
+                    size_limit: Some(data_size),
+                    ..EmptyDirVolumeSource::default()
+                }),
                 ..Volume::default()
             }]),
             node_selector: overrides.node_selector,
@@ -268,6 +350,35 @@ mod tests {
     }
 
     #[test]
+    fn the_data_folder_is_bounded_as_the_pool_says() {
+        let p = pool(json!({
+            "runtime": { "wasm": "python" },
+            "template": {
+                "dataSizeLimit": "40Gi",
+                "resources": { "limits": { "ephemeral-storage": "50Gi" } },
+            },
+        }));
+        let pod = manager_pod(&p, "default-image");
+        let spec = pod.spec.as_ref().unwrap();
+        let data = &spec.volumes.as_ref().unwrap()[0];
+        assert_eq!(
+            data.empty_dir.as_ref().unwrap().size_limit,
+            Some(Quantity("40Gi".into()))
+        );
+        let limits = spec.containers[0]
+            .resources
+            .as_ref()
+            .unwrap()
+            .limits
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            limits["ephemeral-storage"].0, "50Gi",
+            "the pool's own limit stands"
+        );
+    }
+
+    #[test]
     fn template_overrides_reach_the_pod() {
         let p = pool(json!({
             "runtime": { "wasm": "python" },
@@ -289,6 +400,12 @@ mod tests {
         );
         let limits = manager.resources.as_ref().unwrap().limits.as_ref().unwrap();
         assert_eq!(limits["memory"].0, "8Gi");
+        assert_eq!(limits["ephemeral-storage"].0, "10Gi", "bounded by default");
+        let data = &spec.volumes.as_ref().unwrap()[0];
+        assert_eq!(
+            data.empty_dir.as_ref().unwrap().size_limit,
+            Some(Quantity("10Gi".into()))
+        );
         assert_eq!(spec.node_selector.as_ref().unwrap()["pool"], "sandboxes");
         assert_eq!(
             spec.tolerations.as_ref().unwrap()[0].key.as_deref(),

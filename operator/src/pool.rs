@@ -4,8 +4,11 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
@@ -16,7 +19,9 @@ use serde_json::json;
 use crate::autoscale::{self, PodView};
 use crate::crd::{DRAINING_ANNOTATION, POOL_LABEL, WarmPool, WarmPoolStatus};
 use crate::fleet::draining_since;
-use crate::pods::{manager_pod, selector, token_secret, token_secret_name};
+use crate::pods::{
+    manager_pod, network_policy, network_policy_name, selector, token_secret, token_secret_name,
+};
 use crate::{Context, Error, Result, rfc3339};
 
 /// `status.lastScaleUpNeed` moves at most this often, so that a steady pool's status does not
@@ -46,6 +51,49 @@ pub fn error_policy(_pool: Arc<WarmPool>, error: &Error, _ctx: Arc<Context>) -> 
     Action::requeue(Duration::from_secs(5))
 }
 
+/// Writes the pool's token into its Secret, creating it if missing, and never into a Secret
+/// the pool does not own: the write is a JSON patch whose first step tests the owner
+/// reference's UID, so the API server refuses it (422) on anyone else's Secret of that name.
+/// The operator never reads a Secret.
+async fn put_token(pool: &WarmPool, ctx: &Context, namespace: &str) -> Result<()> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let name = token_secret_name(&pool.name_any());
+    let secret = token_secret(pool, &ctx.tokens);
+    let token = secret
+        .string_data
+        .as_ref()
+        .and_then(|d| d.get("token"))
+        .cloned()
+        .unwrap_or_default();
+    let uid = pool.metadata.uid.clone().unwrap_or_default();
+    let patch: json_patch::Patch = serde_json::from_value(json!([
+        { "op": "test", "path": "/metadata/ownerReferences/0/uid", "value": uid },
+        { "op": "add", "path": "/data/token", "value": BASE64.encode(token) },
+    ]))
+    .map_err(|e| Error::Config(format!("the token patch: {e}")))?;
+    let params = PatchParams {
+        field_manager: Some(MANAGER.into()),
+        ..PatchParams::default()
+    };
+    match secrets
+        .patch(&name, &params, &Patch::Json::<()>(patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            let params = PostParams {
+                field_manager: Some(MANAGER.into()),
+                ..PostParams::default()
+            };
+            secrets.create(&params, &secret).await?;
+            tracing::info!(secret = %name, "created");
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 422 => Err(Error::ForeignSecret(name)),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// What one pod looks like to the autoscaler.
 fn view(pod: &Pod, ctx: &Context) -> PodView {
     let name = pod.name_any();
@@ -73,10 +121,11 @@ pub async fn reconcile(pool: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Action>
         .ok_or_else(|| Error::NoNamespace(name.clone()))?;
     let apply = PatchParams::apply(MANAGER).force();
 
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    let secret = token_secret(&pool, &ctx.tokens);
-    secrets
-        .patch(&token_secret_name(&name), &apply, &Patch::Apply(&secret))
+    put_token(&pool, &ctx, &namespace).await?;
+    let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
+    let policy = network_policy(&pool, &ctx.system_namespace);
+    policies
+        .patch(&network_policy_name(&name), &apply, &Patch::Apply(&policy))
         .await?;
 
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);

@@ -104,6 +104,7 @@ fn context(fleet: Fleet) -> (Arc<Context>, ApiServer) {
         tokens: TokenKey::new(KEY).unwrap(),
         manager_image: "arl-manager:test".into(),
         interval: Duration::from_secs(3),
+        system_namespace: "arl-system".into(),
     };
     (ctx.shared(), ApiServer(handle))
 }
@@ -207,20 +208,83 @@ const SECRET: &str = "/api/v1/namespaces/agents/secrets/counter-manager-token";
 const PODS: &str = "/api/v1/namespaces/agents/pods";
 const POOL_STATUS: &str = "/apis/arl.infra.io/v1alpha1/namespaces/agents/warmpools/counter/status";
 
-/// The Secret apply every pool reconcile starts with: the pool's token, owned by the pool.
-async fn expect_token_secret(server: &mut ApiServer) {
+/// The token write every pool reconcile starts with: a JSON patch of the pool's Secret that
+/// first tests the Secret's owner is the pool, then sets the token (base64, as `data` is).
+async fn expect_token_patch(server: &mut ApiServer) -> Call {
+    use base64::Engine as _;
     let call = server.expect(Method::PATCH, SECRET).await;
     assert!(
-        call.query.contains("fieldManager=arl-operator") && call.query.contains("force=true"),
+        call.query.contains("fieldManager=arl-operator") && !call.query.contains("force"),
         "{}",
         call.query
     );
     let token = TokenKey::new(KEY).unwrap().pool_token(NS, "counter");
-    assert_eq!(call.body["stringData"]["token"], token);
+    let token = base64::engine::general_purpose::STANDARD.encode(token);
     assert_eq!(
-        call.body["metadata"]["ownerReferences"][0]["kind"],
-        "WarmPool"
+        call.body,
+        json!([
+            { "op": "test", "path": "/metadata/ownerReferences/0/uid", "value": "pool-uid" },
+            { "op": "add", "path": "/data/token", "value": token },
+        ])
     );
+    call
+}
+
+/// The pool's own Secret, as the API server answers a write of it.
+fn own_secret() -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {
+            "name": "counter-manager-token", "namespace": NS,
+            "ownerReferences": [{ "apiVersion": "arl.infra.io/v1alpha1", "kind": "WarmPool",
+                                   "name": "counter", "uid": "pool-uid", "controller": true }],
+        },
+        "type": "Opaque",
+    })
+}
+
+async fn expect_token_secret(server: &mut ApiServer) {
+    expect_token_patch(server).await.ok(own_secret());
+}
+
+const POLICY: &str =
+    "/apis/networking.k8s.io/v1/namespaces/agents/networkpolicies/counter-arl-manager";
+
+/// The NetworkPolicy apply after the token: the pool's pods take connections on the manager's
+/// ports only from the control plane's pods, and open none.
+async fn expect_network_policy(server: &mut ApiServer) {
+    let call = server.expect(Method::PATCH, POLICY).await;
+    assert!(
+        call.query.contains("fieldManager=arl-operator"),
+        "{}",
+        call.query
+    );
+    let spec = &call.body["spec"];
+    assert_eq!(
+        spec["podSelector"]["matchLabels"]["arl.infra.io/pool"],
+        "counter"
+    );
+    assert_eq!(spec["policyTypes"], json!(["Ingress", "Egress"]));
+    assert_eq!(spec["egress"], json!([]), "no egress at all");
+    let ingress = &spec["ingress"];
+    assert_eq!(ingress.as_array().unwrap().len(), 1, "{ingress}");
+    let from = &ingress[0]["from"];
+    assert_eq!(from.as_array().unwrap().len(), 1, "{from}");
+    assert_eq!(
+        from[0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "arl-system"
+    );
+    assert_eq!(
+        from[0]["podSelector"]["matchExpressions"][0]["values"],
+        json!(["arl-operator", "arl-gateway"])
+    );
+    let ports: Vec<_> = ingress[0]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["port"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ports, [8080, 50051]);
     assert_eq!(
         call.body["metadata"]["ownerReferences"][0]["uid"],
         "pool-uid"
@@ -229,10 +293,11 @@ async fn expect_token_secret(server: &mut ApiServer) {
     call.ok(body);
 }
 
-/// What every pool reconcile starts with: the token Secret applied, then the pool's pods
-/// listed (answered with `pods`).
+/// What every pool reconcile starts with: the token Secret written and the NetworkPolicy
+/// applied, then the pool's pods listed (answered with `pods`).
 async fn expect_pool_read(server: &mut ApiServer, pods: Vec<Value>) {
     expect_token_secret(server).await;
+    expect_network_policy(server).await;
     expect_pod_list(server, pods).await;
 }
 
@@ -277,6 +342,73 @@ fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
         .iter()
         .find(|c| c["type"] == type_)
         .unwrap()
+}
+
+#[tokio::test]
+async fn a_missing_token_secret_is_created_owned_by_the_pool() {
+    let pool = warm_pool(
+        json!({ "runtime": { "wasm": "counter" }, "replicas": 1 }),
+        None,
+    );
+    let (ctx, mut server) = context(Fleet::default());
+    run(pool::reconcile(Arc::new(pool), ctx), async move {
+        expect_token_patch(&mut server)
+            .await
+            .not_found("secrets", "counter-manager-token");
+        let call = server
+            .expect(Method::POST, "/api/v1/namespaces/agents/secrets")
+            .await;
+        let token = TokenKey::new(KEY).unwrap().pool_token(NS, "counter");
+        assert_eq!(call.body["metadata"]["name"], "counter-manager-token");
+        assert_eq!(call.body["stringData"]["token"], token);
+        assert_eq!(
+            call.body["metadata"]["ownerReferences"][0]["uid"],
+            "pool-uid"
+        );
+        assert_eq!(
+            call.body["metadata"]["ownerReferences"][0]["controller"],
+            true
+        );
+        call.status(StatusCode::CREATED, own_secret());
+        expect_network_policy(&mut server).await;
+        expect_pod_list(&mut server, vec![]).await;
+        let call = server.expect(Method::POST, PODS).await;
+        let mut created = call.body.clone();
+        created["metadata"]["name"] = json!("counter-0");
+        call.status(StatusCode::CREATED, created);
+        expect_pool_status(&mut server).await;
+        server.done().await;
+    })
+    .await;
+}
+
+/// A Secret of the token's name that the pool does not own (a user's, or one planted to hand
+/// the managers a known token) is neither overwritten nor used: no pod is made.
+#[tokio::test]
+async fn a_secret_the_pool_does_not_own_is_never_adopted() {
+    let pool = warm_pool(
+        json!({ "runtime": { "wasm": "counter" }, "replicas": 2 }),
+        None,
+    );
+    let (ctx, mut server) = context(Fleet::default());
+    let scenario = tokio::spawn(async move {
+        let refused = json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 422,
+            "reason": "Invalid",
+            "message": "the server rejected our request due to an error in our request",
+        });
+        expect_token_patch(&mut server)
+            .await
+            .status(StatusCode::UNPROCESSABLE_ENTITY, refused);
+        server.done().await;
+    });
+    let result = pool::reconcile(Arc::new(pool), ctx).await;
+    scenario.await.unwrap();
+    let error = result.expect_err("the reconcile stops at the Secret");
+    assert!(
+        matches!(&error, arl_operator::Error::ForeignSecret(name) if name == "counter-manager-token"),
+        "{error}"
+    );
 }
 
 #[tokio::test]

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use arl_operator::crd::crd_files;
 use kube::core::cel::Validator;
+use serde::Deserialize as _;
 use serde_json::Value;
 
 /// What `deploy/validate.py` imports, pinned.
@@ -156,8 +157,97 @@ fn manifests_validate_against_the_kubernetes_schemas() {
     );
     assert!(out.status.success(), "deploy/validate.py failed:\n{report}");
     assert!(
-        report.contains("Deployment arl-system/arl-operator"),
+        report.contains("Deployment arl-system/arl-operator")
+            && report.contains("Deployment arl-system/arl-gateway"),
         "{report}"
     );
     assert!(report.contains("WarmPool python"), "{report}");
+}
+
+/// Every object `kubectl kustomize deploy/operator` renders, by kind and name.
+fn rendered_operator() -> Vec<Value> {
+    let out = std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(deploy().join("operator"))
+        .output()
+        .expect("kubectl is needed to render deploy/ (`kubectl kustomize`); install it");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| serde_yaml::from_value::<Value>(serde_yaml::Value::deserialize(doc).unwrap()))
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+fn object<'a>(all: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    all.iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+/// The process that parses clients' traffic (the gateway) runs under its own ServiceAccount,
+/// whose role only reads; the controllers, which write, serve no port.
+#[test]
+fn the_gateway_runs_apart_and_may_only_read() {
+    let all = rendered_operator();
+    let gateway = object(&all, "Deployment", "arl-gateway");
+    let pod = &gateway["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "arl-gateway");
+    let env = &pod["containers"][0]["env"];
+    let components = env
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "ARL_COMPONENTS");
+    assert_eq!(components.unwrap()["value"], "gateway");
+    let role = object(&all, "ClusterRole", "arl-gateway");
+    for rule in role["rules"].as_array().unwrap() {
+        for verb in rule["verbs"].as_array().unwrap() {
+            assert!(
+                ["get", "list", "watch"].contains(&verb.as_str().unwrap()),
+                "the gateway may {verb} {}",
+                rule["resources"]
+            );
+        }
+    }
+    let binding = object(&all, "ClusterRoleBinding", "arl-gateway");
+    assert_eq!(binding["roleRef"]["name"], "arl-gateway");
+    assert_eq!(binding["subjects"][0]["name"], "arl-gateway");
+    let service = object(&all, "Service", "arl-gateway");
+    assert_eq!(
+        service["spec"]["selector"]["app.kubernetes.io/name"],
+        gateway["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]
+    );
+
+    let controllers = object(&all, "Deployment", "arl-operator");
+    let pod = &controllers["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "arl-operator");
+    let container = &pod["containers"][0];
+    assert!(
+        container["ports"].is_null(),
+        "the controllers serve no client"
+    );
+    let env = container["env"].as_array().unwrap();
+    let value = |name: &str| env.iter().find(|e| e["name"] == name).cloned();
+    assert_eq!(value("ARL_COMPONENTS").unwrap()["value"], "controllers");
+    assert!(
+        value("ARL_AUTH_TOKEN").is_none(),
+        "no client token where no client is served"
+    );
+    let role = object(&all, "ClusterRole", "arl-operator");
+    let secrets = role["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["resources"][0] == "secrets")
+        .unwrap();
+    assert_eq!(
+        secrets["verbs"],
+        serde_json::json!(["create", "patch"]),
+        "never read"
+    );
 }

@@ -16,14 +16,34 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 {{ include "arl.selectorLabels" . }}
 {{- end -}}
 
-{{/* Labels that select the operator's pods. */}}
+{{/* Labels that select the controllers' pods. Each pool's NetworkPolicy lets pods named
+     arl-operator or arl-gateway in this namespace reach its managers. */}}
 {{- define "arl.selectorLabels" -}}
 app.kubernetes.io/name: arl-operator
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/* Labels that select the gateway's pods. */}}
+{{- define "arl.gatewaySelectorLabels" -}}
+app.kubernetes.io/name: arl-gateway
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* Labels on the gateway's objects. */}}
+{{- define "arl.gatewayLabels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/part-of: arl
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{ include "arl.gatewaySelectorLabels" . }}
+{{- end -}}
+
 {{- define "arl.serviceAccountName" -}}
 {{- default (include "arl.fullname" .) .Values.serviceAccount.name -}}
+{{- end -}}
+
+{{- define "arl.gatewayServiceAccountName" -}}
+{{- printf "%s-gateway" (include "arl.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
 {{- define "arl.operatorImage" -}}
