@@ -279,7 +279,7 @@ pub struct SandboxStatus {
     /// Its IP.
     #[serde(default, skip_serializing_if = "Option::is_none", rename = "podIP")]
     pub pod_ip: Option<String>,
-    /// The session's id, which names the pod (`<pod>.<hex>`), so the gateway routes it.
+    /// The session's id, which names the pod (`<namespace>.<pod>.<hex>`), so the gateway routes it.
     #[serde(default, skip_serializing_if = "Option::is_none", rename = "sessionID")]
     pub session_id: Option<String>,
     /// The session's URL on its pod's manager.

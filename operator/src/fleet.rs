@@ -13,11 +13,24 @@ use crate::crd::{
 use crate::manager::{Endpoint, Load, Managers};
 use crate::token::TokenKey;
 
+/// The key a manager is known by, and the prefix of every session id it hands out: its pod's
+/// `<namespace>.<name>` in a cluster (a namespace holds no dot, so the two never blur and a
+/// pod of one namespace can never stand in for its namesake in another), the backend's name
+/// outside one.
+pub fn member_key(namespace: &str, name: &str) -> String {
+    if namespace.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{namespace}.{name}")
+    }
+}
+
 /// One manager.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Member {
-    /// The pod's name: the prefix of every session id it hands out.
+    /// The pod's name (a static backend's name).
     pub name: String,
+    /// The pod's namespace (empty for a static backend).
     pub namespace: String,
     /// The WarmPool it belongs to (empty for a static backend).
     pub pool: String,
@@ -35,6 +48,11 @@ pub struct Member {
 }
 
 impl Member {
+    /// What the fleet knows it by: see [`member_key`].
+    pub fn key(&self) -> String {
+        member_key(&self.namespace, &self.name)
+    }
+
     /// Whether it can take a new session now, as far as its last load says.
     pub fn accepts(&self) -> bool {
         self.serving() && self.load.is_some_and(|(l, _)| l.sessions < l.capacity)
@@ -151,7 +169,7 @@ pub enum Unplaced {
     NoBackends,
 }
 
-/// The shared map of members by pod name. Cheap to clone.
+/// The shared map of members by [`member_key`]. Cheap to clone.
 #[derive(Clone, Default, Debug)]
 pub struct Fleet {
     members: Arc<RwLock<BTreeMap<String, Member>>>,
@@ -169,25 +187,32 @@ impl Fleet {
     /// Adds or updates `member`, keeping its last load if its address is unchanged.
     pub fn upsert(&self, mut member: Member) {
         let mut members = self.write();
-        if let Some(old) = members.get(&member.name)
+        let key = member.key();
+        if let Some(old) = members.get(&key)
             && old.endpoint == member.endpoint
         {
             member.load = old.load;
         }
-        members.insert(member.name.clone(), member);
+        members.insert(key, member);
     }
 
     /// Makes the fleet exactly `members` (loads kept where addresses match).
     pub fn replace(&self, members: impl IntoIterator<Item = Member>) {
-        let fresh: BTreeMap<_, _> = members.into_iter().map(|m| (m.name.clone(), m)).collect();
-        self.write().retain(|name, _| fresh.contains_key(name));
+        let fresh: BTreeMap<_, _> = members.into_iter().map(|m| (m.key(), m)).collect();
+        self.write().retain(|key, _| fresh.contains_key(key));
         for member in fresh.into_values() {
             self.upsert(member);
         }
     }
 
-    pub fn get(&self, name: &str) -> Option<Member> {
-        self.read().get(name).cloned()
+    /// The member whose key (the prefix of its session ids) is `key`.
+    pub fn get(&self, key: &str) -> Option<Member> {
+        self.read().get(key).cloned()
+    }
+
+    /// The member that is pod `name` of `namespace`.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<Member> {
+        self.get(&member_key(namespace, name))
     }
 
     pub fn members(&self) -> Vec<Member> {
@@ -195,25 +220,25 @@ impl Fleet {
     }
 
     /// Records a load read (or, with `None`, that the manager did not answer).
-    pub fn set_load(&self, name: &str, load: Option<Load>) {
-        if let Some(m) = self.write().get_mut(name) {
+    pub fn set_load(&self, key: &str, load: Option<Load>) {
+        if let Some(m) = self.write().get_mut(key) {
             m.load = load.map(|l| (l, Instant::now()));
         }
     }
 
-    /// Counts a session just placed on `name`, so that placements between two load reads
-    /// spread instead of piling onto the pod that looked emptiest.
-    pub fn note_placed(&self, name: &str) {
-        if let Some(m) = self.write().get_mut(name)
+    /// Counts a session just placed on member `key`, so that placements between two load
+    /// reads spread instead of piling onto the pod that looked emptiest.
+    pub fn note_placed(&self, key: &str) {
+        if let Some(m) = self.write().get_mut(key)
             && let Some((load, _)) = m.load.as_mut()
         {
             load.sessions += 1;
         }
     }
 
-    /// Records that `name` refused a session for want of room, until its next load read.
-    pub fn note_full(&self, name: &str) {
-        if let Some(m) = self.write().get_mut(name)
+    /// Records that member `key` refused a session for want of room, until its next load read.
+    pub fn note_full(&self, key: &str) {
+        if let Some(m) = self.write().get_mut(key)
             && let Some((load, _)) = m.load.as_mut()
         {
             load.sessions = load.sessions.max(load.capacity);
@@ -263,7 +288,7 @@ impl Fleet {
             .collect();
         found.sort_by(|a, b| {
             let u = |m: &Member| m.load.map_or(1.0, |(l, _)| l.utilization());
-            u(a).total_cmp(&u(b)).then_with(|| a.name.cmp(&b.name))
+            u(a).total_cmp(&u(b)).then_with(|| a.key().cmp(&b.key()))
         });
         found
     }
@@ -284,12 +309,12 @@ impl Fleet {
         let ready: Vec<Member> = self.read().values().filter(|m| m.ready).cloned().collect();
         let reads = ready
             .iter()
-            .map(|m| async move { (m.name.as_str(), managers.load(&m.endpoint).await) });
-        for (name, load) in futures_util::future::join_all(reads).await {
+            .map(|m| async move { (m.key(), managers.load(&m.endpoint).await) });
+        for (key, load) in futures_util::future::join_all(reads).await {
             if let Err(e) = &load {
-                tracing::debug!(pod = name, error = %e, "load not read");
+                tracing::debug!(pod = key, error = %e, "load not read");
             }
-            self.set_load(name, load.ok());
+            self.set_load(&key, load.ok());
         }
     }
 

@@ -2,7 +2,8 @@
 //!
 //! It serves the manager's `/v1/sessions` routes. A create goes to the least-utilised
 //! manager that accepts sessions (of the asked runtime, and of `?pool=` if given); the id the
-//! manager returns is `<pod>.<hex>` (its `--id-prefix` is its pod name), so every later call
+//! manager returns is `<namespace>.<pod>.<hex>` (its `--id-prefix` is the fleet's key for
+//! it, `fleet::member_key`), so every later call
 //! is routed by the id alone, with no table to keep or lose. Bodies and responses, server-sent
 //! events included, are streamed through untouched. A session whose pod is gone, or no longer
 //! answers, is `410 session_gone`: a manager's sessions die with it, unless they were
@@ -103,7 +104,7 @@ impl Gateway {
                     Value::Array(items) => Some(items),
                     _ => None,
                 });
-                (member.name, found)
+                (member.key(), found)
             })
             .collect()
     }
@@ -121,7 +122,7 @@ impl Gateway {
             let mut body = Vec::new();
             while let Some(chunk) = response.chunk().await.ok()? {
                 if body.len() + chunk.len() > max {
-                    tracing::warn!(pod = %member.name, max, path, "a listing over the bound");
+                    tracing::warn!(pod = %member.key(), max, path, "a listing over the bound");
                     return None;
                 }
                 body.extend_from_slice(&chunk);
@@ -356,18 +357,18 @@ async fn place(
         .await
         {
             Ok(response) if matches!(response.status().as_u16(), 429 | 503) => {
-                gateway.fleet.note_full(&member.name);
+                gateway.fleet.note_full(&member.key());
                 last = Some(response);
             }
             Ok(response) => {
                 if response.status() == StatusCode::CREATED {
-                    gateway.fleet.note_placed(&member.name);
+                    gateway.fleet.note_placed(&member.key());
                 }
                 return relay(response).await;
             }
             Err(e) => {
-                tracing::warn!(pod = %member.name, error = %e, "manager unreachable; trying the next");
-                gateway.fleet.set_load(&member.name, None);
+                tracing::warn!(pod = %member.key(), error = %e, "manager unreachable; trying the next");
+                gateway.fleet.set_load(&member.key(), None);
             }
         }
     }
@@ -426,7 +427,7 @@ async fn first_found(State(gateway): State<Gateway>, request: Request) -> Respon
         match send(&gateway, &member, method.clone(), &path, &headers, empty).await {
             Ok(r) if r.status() == StatusCode::NOT_FOUND => {}
             Ok(r) => return relay(r).await,
-            Err(e) => tracing::warn!(pod = %member.name, error = %e, "manager unreachable"),
+            Err(e) => tracing::warn!(pod = %member.key(), error = %e, "manager unreachable"),
         }
     }
     error(
@@ -480,7 +481,9 @@ async fn forward(State(gateway): State<Gateway>, request: Request) -> Response {
         return error(
             StatusCode::NOT_FOUND,
             "session_not_found",
-            format!("`{id}` is not a session id this gateway handed out (`<pod>.<hex>`)"),
+            format!(
+                "`{id}` is not a session id this gateway handed out (`<namespace>.<pod>.<hex>`)"
+            ),
         );
     };
     let Some(member) = gateway.fleet.get(pod) else {
@@ -522,7 +525,7 @@ async fn forward(State(gateway): State<Gateway>, request: Request) -> Response {
     {
         Ok(response) => relay(response).await,
         Err(e) if e.is_connect() => {
-            gateway.fleet.set_load(&member.name, None);
+            gateway.fleet.set_load(&member.key(), None);
             error(
                 StatusCode::GONE,
                 "session_gone",

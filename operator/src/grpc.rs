@@ -101,7 +101,7 @@ impl GrpcGateway {
     fn owner_of(&self, id: &str) -> Result<(Member, SessionsClient<Channel>), Status> {
         let pod = owner(id).ok_or_else(|| {
             Status::not_found(format!(
-                "`{id}` is not a session id this gateway handed out (`<pod>.<hex>`)"
+                "`{id}` is not a session id this gateway handed out (`<namespace>.<pod>.<hex>`)"
             ))
         })?;
         let member = self
@@ -150,8 +150,8 @@ fn relayed<T>(
 ) -> Result<Response<T>, Status> {
     match result {
         Err(status) if unreachable(&status) => {
-            fleet.set_load(&member.name, None);
-            Err(gone(&member.name, id, "does not answer"))
+            fleet.set_load(&member.key(), None);
+            Err(gone(&member.key(), id, "does not answer"))
         }
         other => other.map(|r| Response::new(r.into_inner())),
     }
@@ -228,7 +228,7 @@ impl Sessions for GrpcGateway {
         {
             match listed {
                 Ok(listed) => sessions.extend(listed.into_inner().sessions),
-                Err(e) => tracing::warn!(pod = %member.name, error = %e, "not listed"),
+                Err(e) => tracing::warn!(pod = %member.key(), error = %e, "not listed"),
             }
         }
         Ok(Response::new(pb::ListSessionsResponse { sessions }))
@@ -426,7 +426,7 @@ impl Sessions for GrpcGateway {
             let call = client.list_snapshots(Self::to(&member, pb::ListSnapshotsRequest {})?);
             match bounded(call).await {
                 Ok(listed) => snapshots.extend(listed.into_inner().snapshots),
-                Err(e) => tracing::warn!(pod = %member.name, error = %e, "snapshots not listed"),
+                Err(e) => tracing::warn!(pod = %member.key(), error = %e, "snapshots not listed"),
             }
         }
         // Managers that share a snapshot folder list the same ones.
@@ -547,7 +547,7 @@ impl GrpcGateway {
         let mut last = None;
         for member in candidates {
             let client = self.client(&member)?;
-            let name = member.name.clone();
+            let name = member.key();
             match call(member, client).await {
                 Ok(created) => {
                     self.fleet.note_placed(&name);

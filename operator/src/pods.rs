@@ -134,6 +134,21 @@ pub fn token_secret(pool: &WarmPool, tokens: &TokenKey) -> Secret {
     }
 }
 
+/// An environment variable the kubelet fills from the pod's own `path` (downward API).
+fn field(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
 fn env(name: &str, value: impl Into<String>) -> EnvVar {
     EnvVar {
         name: name.into(),
@@ -203,17 +218,10 @@ pub fn manager_pod(pool: &WarmPool, default_image: &str) -> Pod {
             env("ARL_GRPC_LISTEN", format!("0.0.0.0:{GRPC_PORT}")),
             env("ARL_MAX_SESSIONS", spec.sessions_per_pod.to_string()),
             env("ARL_DATA_DIR", "/var/lib/arl"),
-            EnvVar {
-                name: "ARL_ID_PREFIX".into(),
-                value_from: Some(EnvVarSource {
-                    field_ref: Some(ObjectFieldSelector {
-                        field_path: "metadata.name".into(),
-                        ..ObjectFieldSelector::default()
-                    }),
-                    ..EnvVarSource::default()
-                }),
-                ..EnvVar::default()
-            },
+            field("POD_NAMESPACE", "metadata.namespace"),
+            field("POD_NAME", "metadata.name"),
+            // The fleet's key for this pod (`fleet::member_key`), expanded by the kubelet.
+            env("ARL_ID_PREFIX", "$(POD_NAMESPACE).$(POD_NAME)"),
             EnvVar {
                 name: "ARL_AUTH_TOKEN".into(),
                 value_from: Some(EnvVarSource {
@@ -506,5 +514,49 @@ mod tests {
         assert!(Member::from_pod(&elsewhere, &key(), &pools).is_none());
         // A pool the operator does not watch (yet, or any more).
         assert!(Member::from_pod(&ours, &key(), &KnownPools::new()).is_none());
+    }
+
+    /// A pod named like one of another namespace's pool (session ids show pod names), owned by
+    /// a pool its author made in their own namespace: it joins the fleet beside the first,
+    /// under its own key, and never receives the first one's sessions.
+    #[test]
+    fn a_namesake_pod_in_another_namespace_takes_nothing_of_the_first() {
+        let ours = pool(json!({ "runtime": { "wasm": "python" } }));
+        let mut theirs = ours.clone();
+        theirs.metadata.namespace = Some("intruders".into());
+        theirs.metadata.uid = Some("u-2".into());
+        let pools = known_pools([&ours, &theirs]);
+        let fleet = crate::fleet::Fleet::default();
+        fleet.replace(
+            [
+                running(manager_pod(&ours, "img"), "10.0.0.1"),
+                running(manager_pod(&theirs, "img"), "10.0.0.2"),
+            ]
+            .iter()
+            .filter_map(|pod| Member::from_pod(pod, &key(), &pools)),
+        );
+        assert_eq!(
+            fleet.members().len(),
+            2,
+            "one member each, not one overwriting the other"
+        );
+        let routed = |prefix: &str| fleet.get(prefix).map(|m| m.endpoint.http);
+        assert_eq!(
+            routed("agents.py-x7k2q").as_deref(),
+            Some("http://10.0.0.1:8080")
+        );
+        assert_eq!(
+            routed("intruders.py-x7k2q").as_deref(),
+            Some("http://10.0.0.2:8080")
+        );
+        assert_eq!(
+            routed("py-x7k2q"),
+            None,
+            "a bare pod name names no pool pod"
+        );
+        assert_eq!(
+            fleet.pod("agents", "py-x7k2q").unwrap().key(),
+            "agents.py-x7k2q"
+        );
     }
 }

@@ -98,7 +98,7 @@ async fn put_token(pool: &WarmPool, ctx: &Context, namespace: &str) -> Result<()
 fn view(pod: &Pod, ctx: &Context) -> PodView {
     let name = pod.name_any();
     let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-    let member = ctx.fleet.get(&name);
+    let member = ctx.fleet.pod(&pod.namespace().unwrap_or_default(), &name);
     let ready = member.as_ref().is_some_and(|m| m.ready);
     PodView {
         failed: matches!(phase, Some("Failed" | "Succeeded")),
@@ -159,10 +159,10 @@ pub async fn reconcile(pool: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Action>
         tracing::info!(pod = %pod.name_any(), "created");
     }
     for pod in &plan.drain {
-        set_draining(&ctx, &pods, pod, Some(now)).await?;
+        set_draining(&ctx, &pods, &namespace, pod, Some(now)).await?;
     }
     for pod in &plan.undrain {
-        set_draining(&ctx, &pods, pod, None).await?;
+        set_draining(&ctx, &pods, &namespace, pod, None).await?;
     }
     for pod in &plan.delete {
         match pods.delete(pod, &DeleteParams::default()).await {
@@ -194,10 +194,11 @@ pub async fn reconcile(pool: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Action>
 async fn set_draining(
     ctx: &Context,
     pods: &Api<Pod>,
+    namespace: &str,
     pod: &str,
     since: Option<SystemTime>,
 ) -> Result<()> {
-    if let Some(member) = ctx.fleet.get(pod)
+    if let Some(member) = ctx.fleet.pod(namespace, pod)
         && let Err(e) = ctx.managers.drain(&member.endpoint, since.is_some()).await
     {
         // An unreachable manager has no sessions left to protect; the annotation still
@@ -236,7 +237,7 @@ fn status(
         .iter()
         .filter_map(|v| {
             ctx.fleet
-                .get(&v.name)
+                .pod(&pool.namespace().unwrap_or_default(), &v.name)
                 .and_then(|m| m.load)
                 .map(|(l, _)| l.capacity)
         })

@@ -114,7 +114,7 @@ async fn place(sandbox: &Sandbox, ctx: &Context, namespace: &str) -> Result<Acti
             .await
         {
             Ok(created) => {
-                ctx.fleet.note_placed(&member.name);
+                ctx.fleet.note_placed(&member.key());
                 let ip = member
                     .endpoint
                     .http
@@ -199,7 +199,7 @@ async fn watch(
         .await?;
         return Ok(Action::await_change());
     }
-    let Some(member) = ctx.fleet.get(&pod) else {
+    let Some(member) = ctx.fleet.pod(namespace, &pod) else {
         return Ok(Action::requeue(ctx.interval));
     };
     match ctx.managers.session(&member.endpoint, &id).await {
@@ -228,7 +228,7 @@ async fn cleanup(sandbox: &Sandbox, ctx: &Context, namespace: &str) -> Result<Ac
     let status = sandbox.status.clone().unwrap_or_default();
     if let (Some(pod), Some(id)) = (status.pod_name, status.session_id) {
         let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
-        if let Some(member) = ctx.fleet.get(&pod) {
+        if let Some(member) = ctx.fleet.pod(namespace, &pod) {
             if let Err(e) = ctx.managers.delete_session(&member.endpoint, &id).await
                 && pods.get_opt(&pod).await?.is_some()
             {

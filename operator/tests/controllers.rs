@@ -123,11 +123,11 @@ where
     action.expect("reconcile")
 }
 
-/// An in-process manager serving the `counter` guest, prefixing its ids with `pod`, the
-/// name of the pod it stands for. Each test has its own, since one drains it.
+/// An in-process manager serving the `counter` guest, prefixing its ids with `agents.<pod>`
+/// as the pod it stands for does. Each test has its own, since one drains it.
 fn manager(pod: &str) -> Arc<TestManager> {
     let mut config = arl_e2e::config();
-    config.id_prefix = pod.into();
+    config.id_prefix = format!("{NS}.{pod}");
     TestManager::start(
         config,
         Runtimes {
@@ -440,8 +440,17 @@ async fn an_empty_pool_gets_its_token_and_its_minimum_of_pods() {
             };
             assert_eq!(env("ARL_MAX_SESSIONS")["value"], "32");
             assert_eq!(
-                env("ARL_ID_PREFIX")["valueFrom"]["fieldRef"]["fieldPath"],
+                env("POD_NAMESPACE")["valueFrom"]["fieldRef"]["fieldPath"],
+                "metadata.namespace"
+            );
+            assert_eq!(
+                env("POD_NAME")["valueFrom"]["fieldRef"]["fieldPath"],
                 "metadata.name"
+            );
+            assert_eq!(
+                env("ARL_ID_PREFIX")["value"],
+                "$(POD_NAMESPACE).$(POD_NAME)",
+                "ids carry the pod's namespace and name, the fleet's key"
             );
             assert_eq!(
                 env("ARL_AUTH_TOKEN")["valueFrom"]["secretKeyRef"]["name"],
@@ -737,7 +746,7 @@ async fn a_sandbox_is_placed_on_the_least_loaded_ready_pod_of_its_pool() {
     assert_eq!(status["podName"], "pod-idle");
     assert_eq!(status["podIP"], "127.0.0.1");
     let id = status["sessionID"].as_str().unwrap();
-    assert!(id.starts_with("pod-idle."), "{id}");
+    assert!(id.starts_with("agents.pod-idle."), "{id}");
     assert_eq!(
         status["endpoint"],
         format!("{}/v1/sessions/{id}", manager.base)
@@ -749,7 +758,10 @@ async fn a_sandbox_is_placed_on_the_least_loaded_ready_pod_of_its_pool() {
     assert_eq!(code, 200, "{session}");
     assert_eq!(session["runtime"], "counter");
     // And counted at once, so that the next placement spreads.
-    assert_eq!(fleet.get("pod-idle").unwrap().load.unwrap().0.sessions, 1);
+    assert_eq!(
+        fleet.pod(NS, "pod-idle").unwrap().load.unwrap().0.sessions,
+        1
+    );
     manager.delete(&format!("/v1/sessions/{id}")).await;
 }
 
