@@ -149,6 +149,13 @@ pub fn router(gateway: Gateway) -> Router {
         .route("/v1/sessions/{id}", any(forward))
         .route("/v1/sessions/{id}/{*rest}", any(forward))
         .route("/v1/load", get(load))
+        // The RLM sidecar routes, for the same clients reaching the cluster instead of a
+        // manager beside them. `DELETE /sessions` (end every session) is the manager's alone:
+        // through the gateway it would end every client's.
+        .route("/session", post(create_rlm))
+        .route("/session/{id}", any(forward))
+        .route("/session/{id}/{*rest}", any(forward))
+        .route("/sessions", get(list_rlm).delete(refuse_delete_all))
         .route_layer(middleware::from_fn_with_state(
             gateway.clone(),
             authenticate,
@@ -228,6 +235,49 @@ async fn create(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    create_at(gateway, placement, headers, body, "/v1/sessions").await
+}
+
+/// Places a session as [`create`] does, through the RLM sidecar's `POST /session`.
+async fn create_rlm(
+    State(gateway): State<Gateway>,
+    Query(placement): Query<Placement>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    create_at(gateway, placement, headers, body, "/session").await
+}
+
+/// Every manager's sessions in the RLM sidecar's shape, `{"count", "sessions"}`.
+async fn list_rlm(State(gateway): State<Gateway>, headers: HeaderMap) -> Response {
+    let mut sessions = Vec::new();
+    let mut unreachable = Vec::new();
+    for (member, listed) in gateway.listings("/sessions", "sessions", &headers).await {
+        match listed {
+            Some(found) => sessions.extend(found),
+            None => unreachable.push(member),
+        }
+    }
+    let body = json!({ "count": sessions.len(), "sessions": sessions, "unreachable": unreachable });
+    axum::Json(body).into_response()
+}
+
+async fn refuse_delete_all() -> Response {
+    error(
+        StatusCode::FORBIDDEN,
+        "not_through_the_gateway",
+        "DELETE /sessions ends every session of a manager; the gateway serves many clients, so \
+         it does not offer it: delete sessions one by one (DELETE /session/{id})",
+    )
+}
+
+async fn create_at(
+    gateway: Gateway,
+    placement: Placement,
+    headers: HeaderMap,
+    body: Body,
+    path: &str,
+) -> Response {
     let body = match axum::body::to_bytes(body, CREATE_BODY_LIMIT).await {
         Ok(body) => body,
         Err(_) => {
@@ -273,7 +323,7 @@ async fn create(
         &gateway,
         &runtime,
         placement.pool.as_deref(),
-        "/v1/sessions",
+        path,
         &headers,
         body,
     )
@@ -472,7 +522,9 @@ async fn forward(State(gateway): State<Gateway>, request: Request) -> Response {
         return escaping_path(&path);
     }
     let id = path
-        .trim_start_matches("/v1/sessions/")
+        .strip_prefix("/v1/sessions/")
+        .or_else(|| path.strip_prefix("/session/"))
+        .unwrap_or_default()
         .split('/')
         .next()
         .unwrap_or_default()

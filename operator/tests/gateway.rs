@@ -1,0 +1,201 @@
+//! The gateway's placement and routing over real managers (in-process `arl-manager`s serving
+//! the `counter` guest on loopback), served on a real socket: what it answers with no
+//! manager, `?pool=`, the summed load, and the RLM sidecar routes.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+
+use std::sync::Arc;
+
+use arl_e2e::{Runtimes, TestManager, guests};
+use arl_operator::fleet::{Fleet, Member};
+use arl_operator::gateway::{Gateway, router};
+use arl_operator::manager::{Endpoint, Managers};
+use serde_json::{Value, json};
+
+/// A manager standing for pod `pod` of pool `pool` in namespace `agents`.
+fn manager(pod: &str) -> Arc<TestManager> {
+    let mut config = arl_e2e::config();
+    config.id_prefix = format!("agents.{pod}");
+    config.max_sessions = 8;
+    TestManager::start(
+        config,
+        Runtimes {
+            python: false,
+            guests: vec![("counter", guests::COUNTER)],
+        },
+    )
+}
+
+fn member(pod: &str, pool: &str, manager: &TestManager) -> Member {
+    Member {
+        name: pod.into(),
+        namespace: "agents".into(),
+        pool: pool.into(),
+        runtime: Some("counter".into()),
+        endpoint: Endpoint {
+            http: manager.base.clone(),
+            token: None,
+        },
+        grpc: None,
+        ready: true,
+        draining: false,
+        load: None,
+    }
+}
+
+/// Serves the gateway over `fleet` on a loopback port; answers its base URL.
+async fn gateway(fleet: Fleet) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = router(Gateway::new(fleet, None));
+    tokio::spawn(arl_serve::serve_http(listener, app, std::future::pending()));
+    base
+}
+
+async fn call(method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
+    let mut request = reqwest::Client::new().request(method, url);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+#[tokio::test]
+async fn with_no_manager_the_gateway_says_no_backends() {
+    let base = gateway(Fleet::default()).await;
+    let (status, v) = call(reqwest::Method::GET, format!("{base}/readyz"), None).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (503, Some("no_backends")),
+        "{v}"
+    );
+    let create = json!({ "runtime": "counter" });
+    let (status, v) = call(
+        reqwest::Method::POST,
+        format!("{base}/v1/sessions"),
+        Some(create),
+    )
+    .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (503, Some("no_backends")),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("counter"),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn pools_load_and_the_rlm_routes_go_where_they_should() {
+    let (a, b) = (manager("alpha-0"), manager("beta-0"));
+    let fleet = Fleet::default();
+    fleet.upsert(member("alpha-0", "alpha", &a));
+    fleet.upsert(member("beta-0", "beta", &b));
+    fleet.poll(&Managers::new()).await;
+    let base = gateway(fleet.clone()).await;
+    let post = reqwest::Method::POST;
+
+    // `?pool=` places only on that pool's pods, however empty the other is.
+    let mut ids = Vec::new();
+    for (pool, prefix) in [
+        ("beta", "agents.beta-0."),
+        ("beta", "agents.beta-0."),
+        ("alpha", "agents.alpha-0."),
+    ] {
+        let url = format!("{base}/v1/sessions?pool={pool}");
+        let (status, v) = call(post.clone(), url, Some(json!({ "runtime": "counter" }))).await;
+        assert_eq!(status, 201, "{v}");
+        let id = v["id"].as_str().unwrap().to_owned();
+        assert!(id.starts_with(prefix), "{pool}: {id}");
+        ids.push(id);
+    }
+    let url = format!("{base}/v1/sessions?pool=gamma");
+    let (status, v) = call(post.clone(), url, Some(json!({ "runtime": "counter" }))).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (503, Some("no_backends")),
+        "{v}"
+    );
+    assert_eq!(b.registry.load().sessions, 2);
+    assert_eq!(a.registry.load().sessions, 1);
+
+    // The load is every manager's, summed, as of their last read.
+    fleet.poll(&Managers::new()).await;
+    let (status, load) = call(reqwest::Method::GET, format!("{base}/v1/load"), None).await;
+    assert_eq!(status, 200);
+    let (la, lb) = (a.registry.load(), b.registry.load());
+    assert_eq!(load["sessions"], la.sessions + lb.sessions, "{load}");
+    assert_eq!(load["capacity"], la.capacity + lb.capacity, "{load}");
+    assert_eq!(
+        (load["managers"].as_u64(), load["accepting"].as_u64()),
+        (Some(2), Some(2))
+    );
+
+    // The RLM sidecar's routes: a create placed like any, then routed by the id.
+    let (status, v) = call(
+        post.clone(),
+        format!("{base}/session?pool=alpha"),
+        Some(json!({ "runtime": "counter" })),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    let rlm = v["session_id"].as_str().unwrap().to_owned();
+    assert!(rlm.starts_with("agents.alpha-0."), "{rlm}");
+    let (status, v) = call(
+        post.clone(),
+        format!("{base}/session/{rlm}/execute"),
+        Some(json!({ "code": "inc" })),
+    )
+    .await;
+    assert_eq!(
+        (status, v["session_id"].as_str()),
+        (200, Some(rlm.as_str())),
+        "{v}"
+    );
+    assert_eq!(
+        (v["success"].as_bool(), v["stdout"].as_str()),
+        (Some(true), Some("count=1\n")),
+        "{v}"
+    );
+    let (status, v) = call(reqwest::Method::GET, format!("{base}/sessions"), None).await;
+    assert_eq!((status, v["count"].as_u64()), (200, Some(4)), "{v}");
+    let (status, v) = call(reqwest::Method::DELETE, format!("{base}/sessions"), None).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (403, Some("not_through_the_gateway")),
+        "{v}"
+    );
+    assert_eq!(
+        a.registry.load().sessions + b.registry.load().sessions,
+        4,
+        "nothing ended"
+    );
+    let (status, v) = call(
+        reqwest::Method::DELETE,
+        format!("{base}/session/{rlm}"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, v["status"].as_str()),
+        (200, Some("deleted")),
+        "{v}"
+    );
+    assert_eq!(a.registry.load().sessions, 1);
+    for id in ids {
+        let (status, _) = call(
+            reqwest::Method::DELETE,
+            format!("{base}/v1/sessions/{id}"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 204);
+    }
+}
