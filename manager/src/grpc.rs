@@ -492,22 +492,12 @@ impl Sessions for SessionService {
         &self,
         request: Request<Streaming<pb::SnapshotChunk>>,
     ) -> Result<Response<pb::Session>, Status> {
-        let mut chunks = request.into_inner();
-        let limit = self.registry.import_limit();
-        let mut bytes = Vec::new();
-        while let Some(chunk) = chunks.message().await? {
-            if bytes.len() + chunk.data.len() > limit {
-                return Err(Status::resource_exhausted(format!(
-                    "an import may have at most {limit} bytes"
-                )));
-            }
-            bytes.extend_from_slice(&chunk.data);
-        }
-        let imported = self
-            .registry
-            .import(Bytes::from(bytes))
-            .await
-            .map_err(status)?;
+        let chunks = request.into_inner().map(|chunk| {
+            chunk
+                .map(|c| Bytes::from(c.data))
+                .map_err(std::io::Error::other)
+        });
+        let imported = self.registry.import(chunks).await.map_err(status)?;
         Ok(Response::new(session(imported.info())))
     }
 

@@ -157,20 +157,59 @@ fn state_moves_between_manager_processes() {
             result(&gw, &moved, "x, open('/workspace/w.txt').read()").await,
             "(41, 'written in a')"
         );
-        let (status, history) = (
-            200,
-            reqwest::get(format!("{gw}/v1/sessions/{moved}/history"))
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap(),
-        );
+        let history = reqwest::get(format!("{gw}/v1/sessions/{moved}/history"))
+            .await
+            .unwrap();
+        let status = history.status().as_u16();
+        let history = history.text().await.unwrap();
         assert_eq!(
             (status, history.lines().count()),
             (200, 4),
             "a's two turns, the check, and the one above: {history}"
         );
+
+        // An export over what the gateway holds (32 MiB) streams through it to one manager.
+        let (_, big) = post(format!("{}/v1/sessions", b.base), json!({})).await;
+        let big = big["id"].as_str().unwrap().to_owned();
+        let noise = "import os; open('/workspace/noise', 'wb').write(os.urandom(40 << 20))";
+        result(&gw, &big, noise).await;
+        let exported = reqwest::Client::new()
+            .post(format!("{gw}/v1/sessions/{big}/export"))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert!(exported.len() > 40 << 20, "{}", exported.len());
+        let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = exported
+            .chunks(1 << 20)
+            .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+            .collect();
+        let r = reqwest::Client::new()
+            .post(format!("{gw}/v1/sessions/import"))
+            .header("content-type", "application/vnd.arl.snapshot")
+            .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+                chunks,
+            )))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        let copy: Value = r.json().await.unwrap();
+        let copy = copy["id"].as_str().unwrap();
+        assert_eq!(
+            result(&gw, copy, "os.path.getsize('/workspace/noise')").await,
+            (40u64 << 20).to_string()
+        );
+        for id in [copy, big.as_str()] {
+            let gone = call(
+                reqwest::Method::DELETE,
+                format!("{gw}/v1/sessions/{id}"),
+                None,
+            );
+            assert_eq!(gone.await.0, 204);
+        }
 
         // Snapshots through the gateway: listed once although both managers see the folder.
         let (status, listed) = call(reqwest::Method::GET, format!("{gw}/v1/snapshots"), None).await;

@@ -11,6 +11,7 @@
 //! Snapshots are not routed by id: managers that share a snapshot folder all have them, so
 //! the gateway asks each in turn.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use arl_serve::Bearer;
@@ -21,8 +22,11 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
+use bytes::BytesMut;
+use futures_util::StreamExt as _;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tokio::sync::Semaphore;
 
 use crate::fleet::{Fleet, Member, Unplaced};
 
@@ -30,8 +34,11 @@ use crate::fleet::{Fleet, Member, Unplaced};
 const WHOLE_BODY: u64 = 64 << 10;
 /// Largest create body the gateway reads (it must look at `runtime`).
 const CREATE_BODY_LIMIT: usize = 1 << 20;
-/// Largest import (an export's bytes) the gateway holds while it places it.
-const IMPORT_BODY_LIMIT: usize = 4 << 30;
+/// Imports up to this size are held whole, so that a manager that is full passes one on to
+/// the next; a larger one streams through to the first candidate as it arrives.
+pub(crate) const IMPORT_SPOOL: usize = 32 << 20;
+/// Imports passing through one gateway at once: with the spool, at most 128 MiB held.
+pub(crate) const IMPORTS: usize = 4;
 /// Headers passed from client to manager and back.
 const PASSED: [header::HeaderName; 5] = [
     header::CONTENT_TYPE,
@@ -49,6 +56,8 @@ pub struct Gateway {
     token: Bearer,
     /// The most bytes, and the longest time, one manager's listing may take.
     listing: (usize, Duration),
+    /// Turns to pass an import on.
+    imports: Arc<Semaphore>,
 }
 
 /// How much of one manager's `GET /v1/sessions` or `/v1/snapshots` the gateway reads, and
@@ -71,6 +80,7 @@ impl Gateway {
             http,
             token: Bearer::new(token),
             listing: (LISTING_BYTES, LISTING_TIME),
+            imports: Arc::new(Semaphore::new(IMPORTS)),
         }
     }
 
@@ -337,31 +347,95 @@ struct ImportPlacement {
     runtime: Option<String>,
 }
 
-/// Places a session exported from another manager, as a create is placed.
+/// Places a session exported from another manager, as a create is placed. An export of up
+/// to [`IMPORT_SPOOL`] is held and offered to each candidate in turn; a larger one is never
+/// held whole, but streamed through to the least-utilised candidate alone. At most
+/// [`IMPORTS`] pass at once; past that, 503 with `Retry-After`.
 async fn import(
     State(gateway): State<Gateway>,
     Query(placement): Query<ImportPlacement>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let Ok(body) = axum::body::to_bytes(body, IMPORT_BODY_LIMIT).await else {
-        return error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("an import through the gateway is at most {IMPORT_BODY_LIMIT} bytes"),
+    let Ok(_turn) = gateway.imports.clone().try_acquire_owned() else {
+        let mut r = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "imports_busy",
+            format!("the gateway is passing {IMPORTS} imports on already; retry shortly"),
         );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return r;
     };
     let runtime = placement.runtime.as_deref().unwrap_or("python");
     let pool = placement.pool.as_deref();
-    place(
-        &gateway,
-        runtime,
-        pool,
-        "/v1/sessions/import",
-        &headers,
-        body,
-    )
-    .await
+    const PATH: &str = "/v1/sessions/import";
+    let mut rest = body.into_data_stream();
+    let mut held = BytesMut::new();
+    while held.len() <= IMPORT_SPOOL {
+        match rest.next().await {
+            Some(Ok(chunk)) => held.extend_from_slice(&chunk),
+            Some(Err(e)) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "body_unreadable",
+                    format!("reading the import: {e}"),
+                );
+            }
+            None => return place(&gateway, runtime, pool, PATH, &headers, held.freeze()).await,
+        }
+    }
+    let first = match gateway.fleet.place(runtime, pool, |_| true) {
+        Ok(candidates) => candidates.into_iter().next(),
+        Err(why) => return unplaced(runtime, why),
+    };
+    let Some(member) = first else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_backends",
+            "no manager answered",
+        );
+    };
+    let whole = futures_util::stream::once(async move { Ok(held.freeze()) }).chain(rest);
+    let payload = Payload::Stream(Body::from_stream(whole));
+    match send(&gateway, &member, Method::POST, PATH, &headers, payload).await {
+        Ok(response) => {
+            if response.status() == StatusCode::CREATED {
+                gateway.fleet.note_placed(&member.key());
+            }
+            relay(response).await
+        }
+        Err(e) => {
+            tracing::warn!(pod = %member.key(), error = %e, "manager unreachable");
+            gateway.fleet.set_load(&member.key(), None);
+            error(
+                StatusCode::BAD_GATEWAY,
+                "bad_gateway",
+                "the manager chosen for this import did not take it; retry",
+            )
+        }
+    }
+}
+
+/// The answer when no manager can take a new session of `runtime`.
+fn unplaced(runtime: &str, why: Unplaced) -> Response {
+    match why {
+        Unplaced::Full => {
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "capacity_exhausted",
+                "every manager for this runtime is full or draining",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
+        Unplaced::NoBackends => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_backends",
+            format!("no manager serves runtime `{runtime}`"),
+        ),
+    }
 }
 
 /// Sends `body` to `path` on the least-utilised manager serving `runtime` that takes it: a
@@ -376,23 +450,7 @@ async fn place(
 ) -> Response {
     let candidates = match gateway.fleet.place(runtime, pool, |_| true) {
         Ok(candidates) => candidates,
-        Err(Unplaced::Full) => {
-            let mut r = error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "capacity_exhausted",
-                "every manager for this runtime is full or draining",
-            );
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return r;
-        }
-        Err(Unplaced::NoBackends) => {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no_backends",
-                format!("no manager serves runtime `{runtime}`"),
-            );
-        }
+        Err(why) => return unplaced(runtime, why),
     };
     let mut last = None;
     for member in candidates {

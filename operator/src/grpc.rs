@@ -12,12 +12,12 @@ use arl_proto::v1 as pb;
 use arl_proto::v1::sessions_client::SessionsClient;
 use arl_proto::v1::sessions_server::{Sessions, SessionsServer};
 use arl_serve::Bearer;
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt as _};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::fleet::{Fleet, Member, Unplaced};
-use crate::gateway::{LISTING_TIME, owner};
+use crate::gateway::{IMPORT_SPOOL, IMPORTS, LISTING_TIME, owner};
 
 /// Largest gRPC message passed through (a manager's default body limit).
 const MAX_MESSAGE: usize = 16 << 20;
@@ -25,8 +25,6 @@ const MAX_MESSAGE: usize = 16 << 20;
 pub const POOL_METADATA: &str = "arl-pool";
 /// Names the runtime of an import through the gateway (`python` without it).
 pub const RUNTIME_METADATA: &str = "arl-runtime";
-/// The largest export the gateway holds while it places an import.
-const MAX_IMPORT: usize = 4 << 30;
 
 type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -36,6 +34,8 @@ pub struct GrpcGateway {
     fleet: Fleet,
     /// One lazily connected channel per manager address.
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// Turns to pass an import on, as over HTTP.
+    imports: Arc<tokio::sync::Semaphore>,
 }
 
 impl GrpcGateway {
@@ -43,6 +43,7 @@ impl GrpcGateway {
         Self {
             fleet,
             channels: Arc::default(),
+            imports: Arc::new(tokio::sync::Semaphore::new(IMPORTS)),
         }
     }
 
@@ -477,22 +478,48 @@ impl Sessions for GrpcGateway {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("python")
             .to_owned();
+        let Ok(_turn) = self.imports.clone().try_acquire_owned() else {
+            return Err(Status::unavailable(format!(
+                "imports_busy: the gateway is passing {IMPORTS} imports on already; retry shortly"
+            )));
+        };
+        // Up to IMPORT_SPOOL, held and offered to each candidate in turn; past it, streamed
+        // through to the first candidate alone, never held whole.
         let mut incoming = request.into_inner();
-        let mut chunks = Vec::new();
-        let mut total = 0usize;
-        while let Some(chunk) = incoming.message().await? {
-            total += chunk.data.len();
-            if total > MAX_IMPORT {
-                return Err(Status::resource_exhausted(format!(
-                    "an import through the gateway may have at most {MAX_IMPORT} bytes"
-                )));
+        let (mut held, mut size) = (Vec::new(), 0);
+        while size <= IMPORT_SPOOL {
+            match incoming.message().await? {
+                Some(chunk) => {
+                    size += chunk.data.len();
+                    held.push(chunk);
+                }
+                None => {
+                    return self
+                        .place(&runtime, pool.as_deref(), |member, mut client| {
+                            let chunks = held.clone();
+                            async move {
+                                let stream = futures_util::stream::iter(chunks);
+                                client.import_session(Self::to(&member, stream)?).await
+                            }
+                        })
+                        .await;
+                }
             }
-            chunks.push(chunk);
         }
-        self.place(&runtime, pool.as_deref(), |member, mut client| {
-            let chunks = chunks.clone();
+        // A failed read ends the stream: the manager sees the import cut short and refuses it.
+        let rest = incoming
+            .take_while(|chunk| std::future::ready(chunk.is_ok()))
+            .filter_map(|chunk| std::future::ready(chunk.ok()));
+        let mut whole = Some(futures_util::stream::iter(held).chain(rest));
+        self.place(&runtime, pool.as_deref(), move |member, mut client| {
+            let stream = whole.take();
             async move {
-                let stream = futures_util::stream::iter(chunks);
+                let Some(stream) = stream else {
+                    return Err(Status::resource_exhausted(format!(
+                        "capacity_exhausted: the manager chosen for this import is full, and an \
+                         import over {IMPORT_SPOOL} bytes is not held to offer to another"
+                    )));
+                };
                 client.import_session(Self::to(&member, stream)?).await
             }
         })

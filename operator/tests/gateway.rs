@@ -199,3 +199,60 @@ async fn pools_load_and_the_rlm_routes_go_where_they_should() {
         assert_eq!(status, 204);
     }
 }
+
+/// Imports held open by their clients take the gateway's four turns; the next is refused at
+/// once, with when to retry, instead of being read into memory beside them.
+#[tokio::test]
+async fn imports_past_the_gateways_turns_are_refused_not_held() {
+    let m = manager("alpha-0");
+    let fleet = Fleet::default();
+    fleet.upsert(member("alpha-0", "alpha", &m));
+    fleet.poll(&Managers::new()).await;
+    let base = gateway(fleet).await;
+    let url = format!("{base}/v1/sessions/import?runtime=counter");
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        let (send, receive) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+        send.send(Ok(b"ARLSNAP1".to_vec())).await.unwrap();
+        let body = reqwest::Body::wrap_stream(tokio_stream::wrappers::ReceiverStream::new(receive));
+        let pending = reqwest::Client::new().post(&url).body(body).send();
+        open.push((send, tokio::spawn(pending)));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let r = reqwest::Client::new()
+            .post(&url)
+            .body(Vec::new())
+            .send()
+            .await
+            .unwrap();
+        let (status, retry) = (r.status().as_u16(), r.headers().get("retry-after").cloned());
+        let v: Value = r.json().await.unwrap();
+        if status == 503 {
+            assert_eq!(v["error"]["code"], "imports_busy", "{v}");
+            assert_eq!(retry.unwrap(), "1");
+            break;
+        }
+        // Before the four are all in, an empty import reaches the manager, which refuses it.
+        assert_eq!(
+            (status, v["error"]["code"].as_str()),
+            (422, Some("invalid_snapshot")),
+            "{v}"
+        );
+        assert!(std::time::Instant::now() < deadline, "never refused");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Their clients give up: the turns come back.
+    for (send, pending) in open {
+        drop(send);
+        let r = pending.await.unwrap().unwrap();
+        assert_eq!(r.status(), 422, "a cut-short export is refused");
+    }
+    let r = reqwest::Client::new()
+        .post(&url)
+        .body(Vec::new())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+}

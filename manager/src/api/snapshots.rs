@@ -5,7 +5,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
+use futures_util::StreamExt as _;
 use serde::Serialize;
 
 use super::sessions::Created;
@@ -136,9 +136,12 @@ pub async fn export(
     ))]
 pub async fn import(
     State(registry): State<Registry>,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    body: axum::body::Body,
 ) -> ApiResult<(StatusCode, Json<Created>)> {
-    let session = registry.import(body?).await?;
+    let body = body
+        .into_data_stream()
+        .map(|r| r.map_err(std::io::Error::other));
+    let session = registry.import(body).await?;
     Ok(created(&session))
 }
 

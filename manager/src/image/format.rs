@@ -20,6 +20,23 @@ const ZSTD_LEVEL: i32 = 1;
 /// The largest header a snapshot may have (it holds the file list).
 const MAX_HEADER: usize = 16 << 20;
 
+/// Reads exactly `len` bytes of the payload's `part`.
+fn read_part(z: &mut impl Read, len: u64, part: &str) -> Result<Vec<u8>> {
+    let mut bytes = Vec::with_capacity(usize::try_from(len.min(64 << 20)).unwrap_or(0));
+    z.take(len).read_to_end(&mut bytes).map_err(corrupt)?;
+    if bytes.len() as u64 != len {
+        return Err(Error::BadSnapshot(format!(
+            "its payload ends early: its {part} have {} bytes, its header says {len}",
+            bytes.len()
+        )));
+    }
+    Ok(bytes)
+}
+
+fn corrupt(e: std::io::Error) -> Error {
+    Error::BadSnapshot(format!("its payload is corrupt: {e}"))
+}
+
 /// What a snapshot says about itself, uncompressed at the front of its file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Header {
@@ -175,39 +192,37 @@ impl Image {
         let Some(len) = header.payload_len() else {
             return bad("its sizes do not add up".into());
         };
-        // Grown as the payload really arrives, not reserved from what the header claims.
-        let mut payload = Vec::with_capacity(usize::try_from(len.min(64 << 20)).unwrap_or(0));
+        // Each part is read straight from the stream into its own buffer, grown as the bytes
+        // really arrive rather than reserved from what the header claims: a small file that
+        // claims gigabytes costs what it holds, and nothing is held twice.
         let mut z = zstd::Decoder::new(input)
-            .map_err(|e| Error::BadSnapshot(format!("its payload: {e}")))?
-            .take(len + 1);
-        z.read_to_end(&mut payload)
-            .map_err(|e| Error::BadSnapshot(format!("its payload is corrupt: {e}")))?;
-        if payload.len() as u64 != len {
-            return bad(format!(
-                "its payload has {} bytes, its header says {len}",
-                payload.len()
-            ));
-        }
+            .map_err(|e| Error::BadSnapshot(format!("its payload: {e}")))?;
         let pages = header.pages as usize;
-        let (index, rest) = payload.split_at(pages * 4);
-        let index: Vec<u32> = index
+        let index_bytes = read_part(&mut z, pages as u64 * 4, "page index")?;
+        let index: Vec<u32> = index_bytes
             .chunks_exact(4)
             .map(|b| u32::from_le_bytes(b.try_into().unwrap_or_default()))
             .collect();
+        drop(index_bytes);
         let limit = header.memory_bytes / header.page_size;
         if index.windows(2).any(|w| w[0] >= w[1])
             || index.last().is_some_and(|&i| u64::from(i) >= limit)
         {
             return bad("its page index is out of order or out of range".into());
         }
-        let (data, mut rest) = rest.split_at(pages * header.page_size as usize);
-        let mut files = Vec::with_capacity(header.files.len());
+        let data = read_part(&mut z, pages as u64 * header.page_size, "pages")?;
+        let mut files = Vec::with_capacity(header.files.len().min(1 << 16));
         for record in &header.files {
-            let (bytes, tail) = rest.split_at(record.len as usize);
-            files.push((record.clone(), bytes.to_vec()));
-            rest = tail;
+            files.push((record.clone(), read_part(&mut z, record.len, "files")?));
         }
-        let history = std::str::from_utf8(rest)
+        let history = read_part(&mut z, header.history_bytes, "history")?;
+        let mut past = [0u8; 1];
+        if z.read(&mut past).map_err(corrupt)? != 0 {
+            return bad(format!(
+                "its payload holds more than the {len} bytes its header says"
+            ));
+        }
+        let history = String::from_utf8(history)
             .map_err(|_| Error::BadSnapshot("its history is not UTF-8".into()))?
             .lines()
             .map(Arc::from)
@@ -218,7 +233,7 @@ impl Image {
             runtime: header.runtime,
             module: header.module,
             memory_bytes: header.memory_bytes,
-            pages: Arc::new(Pages::from_parts(index, data.to_vec())),
+            pages: Arc::new(Pages::from_parts(index, data)),
             clock_ns: header.clock_ns,
             executions: header.executions,
             env: header.env,
@@ -368,5 +383,68 @@ mod tests {
             write_dirs(dir.path(), &escaping.files),
             Err(Error::BadSnapshot(_))
         ));
+    }
+
+    /// A header with `edit` applied, in front of `bytes`' payload.
+    fn with_header(bytes: &[u8], edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+        let len = u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize;
+        let mut header: serde_json::Value = serde_json::from_slice(&bytes[12..12 + len]).unwrap();
+        edit(&mut header);
+        let header = serde_json::to_vec(&header).unwrap();
+        let mut crafted = MAGIC.to_vec();
+        crafted.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        crafted.extend_from_slice(&header);
+        crafted.extend_from_slice(&bytes[12 + len..]);
+        crafted
+    }
+
+    fn refusal(bytes: &[u8]) -> String {
+        match Image::decode(bytes, 1 << 40, 1 << 40) {
+            Err(Error::BadSnapshot(why)) => why,
+            other => panic!("not refused: {:?}", other.map(|i| i.memory_bytes)),
+        }
+    }
+
+    #[test]
+    fn a_page_index_out_of_order_or_past_the_memory_is_refused() {
+        let page = page_size();
+        let mut image = image(&vec![0u8; page * 4]);
+        let data = vec![7u8; page * 2];
+        for index in [vec![3, 4], vec![2, 1], vec![1, 1]] {
+            image.pages = Arc::new(Pages::from_parts(index.clone(), data.clone()));
+            let mut bytes = vec![];
+            image.encode(&mut bytes).unwrap();
+            let why = refusal(&bytes);
+            assert!(why.contains("page index"), "{index:?}: {why}");
+        }
+    }
+
+    /// A few kilobytes that claim gigabytes (a zstd bomb, or a header that lies) cost what
+    /// they hold: the parts are read as they arrive, never reserved from the claim.
+    #[test]
+    fn a_payload_shorter_than_its_claim_is_refused_without_reserving_the_claim() {
+        let page = page_size() as u64;
+        let mut bytes = vec![];
+        image(&vec![0u8; page as usize * 4])
+            .encode(&mut bytes)
+            .unwrap();
+        let pages = (1u64 << 40) / page;
+        let crafted = with_header(&bytes, |h| {
+            h["memory_bytes"] = serde_json::json!(1u64 << 40);
+            h["pages"] = serde_json::json!(pages);
+        });
+        let why = refusal(&crafted);
+        assert!(why.contains("ends early"), "{why}");
+        let past = with_header(&bytes, |h| {
+            h["history_bytes"] = serde_json::json!(65u64 << 20)
+        });
+        assert!(refusal(&past).contains("limits"));
+        let short = with_header(&bytes, |h| {
+            h["history_bytes"] = serde_json::json!(h["history_bytes"].as_u64().unwrap() - 1);
+        });
+        assert!(
+            refusal(&short).contains("more than"),
+            "a payload longer than its claim"
+        );
     }
 }

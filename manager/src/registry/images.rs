@@ -1,8 +1,13 @@
 //! A session's image taken out and put back: fork, snapshot, export, import and restore, each
 //! a new session started from an [`Image`] on a slot of its own.
 
+use std::io::Read as _;
 use std::path::PathBuf;
 use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use super::request::CreateRequest;
 use super::{Registry, blocking};
@@ -77,12 +82,21 @@ impl Registry {
         .await
     }
 
-    /// A new session from bytes made by [`export`](Self::export), here or on another manager.
-    pub async fn import(&self, bytes: bytes::Bytes) -> Result<Arc<Session>> {
+    /// A new session from bytes made by [`export`](Self::export), here or on another
+    /// manager, decoded as they arrive from `body`: the export is never held whole, only the
+    /// image it makes (within this manager's bounds). At most [`DECODING`](super::DECODING)
+    /// imports are read at once; the others wait with their bodies unread.
+    pub async fn import<S>(&self, body: S) -> Result<Arc<Session>>
+    where
+        S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+    {
         self.check_open()?;
         let (max_memory, max_files) = self.image_bounds();
+        let limit = self.import_limit() as u64;
         let _decoding = self.decoding_slot().await?;
-        let image = blocking(move || Image::decode(&bytes[..], max_memory, max_files)).await?;
+        let input = SyncIoBridge::new(StreamReader::new(Box::pin(body)));
+        let image =
+            blocking(move || Image::decode(input.take(limit), max_memory, max_files)).await?;
         self.restore(image, &CreateRequest::default(), Provenance::Elsewhere)
             .await
     }
