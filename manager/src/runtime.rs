@@ -128,12 +128,39 @@ fn check_contract(module: &Module, wasm: &Path) -> Result<u64> {
 /// A store's data that keeps the frame a guest hands through the door.
 pub(crate) trait Reports {
     fn report(&mut self, frame: Vec<u8>);
+
+    /// The largest frame taken; a larger one is never copied out of the guest.
+    fn frame_limit(&self) -> usize {
+        MAX_FRAME
+    }
+
+    /// A frame of `len` bytes was over [`frame_limit`](Self::frame_limit) and left unread.
+    fn refuse_report(&mut self, _len: usize) {}
 }
 
 impl Reports for SessionState {
     fn report(&mut self, frame: Vec<u8>) {
         self.report = Some(frame);
     }
+
+    fn frame_limit(&self) -> usize {
+        self.report_limit
+    }
+
+    fn refuse_report(&mut self, len: usize) {
+        self.report = None;
+        self.report_refused = Some(len);
+    }
+}
+
+/// The largest report a session with `output_bytes` of output per stream may send: its
+/// result and each of its error's three fields are kept up to `output_bytes`, so a frame past
+/// four times that (plus room for JSON) holds nothing a client would see.
+pub(crate) fn frame_limit(output_bytes: usize) -> usize {
+    output_bytes
+        .saturating_mul(4)
+        .saturating_add(64 << 10)
+        .min(MAX_FRAME)
 }
 
 /// `host::call(ptr, len, out_ptr_ptr, out_len_ptr) -> 0 | -2`: the guest hands the host one
@@ -150,13 +177,21 @@ pub(crate) fn host_call<T: Reports + 'static>(
         return FAULT;
     };
     let (ptr, len) = (ptr as u32 as usize, len as u32 as usize);
-    if len > MAX_FRAME {
+    if ptr
+        .checked_add(len)
+        .is_none_or(|end| end > memory.data_size(&caller))
+    {
         return FAULT;
     }
-    let mut frame = vec![0u8; len];
-    if memory.read(&caller, ptr, &mut frame).is_err() {
-        return FAULT;
-    }
+    let frame = if len > caller.data().frame_limit() {
+        None // over what the host keeps: never copied out of the guest
+    } else {
+        let mut frame = vec![0u8; len];
+        if memory.read(&caller, ptr, &mut frame).is_err() {
+            return FAULT;
+        }
+        Some(frame)
+    };
     let zero = 0u32.to_le_bytes();
     for at in [out_ptr_ptr, out_len_ptr] {
         if memory
@@ -166,6 +201,9 @@ pub(crate) fn host_call<T: Reports + 'static>(
             return FAULT;
         }
     }
-    caller.data_mut().report(frame);
+    match frame {
+        Some(frame) => caller.data_mut().report(frame),
+        None => caller.data_mut().refuse_report(len),
+    }
     0
 }

@@ -298,6 +298,33 @@ async fn what_the_guest_writes_counts_against_the_quota_and_stops_there() {
     assert_eq!(m.exec(&id, "x").await["result"], "1");
 }
 
+#[tokio::test]
+async fn a_report_past_what_the_session_keeps_is_never_copied_out() {
+    let m = own_manager(|c| c.defaults.output_bytes = 1000, ServeOptions::default());
+    let id = m.create(json!({})).await;
+    // Within the frame bound: kept, then cut to the output cap.
+    let v = m.exec(&id, "'x' * 20_000").await;
+    assert_eq!(
+        (v["truncated"].as_bool(), &v["error"]),
+        (Some(true), &Value::Null),
+        "{v}"
+    );
+    assert_eq!(v["result"].as_str().unwrap().len(), 1000);
+    // Past it (four times the cap, plus room for JSON): left in the guest, and said so.
+    let v = m.exec(&id, "y = 1\n'x' * 3_000_000").await;
+    assert_eq!(v["error"]["type"], "ReportTooLarge", "{v}");
+    assert_eq!(
+        (v["truncated"].as_bool(), &v["result"]),
+        (Some(true), &Value::Null),
+        "{v}"
+    );
+    assert_eq!(
+        m.exec(&id, "y").await["result"],
+        "1",
+        "the turn itself stood"
+    );
+}
+
 /// One Server-Sent Event: its name and its data.
 #[derive(Debug, Clone)]
 struct Sse {

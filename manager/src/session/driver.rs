@@ -62,6 +62,8 @@ struct Recipe {
     stdout: Capture,
     stderr: Capture,
     memory_bytes: u64,
+    /// The largest report frame kept (from the session's output cap).
+    report_limit: usize,
 }
 
 impl Recipe {
@@ -75,7 +77,7 @@ impl Recipe {
             .envs(&self.env)
             .monotonic_clock(clock);
         preopen(&mut wasi, &self.runtime.mounts, &self.workspace, &self.tmp)?;
-        let state = SessionState::new(wasi.build_p1(), self.memory_bytes, clock);
+        let state = SessionState::new(wasi.build_p1(), self.memory_bytes, clock, self.report_limit);
         Ok(new_store(self.runtime.pre.module().engine(), state))
     }
 
@@ -134,6 +136,7 @@ pub async fn start(
         stdout: stdout.clone(),
         stderr: stderr.clone(),
         memory_bytes: limits.memory_bytes,
+        report_limit: crate::runtime::frame_limit(limits.output_bytes),
     };
     let image = origin.as_ref().map(|o| o.image.as_ref());
     let clock = image.map_or_else(GuestClock::new, |i| GuestClock::continuing(i.clock_ns));
@@ -470,6 +473,7 @@ impl Driver {
         let (stdout, out_cut) = self.stdout.take();
         let (stderr, err_cut) = self.stderr.take();
         let report = report.as_deref().and_then(Report::parse);
+        let refused = self.store.data_mut().report_refused.take();
         let mut ended = match end {
             TurnEnd::Ended(EndReason::Deadline) if capped => Some(EndReason::Lifetime),
             TurnEnd::Ended(reason) => Some(reason),
@@ -485,6 +489,18 @@ impl Driver {
                 if let Some(code) = report.exit {
                     ended.get_or_insert(EndReason::Exit(code));
                 }
+            }
+            (None, _) if ended.is_none() && refused.is_some() => {
+                error = Some(GuestError {
+                    kind: "ReportTooLarge".into(),
+                    message: format!(
+                        "the turn's result and error came to {} bytes, past the {} this \
+                         session keeps (four times its output cap): they were dropped",
+                        refused.unwrap_or_default(),
+                        self.recipe.report_limit
+                    ),
+                    traceback: String::new(),
+                });
             }
             (None, Protocol::Python) if ended.is_none() => {
                 error = Some(GuestError {
@@ -513,7 +529,7 @@ impl Driver {
                 ended = None;
             }
         }
-        let mut truncated = out_cut || err_cut;
+        let mut truncated = out_cut || err_cut || refused.is_some();
         let cap = limits.output_bytes;
         let fields = result.iter_mut().chain(
             error
@@ -560,6 +576,7 @@ impl Driver {
         cancelled: impl std::future::Future<Output = ()>,
     ) -> (TurnEnd, Option<Vec<u8>>) {
         self.store.data_mut().report = None;
+        self.store.data_mut().report_refused = None;
         let (store, exports) = (&mut self.store, &self.exports);
         let call = async {
             let len = i32::try_from(input.len())

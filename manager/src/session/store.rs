@@ -19,13 +19,23 @@ pub struct SessionState {
     limiter: Limiter,
     /// The last frame the guest sent through the door this turn.
     pub(crate) report: Option<Vec<u8>>,
+    /// The largest frame kept (see [`crate::runtime::frame_limit`]).
+    pub(crate) report_limit: usize,
+    /// The size of a frame this turn sent over `report_limit`, left in the guest.
+    pub(crate) report_refused: Option<usize>,
     clock: GuestClock,
 }
 
 impl SessionState {
     /// A guest's state with its WASI context, bounded to `memory_bytes` of linear memory and
-    /// one instance, with its monotonic clock at `clock`.
-    pub(super) fn new(wasi: WasiP1Ctx, memory_bytes: u64, clock: GuestClock) -> Self {
+    /// one instance, with its monotonic clock at `clock`, keeping reports of up to
+    /// `report_limit` bytes.
+    pub(super) fn new(
+        wasi: WasiP1Ctx,
+        memory_bytes: u64,
+        clock: GuestClock,
+        report_limit: usize,
+    ) -> Self {
         Self {
             wasi,
             limiter: Limiter {
@@ -38,6 +48,8 @@ impl SessionState {
                 refused: false,
             },
             report: None,
+            report_limit,
+            report_refused: None,
             clock,
         }
     }
