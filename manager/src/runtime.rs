@@ -153,12 +153,13 @@ impl Reports for SessionState {
     }
 }
 
-/// The largest report a session with `output_bytes` of output per stream may send: its
-/// result and each of its error's three fields are kept up to `output_bytes`, so a frame past
-/// four times that (plus room for JSON) holds nothing a client would see.
+/// The largest report a session with `output_bytes` of output per stream may send. Its
+/// result and each of its error's three fields are kept up to `output_bytes` (the driver cuts
+/// them in the guest), and JSON escaping makes a byte at most six (`\u0001`): past 24 times
+/// the cap (plus room for the frame's keys) a frame holds nothing a client would see.
 pub(crate) fn frame_limit(output_bytes: usize) -> usize {
     output_bytes
-        .saturating_mul(4)
+        .saturating_mul(24)
         .saturating_add(64 << 10)
         .min(MAX_FRAME)
 }

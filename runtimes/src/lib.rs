@@ -95,16 +95,18 @@ impl Protocol {
         matches!(self, Protocol::Python)
     }
 
-    /// The bytes handed to `turn` for the user's `code`, the session's `n`th execution.
-    /// `reseed` draws the guest's pseudo-random states anew first (a fork's first turn: its
-    /// copied states would repeat its parent's draws).
-    pub fn encode_turn(self, code: &str, n: u64, reseed: bool) -> Vec<u8> {
+    /// The bytes handed to `turn` for the user's `code`, the session's `n`th execution, whose
+    /// result and error fields the guest cuts to `cap` bytes each. `reseed` draws the guest's
+    /// pseudo-random states anew first (a fork's first turn: its copied states would repeat
+    /// its parent's draws).
+    pub fn encode_turn(self, code: &str, n: u64, cap: usize, reseed: bool) -> Vec<u8> {
         match self {
             Protocol::Raw => code.as_bytes().to_vec(),
             Protocol::Python if reseed => {
-                format!("{}\n{}", python::RESEED, python::turn_source(code, n)).into_bytes()
+                let turn = python::turn_source(code, n, cap);
+                format!("{}\n{turn}", python::RESEED).into_bytes()
             }
-            Protocol::Python => python::turn_source(code, n).into_bytes(),
+            Protocol::Python => python::turn_source(code, n, cap).into_bytes(),
         }
     }
 }
@@ -117,6 +119,8 @@ pub struct Report {
     pub result: Option<String>,
     pub error: Option<GuestError>,
     pub exit: Option<i64>,
+    /// The guest cut `result` or `error` to the cap it was given.
+    pub clipped: bool,
 }
 
 /// An exception the user's code raised and did not catch.

@@ -62,12 +62,13 @@ pub const RESEED: &str = "(lambda m: (m['random'].seed() if 'random' in m else N
                           m['numpy'].random.seed() if 'numpy' in m else None))\
                           (__import__('sys').modules)";
 
-/// The source of the turn that runs `code` as the session's `n`th cell. A JSON string is a
-/// valid Python string literal with the same value (serde_json escapes only `"`, `\` and
-/// control characters, all of which Python reads alike).
-pub fn turn_source(code: &str, n: u64) -> String {
+/// The source of the turn that runs `code` as the session's `n`th cell, its result and
+/// error fields cut to `cap` bytes each in the guest. A JSON string is a valid Python string
+/// literal with the same value (serde_json escapes only `"`, `\` and control characters, all
+/// of which Python reads alike).
+pub fn turn_source(code: &str, n: u64, cap: usize) -> String {
     let literal = serde_json::to_string(code).unwrap_or_else(|_| "''".to_owned());
-    format!("__import__('_arl').run({literal}, {n})")
+    format!("__import__('_arl').run({literal}, {n}, {cap})")
 }
 
 /// The package unpacked under `cache_dir`, fetched and verified first if it is not there.
@@ -229,10 +230,10 @@ mod tests {
 
     #[test]
     fn turn_source_is_a_python_literal_of_the_code() {
-        let src = turn_source("print(\"hi\")\n\tx = '\\\\'\u{7}é😀", 3);
+        let src = turn_source("print(\"hi\")\n\tx = '\\\\'\u{7}é😀", 3, 1000);
         assert_eq!(
             src,
-            "__import__('_arl').run(\"print(\\\"hi\\\")\\n\\tx = '\\\\\\\\'\\u0007é😀\", 3)"
+            "__import__('_arl').run(\"print(\\\"hi\\\")\\n\\tx = '\\\\\\\\'\\u0007é😀\", 3, 1000)"
         );
     }
 }

@@ -165,13 +165,16 @@ async fn hog() {
 async fn prober() {
     let m = manager();
     let id = session("prober").await;
-    let denied = m.exec(&id, "read /etc/passwd").await;
-    assert_eq!(denied["error"]["type"], "OSError", "{denied}");
-    assert!(
-        m.exec(&id, "list /").await["error"].is_object(),
-        "/ is not preopened"
-    );
-    assert!(m.exec(&id, "read /workspace/../../etc/passwd").await["error"].is_object());
+    let refused = |v: Value, errno: &str| {
+        assert_eq!(v["error"]["type"], "OSError", "{v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&format!("(os error {errno})")), "{v}");
+    };
+    // WASI errnos: 44 ENOENT (no preopen holds the path), 63 EPERM (it would climb out).
+    refused(m.exec(&id, "read /etc/passwd").await, "44");
+    refused(m.exec(&id, "list /").await, "44");
+    refused(m.exec(&id, "read /workspace/../../etc/passwd").await, "63");
+    refused(m.exec(&id, "read /tmp/../../etc/passwd").await, "63");
     assert_eq!(
         m.exec(&id, "write /workspace/a.txt hello").await["result"],
         "written"
@@ -181,14 +184,37 @@ async fn prober() {
         "hello"
     );
     assert_eq!(m.exec(&id, "list /workspace").await["result"], "a.txt");
-    let other = session("prober").await;
-    assert!(
-        m.exec(&other, "read /workspace/a.txt").await["error"].is_object(),
-        "workspaces are private"
+    assert_eq!(
+        m.exec(&id, "write /tmp/scratch mine").await["result"],
+        "written"
     );
+    let other = session("prober").await;
+    refused(m.exec(&other, "read /workspace/a.txt").await, "44"); // workspaces are private
+    refused(m.exec(&other, "read /tmp/scratch").await, "44"); // and so is /tmp
+    assert_eq!(m.exec(&other, "list /tmp").await["result"], "");
+    // Both folders live in the session's own folder on the host, removed when it ends.
+    let dir = m.registry.get(&id).unwrap().dir.clone();
+    assert_eq!(
+        std::fs::read_to_string(dir.join("tmp/scratch")).unwrap(),
+        "mine"
+    );
+    assert_eq!(m.delete(&format!("/v1/sessions/{id}")).await.0, 204);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while dir.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} is left",
+            dir.display()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     // Only the fixed environment reaches the guest, never the host's.
-    assert_eq!(m.exec(&id, "env").await["result"], "HOME=/workspace");
-    assert_eq!(m.exec(&id, "stdin").await["result"], "0:", "stdin is empty");
+    assert_eq!(m.exec(&other, "env").await["result"], "HOME=/workspace");
+    assert_eq!(
+        m.exec(&other, "stdin").await["result"],
+        "0:",
+        "stdin is empty"
+    );
 }
 
 #[tokio::test]

@@ -459,9 +459,12 @@ impl Driver {
         let lifetime_left = limits.lifetime.saturating_sub(age);
         let capped = job.timeout >= lifetime_left;
         let deadline = job.timeout.min(lifetime_left);
-        let input = self
-            .protocol
-            .encode_turn(&job.code, n, std::mem::take(&mut self.reseed));
+        let input = self.protocol.encode_turn(
+            &job.code,
+            n,
+            limits.output_bytes,
+            std::mem::take(&mut self.reseed),
+        );
         self.store.data_mut().clear_refusal();
         self.stdout.reset(limits.output_bytes, job.sink.clone());
         self.stderr.reset(limits.output_bytes, job.sink.take());
@@ -480,12 +483,13 @@ impl Driver {
             TurnEnd::Returned if self.past_quota() => Some(EndReason::Disk(limits.workspace_bytes)),
             TurnEnd::Returned => None,
         };
-        let (mut result, mut error) = (None, None);
+        let (mut result, mut error, mut clipped) = (None, None, false);
         match (report, self.protocol) {
             (Some(_), _) if matches!(ended, Some(EndReason::Disk(_))) => {}
             (Some(report), _) => {
                 result = report.result;
                 error = report.error;
+                clipped = report.clipped;
                 if let Some(code) = report.exit {
                     ended.get_or_insert(EndReason::Exit(code));
                 }
@@ -529,7 +533,7 @@ impl Driver {
                 ended = None;
             }
         }
-        let mut truncated = out_cut || err_cut || refused.is_some();
+        let mut truncated = out_cut || err_cut || clipped || refused.is_some();
         let cap = limits.output_bytes;
         let fields = result.iter_mut().chain(
             error

@@ -2,7 +2,7 @@
 # manager/src/snapshot.rs). Each session's bootstrap turn is then the one line
 # `__import__('_arl').start(<the session's environment>)`.
 #
-# Every later turn is the one line `__import__('_arl').run(<code>, <n>)`: the driver runs the
+# Every later turn is the one line `__import__('_arl').run(<code>, <n>, <cap>)`: the driver runs the
 # cell in `__main__` as the interactive interpreter would, and reports what happened as one JSON
 # frame through the host door (`_host.call`), never through stdout, so nothing a cell prints can
 # be mistaken for its result.
@@ -19,12 +19,29 @@ def _install():
     main = sys.modules["__main__"].__dict__
     call = _host.call
 
-    def report(frame):
+    def clip(text, cap):
+        # At most `cap` bytes of UTF-8, cut on a character boundary, as the host cuts.
+        raw = text.encode("utf-8", "surrogatepass")
+        if len(raw) <= cap:
+            return text, False
+        return raw[:cap].decode("utf-8", "ignore"), True
+
+    def report(frame, cap):
         try:
             sys.stdout.flush()
             sys.stderr.flush()
         except BaseException:
             pass
+        # The host keeps `cap` bytes of each field: cut here, so that what crosses the door
+        # stays within what the host reads out of the guest at all.
+        if cap is not None:
+            if frame["result"] is not None:
+                frame["result"], cut = clip(frame["result"], cap)
+                frame["clipped"] = frame["clipped"] or cut
+            if frame["error"] is not None:
+                for key in ("type", "message", "traceback"):
+                    frame["error"][key], cut = clip(frame["error"][key], cap)
+                    frame["clipped"] = frame["clipped"] or cut
         call(json.dumps(frame).encode("utf-8", "surrogatepass"))
 
     def error_of(e, tb):
@@ -36,10 +53,10 @@ def _install():
             "traceback": "".join(traceback.format_exception(type(e), e, tb)),
         }
 
-    def run(src, n):
+    def run(src, n, cap=None):
         name = "<cell %d>" % n
         linecache.cache[name] = (len(src), None, src.splitlines(True), name)
-        frame = {"result": None, "error": None, "exit": None}
+        frame = {"result": None, "error": None, "exit": None, "clipped": False}
         try:
             # A cell that is one expression compiles straight from its source (about half
             # the cost of going through the AST); anything else takes the AST path below.
@@ -66,7 +83,7 @@ def _install():
             frame["error"] = error_of(e, None)
         except BaseException as e:
             frame["error"] = error_of(e, e.__traceback__.tb_next)
-        report(frame)
+        report(frame, cap)
 
     def start(env):
         # The snapshot froze the environment it was made in: give the session its own.
