@@ -202,12 +202,21 @@ impl TestManager {
         })
     }
 
-    /// Stops the manager and waits for its thread, so that its sessions end and its data
-    /// folder is removed (a test's own manager; the shared ones live as long as the binary).
+    /// Stops the manager and waits a moment for its thread, so that its sessions end and its
+    /// data folder is removed (a test's own manager; the shared ones live as long as the
+    /// binary). A client connection still open would hold the stop for the grace period: the
+    /// wait ends after a few seconds whatever happens.
     fn stop_and_wait(&self) {
         self.stop();
-        if let Some(thread) = self.thread.lock().unwrap().take() {
-            let _ = thread.join();
+        let thread = self.thread.lock().unwrap().take();
+        if let Some(thread) = thread {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+            while !thread.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            }
         }
     }
 

@@ -335,6 +335,32 @@ async fn a_report_past_what_the_session_keeps_is_never_copied_out() {
     );
 }
 
+/// Between SIGTERM and the servers closing, the manager refuses new sessions (HTTP 503
+/// `shutting_down`, gRPC `UNAVAILABLE`) and serves the ones it has.
+#[tokio::test]
+async fn a_stopping_manager_refuses_new_sessions_and_serves_its_own() {
+    let m = own_manager(|_| {}, ServeOptions::default());
+    let id = m.create(json!({})).await;
+    m.exec(&id, "x = 41").await;
+    let mut rpc = m.grpc_client().await;
+    m.registry.stop_accepting();
+    for path in ["/v1/sessions".to_owned(), format!("/v1/sessions/{id}/fork")] {
+        let (status, v) = m.post(&path, json!({})).await;
+        assert_eq!(
+            (status, v["error"]["code"].as_str()),
+            (503, Some("shutting_down")),
+            "{path}: {v}"
+        );
+    }
+    let refused = rpc
+        .create_session(pb::CreateSessionRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_eq!(m.exec(&id, "x + 1").await["result"], "42");
+    assert_eq!(m.delete(&format!("/v1/sessions/{id}")).await.0, 204);
+}
+
 /// One Server-Sent Event: its name and its data.
 #[derive(Debug, Clone)]
 struct Sse {
