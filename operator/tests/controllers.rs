@@ -895,3 +895,42 @@ async fn a_sandbox_whose_session_ended_on_its_own_is_terminated() {
     .await;
     assert_eq!(action, Action::await_change());
 }
+
+/// The pod is there, but its manager no longer knows the session (it restarted, and a
+/// manager's sessions live in its process): the Sandbox fails with `SessionLost`, naming the
+/// session it lost.
+#[tokio::test]
+async fn a_sandbox_whose_manager_forgot_its_session_is_lost() {
+    let manager = manager("pod-restarted");
+    let fleet = Fleet::default();
+    fleet.upsert(member("pod-restarted", &manager.base, 0, 10));
+    let (ctx, mut server) = context(fleet);
+    // An id of this pod's form that its (new) manager never handed out.
+    let id = "agents.pod-restarted.00000000000000000000000000000000";
+    let status = json!({ "phase": "Ready", "podName": "pod-restarted", "sessionID": id });
+    let sandbox = a_sandbox(&["arl.infra.io/session"], Some(status), false);
+    let reply = serde_json::to_value(&sandbox).unwrap();
+    let action = run(sandbox::reconcile(Arc::new(sandbox), ctx), async move {
+        server
+            .expect(Method::GET, &format!("{PODS}/pod-restarted"))
+            .await
+            .ok(pod("pod-restarted", HOUR, None));
+        let call = server
+            .expect(Method::PATCH, &format!("{SANDBOX}/status"))
+            .await;
+        let status = &call.body["status"];
+        assert_eq!(status["phase"], "Failed");
+        assert_eq!(status["reason"], "SessionLost");
+        assert_eq!(status["sessionID"], id, "the lost session stays named");
+        assert!(
+            status["message"].as_str().unwrap().contains("restarted"),
+            "{status}"
+        );
+        assert_eq!(status["conditions"][0]["status"], "False");
+        assert_eq!(status["conditions"][0]["reason"], "SessionLost");
+        call.ok(reply);
+        server.done().await;
+    })
+    .await;
+    assert_eq!(action, Action::await_change());
+}
