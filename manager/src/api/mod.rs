@@ -6,6 +6,7 @@
 //! with a 4xx for anything a client did wrong; the README has the table.
 
 mod files;
+mod fusion;
 mod ops;
 mod rlm;
 mod sessions;
@@ -34,7 +35,7 @@ use crate::{EndReason, Error};
 pub const DEFAULT_BODY_LIMIT: usize = 8 << 20;
 
 /// Routes that answer without a token: probes cannot send one.
-const OPEN_ROUTES: [&str; 2] = ["/healthz", "/readyz"];
+const OPEN_ROUTES: [&str; 3] = ["/healthz", "/readyz", "/v1/ping"];
 
 /// How the router is set up.
 #[derive(Debug, Clone)]
@@ -72,6 +73,7 @@ impl Default for RouterOptions {
         (name = "state", description = "Fork, snapshot, restore, export, import and history"),
         (name = "operations", description = "Probes, load, drain, metrics"),
         (name = "rlm", description = "The RLM sidecar contract, unchanged"),
+        (name = "sandbox-fusion", description = "SandboxFusion's run_code contract, for verl and tinker-cookbook"),
     )
 )]
 struct ApiDoc;
@@ -121,6 +123,8 @@ fn documented(import_limit: usize) -> OpenApiRouter<Registry> {
         .routes(routes!(rlm::delete))
         .routes(routes!(rlm::execute))
         .routes(routes!(rlm::list, rlm::delete_all))
+        .routes(routes!(fusion::run_code))
+        .routes(routes!(fusion::ping))
 }
 
 /// The OpenAPI document of every route, as `/openapi.json` serves it.
