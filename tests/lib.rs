@@ -5,7 +5,7 @@
     reason = "test helpers fail loudly"
 )]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -70,6 +70,35 @@ pub fn pytools(packages: &[&str]) -> PathBuf {
 }
 
 /// A default configuration for tests, with the shared cache.
+/// Runs `tests/clients/<script> <base>` with the pinned PyPI `packages` importable, off the
+/// async threads; panics with its output unless it exits 0 and prints `ok` last.
+pub async fn run_client(script: &str, base: &str, packages: &[&str]) {
+    let tools = pytools(packages);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("clients")
+        .join(script);
+    let base = base.to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python())
+            .arg(&script)
+            .arg(&base)
+            .env("PYTHONPATH", &tools)
+            .output()
+            .expect("running a client script")
+    })
+    .await
+    .expect("the client script's thread");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success(),
+        "the client failed:\n{stdout}\n{stderr}"
+    );
+    assert_eq!(stdout.lines().last(), Some("ok"), "{stdout}\n{stderr}");
+}
+
 pub fn config() -> ManagerConfig {
     let mut config = ManagerConfig::new(cache_dir());
     config.max_sessions = 64;

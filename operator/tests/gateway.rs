@@ -267,26 +267,5 @@ async fn the_sandbox_fusion_client_runs_through_the_gateway() {
     fleet.upsert(python);
     fleet.poll(&Managers::new()).await;
     let base = gateway(fleet).await;
-    let tools = arl_e2e::pytools(&["sandbox-fusion==0.3.7"]);
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/clients/fusion.py");
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(arl_e2e::python())
-            .arg(script)
-            .arg(&base)
-            .env("PYTHONPATH", &tools)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(
-        out.status.success(),
-        "fusion.py through the gateway:\n{stdout}\n{stderr}"
-    );
-    assert_eq!(stdout.trim_end(), "ok", "{stderr}");
+    arl_e2e::run_client("fusion.py", &base, &["sandbox-fusion==0.3.7"]).await;
 }
