@@ -251,6 +251,21 @@ pub async fn run(bench: &Bench) -> anyhow::Result<Figures> {
     let mut figures = common(&manager, bench.iterations, bench.clients, bench.seconds).await?;
     let n = bench.iterations;
 
+    // SandboxFusion's /run_code: a fresh session per program, as verl's reward loop sends.
+    let mut samples = Vec::new();
+    for _ in 0..n.min(200) {
+        let t = Instant::now();
+        run_code(&manager).await?;
+        samples.push(t.elapsed());
+    }
+    figures.latency("run_code (HumanEval-style), one client", &mut samples);
+    let rate = run_code_rate(&manager, bench.clients, Duration::from_secs(bench.seconds)).await?;
+    figures.add(
+        &format!("run_code (HumanEval-style), {} clients", bench.clients),
+        Figure::PerSecond(rate),
+        "(a fresh session per program)",
+    );
+
     // Creates arriving 100 ms apart, so that the warm pool keeps up (back to back, as above,
     // the pool's refills compete with the creates for the same two cores).
     let (mut create, mut first) = (Vec::new(), Vec::new());
@@ -357,6 +372,61 @@ pub async fn run(bench: &Bench) -> anyhow::Result<Figures> {
         bail!("expected {} sessions to delete, got {all}", bench.sessions);
     }
     Ok(figures)
+}
+
+/// A HumanEval-style program: a function and the asserts that check it.
+const HUMANEVAL: &str = "\
+from typing import List
+
+
+def has_close_elements(numbers: List[float], threshold: float) -> bool:
+    for idx, elem in enumerate(numbers):
+        for idx2, elem2 in enumerate(numbers):
+            if idx != idx2 and abs(elem - elem2) < threshold:
+                return True
+    return False
+
+
+def check(candidate):
+    assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.3) == True
+    assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.05) == False
+    assert candidate([1.0, 2.0, 5.9, 4.0, 5.0], 0.95) == True
+    assert candidate([1.0, 2.0, 5.9, 4.0, 5.0], 0.8) == False
+    assert candidate([1.1, 2.2, 3.1, 4.1, 5.1], 1.0) == True
+
+
+check(has_close_elements)
+print('passed')
+";
+
+/// One `/run_code` of [`HUMANEVAL`], checked.
+async fn run_code(manager: &Manager) -> anyhow::Result<()> {
+    let body = json!({
+        "code": HUMANEVAL, "language": "python", "run_timeout": 10, "compile_timeout": 10,
+        "stdin": null, "files": {}, "fetch_files": [],
+    });
+    let (_, v) = manager
+        .request(reqwest::Method::POST, "/run_code", Some(body))
+        .await?;
+    if v["status"] != "Success" || v["run_result"]["stdout"] != "passed\n" {
+        bail!("run_code answered {v}");
+    }
+    Ok(())
+}
+
+/// `/run_code`s per second with `clients` clients, each sending one after another.
+async fn run_code_rate(manager: &Manager, clients: usize, run: Duration) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let loops = (0..clients).map(|_| async move {
+        let mut n = 0u64;
+        while started.elapsed() < run {
+            run_code(manager).await?;
+            n += 1;
+        }
+        anyhow::Ok(n)
+    });
+    let counts = futures_util::future::try_join_all(loops).await?;
+    Ok(counts.iter().sum::<u64>() as f64 / started.elapsed().as_secs_f64())
 }
 
 /// How long a streamed execute takes to deliver its first `stdout` event.

@@ -188,7 +188,25 @@ fn result(o: Outcome) -> pb::ExecuteResult {
         end_reason: o.ended.map(|r| r.to_string()),
         rolled_back: o.rolled_back.is_some(),
         rollback_reason: o.rolled_back.map(|r| r.to_string()),
+        results: o.results.into_iter().map(display_data).collect(),
     }
+}
+
+/// A MIME bundle as gRPC carries it: every value as text (JSON values as JSON text).
+fn display_data(bundle: arl_runtimes::Bundle) -> pb::DisplayData {
+    let mut shown = pb::DisplayData::default();
+    for (mime, value) in bundle {
+        match (mime.as_str(), value) {
+            ("is_main_result", value) => shown.is_main_result = value.as_bool().unwrap_or(false),
+            (_, serde_json::Value::String(text)) => {
+                shown.data.insert(mime, text);
+            }
+            (_, value) => {
+                shown.data.insert(mime, value.to_string());
+            }
+        }
+    }
+    shown
 }
 
 fn entry(e: Entry) -> pb::FileEntry {
@@ -272,20 +290,32 @@ impl Sessions for SessionService {
         let events = target
             .session
             .execute_streaming(r.code, target.timeout)
-            .map(|event| {
+            .flat_map(|event| {
                 use pb::execute_event::Event;
-                let event = match event {
-                    TurnEvent::Output(chunk) => Event::Output(pb::OutputChunk {
+                let events = match event {
+                    TurnEvent::Output(chunk) => vec![Ok(Event::Output(pb::OutputChunk {
                         stream: match chunk.stream {
                             output::Stream::Stdout => pb::Stream::Stdout,
                             output::Stream::Stderr => pb::Stream::Stderr,
                         } as i32,
                         data: chunk.data.to_vec(),
-                    }),
-                    TurnEvent::Done(Ok(outcome)) => Event::Result(result(outcome)),
-                    TurnEvent::Done(Err(e)) => return Err(status(e)),
+                    }))],
+                    // What the turn displayed, each as an event, then the whole result.
+                    TurnEvent::Done(Ok(outcome)) => {
+                        let result = result(outcome);
+                        let shown = result.results.iter().filter(|d| !d.is_main_result);
+                        let mut events: Vec<_> =
+                            shown.cloned().map(|d| Ok(Event::Display(d))).collect();
+                        events.push(Ok(Event::Result(result)));
+                        events
+                    }
+                    TurnEvent::Done(Err(e)) => vec![Err(status(e))],
                 };
-                Ok(pb::ExecuteEvent { event: Some(event) })
+                futures_util::stream::iter(
+                    events
+                        .into_iter()
+                        .map(|e| e.map(|event| pb::ExecuteEvent { event: Some(event) })),
+                )
             });
         Ok(Response::new(Box::pin(events)))
     }

@@ -119,9 +119,16 @@ pub struct Report {
     pub result: Option<String>,
     pub error: Option<GuestError>,
     pub exit: Option<i64>,
-    /// The guest cut `result` or `error` to the cap it was given.
+    /// The guest cut `result`, `error` or `results` to the cap it was given.
     pub clipped: bool,
+    /// What the turn displayed, as MIME bundles in order, the final expression's last
+    /// (`"is_main_result": true`).
+    pub results: Vec<Bundle>,
 }
+
+/// One displayed value as Jupyter carries it: MIME type to content (`text/plain`, `text/html`,
+/// `image/png` in base64, `application/json` as JSON...), and `is_main_result`.
+pub type Bundle = serde_json::Map<String, serde_json::Value>;
 
 /// An exception the user's code raised and did not catch.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]

@@ -37,7 +37,7 @@ pub const BASE_ENV: &[(&str, &str)] = &[
     ("PWD", "/workspace"),
     ("LANG", "C.UTF-8"),
     ("PYTHONTZPATH", ""),
-    ("MPLBACKEND", "Agg"),
+    ("MPLBACKEND", "module://_arl_inline"),
 ];
 
 /// The unpacked package: the module to compile and the folders every session mounts.

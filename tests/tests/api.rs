@@ -695,17 +695,21 @@ async fn grpc_mirrors_the_http_api() {
     };
     let mut events = grpc
         .execute(run(
-            "import os\nprint('hi', os.environ['WHO'])\nx = 41\nx + 1",
+            "import os\nprint('hi', os.environ['WHO'])\ndisplay({'k': 1})\nx = 41\nx + 1",
         ))
         .await
         .unwrap()
         .into_inner();
-    let (mut output, mut result) = (Vec::new(), None);
+    let (mut output, mut shown, mut result) = (Vec::new(), Vec::new(), None);
     while let Some(event) = events.message().await.unwrap() {
         match event.event.unwrap() {
             pb::execute_event::Event::Output(chunk) => {
                 assert_eq!(chunk.stream, pb::Stream::Stdout as i32);
                 output.extend(chunk.data);
+            }
+            pb::execute_event::Event::Display(d) => {
+                assert!(result.is_none(), "displays come before the result");
+                shown.push(d);
             }
             pb::execute_event::Event::Result(r) => result = Some(r),
         }
@@ -716,6 +720,12 @@ async fn grpc_mirrors_the_http_api() {
         (result.result.as_deref(), result.stdout.as_str()),
         (Some("42"), "hi grpc\n")
     );
+    assert_eq!(shown.len(), 1);
+    assert_eq!(shown[0].data["text/plain"], "{'k': 1}");
+    assert!(!shown[0].is_main_result);
+    let mains: Vec<_> = result.results.iter().map(|d| d.is_main_result).collect();
+    assert_eq!(mains, [false, true], "{:?}", result.results);
+    assert_eq!(result.results[1].data["text/plain"], "42");
     let mut failing = grpc.execute(run("1/0")).await.unwrap().into_inner();
     let Some(pb::execute_event::Event::Result(r)) = failing.message().await.unwrap().unwrap().event
     else {

@@ -550,3 +550,97 @@ async fn under_memory_pressure_idle_sessions_are_evicted_with_the_reason() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// What a turn displays comes back as Jupyter's MIME bundles: a DataFrame's HTML, a figure's
+/// PNG, `display()` of anything with `_repr_*_` methods, IPython.display's wrappers.
+#[tokio::test]
+async fn rich_outputs_come_back_as_mime_bundles() {
+    let m = manager();
+    let id = session().await;
+    let results = |v: &serde_json::Value| v["results"].as_array().unwrap().clone();
+
+    let v = m
+        .exec(
+            &id,
+            "import pandas as pd\ndf = pd.DataFrame({'a': [1, 2]})\ndf",
+        )
+        .await;
+    let shown = results(&v);
+    assert_eq!(shown.len(), 1, "{v}");
+    assert_eq!(shown[0]["is_main_result"], true);
+    assert_eq!(
+        shown[0]["text/plain"], v["result"],
+        "the same text as `result`"
+    );
+    assert!(
+        shown[0]["text/html"].as_str().unwrap().contains("<table"),
+        "{v}"
+    );
+
+    // A figure shown with plt.show(): a PNG, and no warning that Agg cannot show.
+    let v = m
+        .exec(
+            &id,
+            "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()",
+        )
+        .await;
+    assert_eq!(
+        (v["stderr"].as_str(), &v["error"]),
+        (Some(""), &json!(null)),
+        "{v}"
+    );
+    let shown = results(&v);
+    assert_eq!(shown.len(), 1, "{v}");
+    assert_eq!(shown[0]["is_main_result"], false);
+    let png = shown[0]["image/png"].as_str().unwrap();
+    assert!(
+        png.starts_with("iVBORw0KGgo"),
+        "a PNG, base64: {}",
+        &png[..16]
+    );
+    // One left open when the turn ends is shown too (as Jupyter's inline backend does), once.
+    let v = m
+        .exec(&id, "fig = plt.figure()\n_ = plt.bar([1], [2])")
+        .await;
+    assert_eq!(results(&v).len(), 1, "{v}");
+    assert!(results(&v)[0]["image/png"].is_string());
+    assert_eq!(
+        results(&m.exec(&id, "1").await).len(),
+        1,
+        "closed after it was shown"
+    );
+
+    // display() of objects with _repr_*_ methods, and IPython.display's wrappers.
+    let code = "class M:\n    def _repr_markdown_(self): return '**hi**'\n    def _repr_json_(self): return {'a': 1}\n\
+                display(M())\nfrom IPython.display import HTML, display as d\nd(HTML('<b>x</b>'))\n40 + 2";
+    let v = m.exec(&id, code).await;
+    let shown = results(&v);
+    assert_eq!(shown.len(), 3, "{v}");
+    assert_eq!(
+        (&shown[0]["text/markdown"], &shown[0]["application/json"]),
+        (&json!("**hi**"), &json!({"a": 1}))
+    );
+    assert_eq!(shown[1]["text/html"], "<b>x</b>");
+    assert_eq!(
+        (&shown[2]["text/plain"], &shown[2]["is_main_result"]),
+        (&json!("42"), &json!(true))
+    );
+
+    // Streamed, each displayed value is a `display` event before the result.
+    let r = client()
+        .post(m.url(&format!("/v1/sessions/{id}/execute")))
+        .header("accept", "text/event-stream")
+        .json(&json!({ "code": "display(HTML('<i>y</i>'))\n7" }))
+        .send()
+        .await
+        .unwrap();
+    let text = r.text().await.unwrap();
+    let display = text.find("event: display").expect(&text);
+    let result = text.find("event: result").expect(&text);
+    assert!(display < result, "{text}");
+    assert!(
+        text.contains(r#"{"is_main_result":false,"text/html":"<i>y</i>""#)
+            || text.contains("<i>y</i>"),
+        "{text}"
+    );
+}

@@ -195,9 +195,14 @@ pub struct ExecuteResponse {
     /// The execution's effects were undone (it timed out, trapped, was cancelled or blew the
     /// memory limit): the session carries on from its state before it.
     pub rolled_back: bool,
-    /// Why: `deadline`, `trap: ...`, `cancelled` or `memory`.
+    /// Why: `deadline`, `trap: ...`, `cancelled`, `memory` or `disk_quota`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rollback_reason: Option<String>,
+    /// What the turn displayed, as Jupyter's MIME bundles (`text/plain`, `text/html`,
+    /// `image/png` in base64, `application/json`...), in order; the final expression's last,
+    /// with `"is_main_result": true`. `display(obj)` and open matplotlib figures add to it.
+    #[schema(value_type = Vec<Object>)]
+    pub results: Vec<arl_runtimes::Bundle>,
 }
 
 impl From<Outcome> for ExecuteResponse {
@@ -213,6 +218,7 @@ impl From<Outcome> for ExecuteResponse {
             end_reason: o.ended.map(|r| r.to_string()),
             rolled_back: o.rolled_back.is_some(),
             rollback_reason: o.rolled_back.map(|r| r.to_string()),
+            results: o.results,
         }
     }
 }
@@ -288,12 +294,24 @@ fn sse_events(
                         (!rest.is_empty()).then(|| text_event(s, &rest))
                     })
                     .collect();
+                // What the turn displayed, each as a `display` event, before its result.
+                if let Ok(outcome) = &outcome {
+                    last.extend(outcome.results.iter().filter(|r| !is_main(r)).map(|r| {
+                        Event::default()
+                            .event("display")
+                            .data(serde_json::Value::Object(r.clone()).to_string())
+                    }));
+                }
                 last.push(outcome_event(outcome));
                 last
             }
         };
         futures_util::stream::iter(events.into_iter().map(Ok))
     })
+}
+
+fn is_main(bundle: &arl_runtimes::Bundle) -> bool {
+    bundle.get("is_main_result") == Some(&serde_json::Value::Bool(true))
 }
 
 fn text_event(stream: Stream, text: &str) -> Event {

@@ -484,12 +484,14 @@ impl Driver {
             TurnEnd::Returned => None,
         };
         let (mut result, mut error, mut clipped) = (None, None, false);
+        let mut results = Vec::new();
         match (report, self.protocol) {
             (Some(_), _) if matches!(ended, Some(EndReason::Disk(_))) => {}
             (Some(report), _) => {
                 result = report.result;
                 error = report.error;
                 clipped = report.clipped;
+                results = report.results;
                 if let Some(code) = report.exit {
                     ended.get_or_insert(EndReason::Exit(code));
                 }
@@ -567,6 +569,7 @@ impl Driver {
             truncated,
             ended,
             rolled_back,
+            results,
         }
     }
 

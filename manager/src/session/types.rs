@@ -183,6 +183,8 @@ pub struct Outcome {
     pub ended: Option<EndReason>,
     /// The turn's effects on the interpreter were undone, and why; the session goes on.
     pub rolled_back: Option<Rollback>,
+    /// What it displayed, as MIME bundles, the final expression's last.
+    pub results: Vec<arl_runtimes::Bundle>,
 }
 
 /// A snapshot of a session's bookkeeping.

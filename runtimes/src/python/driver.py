@@ -42,7 +42,165 @@ def _install():
                 for key in ("type", "message", "traceback"):
                     frame["error"][key], cut = clip(frame["error"][key], cap)
                     frame["clipped"] = frame["clipped"] or cut
+            frame["clipped"] = fit(frame["results"], cap) or frame["clipped"]
         call(json.dumps(frame).encode("utf-8", "surrogatepass"))
+
+    # Rich outputs, as Jupyter shows them: MIME bundles of displayed values, the final
+    # expression's (the main result) last.
+    shown = []
+    reprs = (
+        ("_repr_html_", "text/html"),
+        ("_repr_markdown_", "text/markdown"),
+        ("_repr_svg_", "image/svg+xml"),
+        ("_repr_png_", "image/png"),
+        ("_repr_jpeg_", "image/jpeg"),
+        ("_repr_json_", "application/json"),
+        ("_repr_latex_", "text/latex"),
+    )
+
+    def bundle(obj, text=None):
+        data = {"text/plain": repr(obj) if text is None else text}
+        for method, mime in reprs:
+            if getattr(type(obj), method, None) is None:
+                continue
+            try:
+                value = getattr(obj, method)()
+            except Exception:
+                continue
+            if isinstance(value, tuple):
+                value = value[0]  # (data, metadata)
+            if value is None:
+                continue
+            if mime in ("image/png", "image/jpeg") and isinstance(value, (bytes, bytearray)):
+                import base64
+
+                value = base64.b64encode(value).decode()
+            if mime == "application/json":
+                try:
+                    json.dumps(value)
+                except (TypeError, ValueError):
+                    continue
+            elif not isinstance(value, str):
+                continue
+            data[mime] = value
+        return data
+
+    def display(*objs, **kwargs):
+        for obj in objs:
+            shown.append(dict(bundle(obj), is_main_result=False))
+
+    def figures():
+        # Every open matplotlib figure as a PNG, then closed: what `plt.show()` shows, and
+        # what a cell leaves open at its end (as Jupyter's inline backend does).
+        plt = sys.modules.get("matplotlib.pyplot")
+        if plt is None:
+            return
+        import base64, io
+
+        for number in plt.get_fignums():
+            figure = plt.figure(number)
+            png = io.BytesIO()
+            figure.savefig(png, format="png", bbox_inches="tight")
+            shown.append(
+                {
+                    "text/plain": repr(figure),
+                    "image/png": base64.b64encode(png.getvalue()).decode(),
+                    "is_main_result": False,
+                }
+            )
+        plt.close("all")
+
+    def fit(results, cap):
+        # Within `cap` bytes in all: the largest rich entries go first, plain text stays.
+        def size():
+            return sum(len(v) if isinstance(v, str) else len(json.dumps(v)) for r in results for v in r.values() if v is not True and v is not False)
+
+        cut = False
+        while results and size() > cap:
+            rich = [(len(v) if isinstance(v, str) else len(json.dumps(v)), i, k) for i, r in enumerate(results) for k, v in r.items() if k not in ("text/plain", "is_main_result")]
+            if not rich:
+                break
+            _, i, k = max(rich)
+            del results[i][k]
+            cut = True
+        for r in results:
+            r["text/plain"], c = clip(r["text/plain"], cap)
+            cut = cut or c
+        return cut
+
+    # `MPLBACKEND=module://_arl_inline`: matplotlib draws with Agg, and `plt.show()` hands
+    # the figures to the turn's results instead of warning that Agg cannot show.
+    import importlib.abc, importlib.util
+
+    class Inline(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name, path=None, target=None):
+            if name == "_arl_inline":
+                return importlib.util.spec_from_loader(name, self)
+            return None
+
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.backend_bases import FigureManagerBase
+
+            module.FigureCanvas = FigureCanvasAgg
+            module.FigureManager = FigureManagerBase
+            module.show = lambda *args, **kwargs: figures()
+
+    sys.meta_path.append(Inline())
+    builtins.display = display
+
+    # `from IPython.display import display, HTML, Markdown, ...`, as notebook code writes it.
+    class Shown:
+        mime = "text/plain"
+
+        def __init__(self, data=None, **kwargs):
+            self.data = data
+
+        def __repr__(self):
+            return "<%s object>" % type(self).__name__
+
+    def shim(mime, name):
+        def method(self):
+            return self.data
+
+        return type(name, (Shown,), {"_repr_%s_" % mime.split("/")[-1].split("+")[0]: method})
+
+    ipython = types.ModuleType("IPython")
+    ipython_display = types.ModuleType("IPython.display")
+    ipython_display.display = display
+    ipython_display.HTML = shim("text/html", "HTML")
+    ipython_display.Markdown = shim("text/markdown", "Markdown")
+    ipython_display.SVG = shim("image/svg+xml", "SVG")
+    ipython_display.JSON = shim("application/json", "JSON")
+    ipython_display.Latex = shim("text/latex", "Latex")
+    ipython_display.Image = shim("image/png", "Image")
+    ipython.display = ipython_display
+    ipython.display_module = ipython_display
+    # Libraries that look for IPython (matplotlib, pandas, tqdm) find no shell in it.
+    ipython.version_info = (9, 0, 0, "")
+    ipython.__version__ = "9.0.0"
+    ipython.get_ipython = lambda: None
+
+    # Importable on demand only, so that code that merely checks `sys.modules` for IPython
+    # does not take the shim for a notebook.
+    class Shim(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        modules = {"IPython": ipython, "IPython.display": ipython_display}
+
+        def find_spec(self, name, path=None, target=None):
+            if name in self.modules:
+                return importlib.util.spec_from_loader(name, self, is_package=name == "IPython")
+            return None
+
+        def create_module(self, spec):
+            return self.modules[spec.name]
+
+        def exec_module(self, module):
+            pass
+
+    sys.meta_path.append(Shim())
 
     def error_of(e, tb):
         import traceback
@@ -55,14 +213,20 @@ def _install():
 
     def run(src, n, cap=None):
         name = "<cell %d>" % n
+        main_result = None
         linecache.cache[name] = (len(src), None, src.splitlines(True), name)
-        frame = {"result": None, "error": None, "exit": None, "clipped": False}
+        frame = {"result": None, "error": None, "exit": None, "clipped": False, "results": shown}
+        shown.clear()
         try:
             # A cell that is one expression compiles straight from its source (about half
             # the cost of going through the AST); anything else takes the AST path below.
             try:
                 last = compile(src, name, "eval")
             except SyntaxError:
+                last = None
+            # Outside the `except`: an error the cell raises must not carry the SyntaxError
+            # above as its context ("During handling of the above exception...").
+            if last is None:
                 tree = compile(src, name, "exec", ast.PyCF_ONLY_AST)
                 last = None
                 if tree.body and isinstance(tree.body[-1], ast.Expr):
@@ -74,6 +238,7 @@ def _install():
                 if value is not None:
                     builtins._ = value
                     frame["result"] = repr(value)
+                    main_result = dict(bundle(value, frame["result"]), is_main_result=True)
         except SystemExit as e:
             code = e.code
             frame["exit"] = code if isinstance(code, int) else (0 if code is None else 1)
@@ -83,6 +248,12 @@ def _install():
             frame["error"] = error_of(e, None)
         except BaseException as e:
             frame["error"] = error_of(e, e.__traceback__.tb_next)
+        try:
+            figures()
+        except BaseException:
+            pass
+        if main_result is not None:
+            shown.append(main_result)
         report(frame, cap)
 
     def start(env):
