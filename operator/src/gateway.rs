@@ -168,6 +168,12 @@ pub fn router(gateway: Gateway) -> Router {
         .route("/sessions", get(list_rlm).delete(refuse_delete_all))
         // SandboxFusion's: each program is one session on the least-utilised manager.
         .route("/run_code", post(run_code))
+        // The same for clients that cannot send a token: it is the path's second segment.
+        .route("/fusion/{token}/run_code", post(run_code))
+        .route(
+            "/fusion/{token}/v1/ping",
+            get(|| async { axum::Json("pong") }),
+        )
         .route_layer(middleware::from_fn_with_state(
             gateway.clone(),
             authenticate,
@@ -186,7 +192,7 @@ async fn authenticate(State(gateway): State<Gateway>, request: Request, next: Ne
         .headers()
         .get(header::AUTHORIZATION)
         .map(HeaderValue::as_bytes);
-    if gateway.token.allows(given) {
+    if gateway.token.allows_request(request.uri().path(), given) {
         return next.run(request).await;
     }
     let mut response = error(

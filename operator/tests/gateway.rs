@@ -44,9 +44,14 @@ fn member(pod: &str, pool: &str, manager: &TestManager) -> Member {
 
 /// Serves the gateway over `fleet` on a loopback port; answers its base URL.
 async fn gateway(fleet: Fleet) -> String {
+    gateway_with(fleet, None).await
+}
+
+/// The same, with clients held to `token`.
+async fn gateway_with(fleet: Fleet, token: Option<&str>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let app = router(Gateway::new(fleet, None));
+    let app = router(Gateway::new(fleet, token));
     tokio::spawn(arl_serve::serve_http(listener, app, std::future::pending()));
     base
 }
@@ -266,6 +271,15 @@ async fn the_sandbox_fusion_client_runs_through_the_gateway() {
     let fleet = Fleet::default();
     fleet.upsert(python);
     fleet.poll(&Managers::new()).await;
-    let base = gateway(fleet).await;
+    let base = gateway_with(fleet, Some("s3cret")).await;
+    // SandboxFusion's clients send no header: the token rides in the base URL.
+    let refused = reqwest::Client::new()
+        .post(format!("{base}/run_code"))
+        .json(&json!({ "code": "print(1)", "language": "python" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    let base = format!("{base}/fusion/s3cret");
     arl_e2e::run_client("fusion.py", &base, &["sandbox-fusion==0.3.7"]).await;
 }

@@ -86,11 +86,24 @@ impl Bearer {
 
     /// Whether an `Authorization` value (HTTP header or gRPC metadata) lets the caller in.
     pub fn allows(&self, authorization: Option<&[u8]>) -> bool {
+        match authorization.map(|h| h.strip_prefix(b"Bearer ")) {
+            _ if self.digest.is_none() => true,
+            Some(Some(token)) => self.is(token),
+            _ => false,
+        }
+    }
+
+    /// Whether a request lets the caller in: by its `Authorization` header, or, for clients
+    /// that cannot send one (SandboxFusion's), by a path under [`PATH_TOKEN_PREFIX`] whose
+    /// next segment is the token.
+    pub fn allows_request(&self, path: &str, authorization: Option<&[u8]>) -> bool {
+        self.allows(authorization)
+            || path_token(path).is_some_and(|token| self.is(token.as_bytes()))
+    }
+
+    fn is(&self, token: &[u8]) -> bool {
         let Some(expected) = &self.digest else {
             return true;
-        };
-        let Some(token) = authorization.and_then(|h| h.strip_prefix(b"Bearer ")) else {
-            return false;
         };
         let given: [u8; 32] = Sha256::digest(token).into();
         given.ct_eq(expected).into()
@@ -111,6 +124,17 @@ impl Bearer {
             }
         }
     }
+}
+
+/// Paths under this prefix carry the token as their next segment
+/// (`/fusion/<token>/run_code`), for clients that cannot send a header: SandboxFusion's, which
+/// take only a base URL.
+pub const PATH_TOKEN_PREFIX: &str = "/fusion/";
+
+/// The token a path under [`PATH_TOKEN_PREFIX`] carries.
+pub fn path_token(path: &str) -> Option<&str> {
+    let (token, _) = path.strip_prefix(PATH_TOKEN_PREFIX)?.split_once('/')?;
+    (!token.is_empty()).then_some(token)
 }
 
 #[cfg(test)]
@@ -134,6 +158,23 @@ mod tests {
         assert!(!bearer.allows(None));
         assert!(Bearer::new(None).allows(None));
         assert!(!Bearer::new(None).required());
+    }
+
+    #[test]
+    fn a_path_token_opens_only_its_own_prefix() {
+        let bearer = Bearer::new(Some("s3cret"));
+        assert!(bearer.allows_request("/fusion/s3cret/run_code", None));
+        for bad in [
+            "/fusion/s3cre/run_code",
+            "/fusion/s3cret",
+            "/fusion//run_code",
+            "/run_code",
+            "/v1/fusion/s3cret/run_code",
+            "/fusion/Bearer s3cret/run_code",
+        ] {
+            assert!(!bearer.allows_request(bad, None), "{bad}");
+        }
+        assert_eq!(path_token("/fusion/abc/v1/ping"), Some("abc"));
     }
 
     #[test]

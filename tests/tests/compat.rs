@@ -2,7 +2,8 @@
 //! packages, pinned, against a manager on a real socket.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
-use arl_e2e::{Runtimes, TestManager, python_config, run_client};
+use arl_e2e::{Runtimes, TestManager, client, python_config, run_client};
+use arl_manager::ServeOptions;
 
 /// The client versions these tests pin.
 pub const SANDBOX_FUSION: [&str; 1] = ["sandbox-fusion==0.3.7"];
@@ -16,4 +17,30 @@ async fn the_sandbox_fusion_client_runs_programs_unchanged() {
         0,
         "every program's session is gone"
     );
+}
+
+/// With a token set, a client that can send no header carries it in its base URL.
+#[tokio::test]
+async fn a_token_in_the_path_lets_sandbox_fusion_in_and_nothing_else_does() {
+    let options = ServeOptions {
+        auth_token: Some("s3cret".into()),
+        ..ServeOptions::default()
+    };
+    let m = TestManager::start_with(python_config(), Runtimes::python(), options);
+    let body = serde_json::json!({ "code": "print(1)", "language": "python" });
+    for path in ["/run_code", "/fusion/wrong/run_code", "/fusion//run_code"] {
+        let r = client().post(m.url(path)).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+    }
+    let r = client()
+        .get(m.url("/fusion/s3cret/v1/sessions"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        404,
+        "the path token opens only the SandboxFusion routes"
+    );
+    run_client("fusion.py", &m.url("/fusion/s3cret"), &SANDBOX_FUSION).await;
 }

@@ -138,6 +138,30 @@ pub async fn run_code(
     Ok(Json(run(&registry, request).await))
 }
 
+/// `/run_code` for a client that cannot send a token: the token is the path's second
+/// segment (`SANDBOX_FUSION_ENDPOINT=http://host:8080/fusion/<token>`), checked before routing.
+#[utoipa::path(post, path = "/fusion/{token}/run_code", operation_id = "fusion_run_code_with_token", tag = "sandbox-fusion",
+    params(("token" = String, Path, description = "The manager's token")),
+    request_body(content = RunCodeRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "How it ran", body = RunCodeResponse),
+        (status = 401, description = "`unauthorized`: not the token", body = ErrorBody),
+    ))]
+pub async fn run_code_with_token(
+    State(registry): State<Registry>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<RunCodeResponse>> {
+    run_code(State(registry), body).await
+}
+
+/// `/v1/ping` under a path token, for a client whose base URL carries one.
+#[utoipa::path(get, path = "/fusion/{token}/v1/ping", operation_id = "fusion_ping_with_token", tag = "sandbox-fusion",
+    params(("token" = String, Path, description = "The manager's token")),
+    responses((status = 200, description = "`\"pong\"`", body = String)))]
+pub async fn ping_with_token() -> Json<&'static str> {
+    ping().await
+}
+
 async fn run(registry: &Registry, r: RunCodeRequest) -> RunCodeResponse {
     if !LANGUAGES.contains(&r.language.as_str()) {
         return RunCodeResponse::failed(format!(

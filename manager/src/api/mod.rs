@@ -125,6 +125,8 @@ fn documented(import_limit: usize) -> OpenApiRouter<Registry> {
         .routes(routes!(rlm::list, rlm::delete_all))
         .routes(routes!(fusion::run_code))
         .routes(routes!(fusion::ping))
+        .routes(routes!(fusion::run_code_with_token))
+        .routes(routes!(fusion::ping_with_token))
 }
 
 /// The OpenAPI document of every route, as `/openapi.json` serves it.
@@ -150,8 +152,12 @@ pub fn router(registry: Registry, options: RouterOptions) -> Router {
         ))))
         .layer(DefaultBodyLimit::max(options.body_limit))
         .layer(middleware::from_fn(move |r: Request, next: Next| {
-            let allowed = OPEN_ROUTES.contains(&r.uri().path())
-                || auth.allows(r.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()));
+            let path = r.uri().path();
+            let allowed = OPEN_ROUTES.contains(&path)
+                || auth.allows_request(
+                    path,
+                    r.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()),
+                );
             async move {
                 if allowed {
                     next.run(r).await
