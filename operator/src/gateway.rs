@@ -168,8 +168,10 @@ pub fn router(gateway: Gateway) -> Router {
         .route("/sessions", get(list_rlm).delete(refuse_delete_all))
         // SandboxFusion's: each program is one session on the least-utilised manager.
         .route("/run_code", post(run_code))
+        .route("/run_jupyter", post(run_jupyter))
         // The same for clients that cannot send a token: it is the path's second segment.
         .route("/fusion/{token}/run_code", post(run_code))
+        .route("/fusion/{token}/run_jupyter", post(run_jupyter))
         .route(
             "/fusion/{token}/v1/ping",
             get(|| async { axum::Json("pong") }),
@@ -275,15 +277,35 @@ async fn run_code(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    fusion(gateway, placement, headers, body, "/run_code").await
+}
+
+/// Places SandboxFusion notebook cells (`POST /run_jupyter`) as [`run_code`] places a program.
+async fn run_jupyter(
+    State(gateway): State<Gateway>,
+    Query(placement): Query<Placement>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    fusion(gateway, placement, headers, body, "/run_jupyter").await
+}
+
+async fn fusion(
+    gateway: Gateway,
+    placement: Placement,
+    headers: HeaderMap,
+    body: Body,
+    path: &str,
+) -> Response {
     let Ok(body) = axum::body::to_bytes(body, IMPORT_SPOOL).await else {
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
-            format!("a run_code request through the gateway is at most {IMPORT_SPOOL} bytes"),
+            format!("a SandboxFusion request through the gateway is at most {IMPORT_SPOOL} bytes"),
         );
     };
     let pool = placement.pool.as_deref();
-    place(&gateway, "python", pool, "/run_code", &headers, body).await
+    place(&gateway, "python", pool, path, &headers, body).await
 }
 
 /// Every manager's sessions in the RLM sidecar's shape, `{"count", "sessions"}`.

@@ -5,7 +5,14 @@ import base64
 import sys
 
 import requests
-from sandbox_fusion import RunCodeRequest, RunStatus, run_code, set_endpoint
+from sandbox_fusion import (
+    RunCodeRequest,
+    RunJupyterRequest,
+    RunStatus,
+    run_code,
+    run_jupyter,
+    set_endpoint,
+)
 
 base = sys.argv[1]
 set_endpoint(base)
@@ -76,4 +83,28 @@ v = requests.post(f"{base}/run_code", json=body, headers=headers, timeout=30).js
 assert v["status"] == "Success" and v["run_result"]["stdout"] == "None\n", v
 assert isinstance(v["run_result"]["stderr"], str), v
 assert requests.get(f"{base}/v1/ping", timeout=5).json() == "pong"
+
+# Notebook cells in one interpreter: state kept, values displayed, errors per cell.
+cells = [
+    "a = 123",
+    "a",
+    "print(a)",
+    "import sys; sys.stderr.write('to stderr')",
+    "raise RuntimeError('error message')",
+]
+r = run_jupyter(RunJupyterRequest(cells=cells), max_attempts=1)
+assert r.status == RunStatus.Failed, r  # the last cell raised
+assert len(r.cells) == 5, r
+assert r.cells[1].display == [{"text/plain": "123"}], r.cells[1]
+assert r.cells[2].stdout == "123\n" and r.cells[2].error == [], r.cells[2]
+assert r.cells[3].stderr == "to stderr", r.cells[3]
+error = r.cells[4].error[0]
+assert error["ename"] == "RuntimeError" and error["evalue"] == "error message", error
+assert error["traceback"][0].startswith("Traceback"), error
+r = run_jupyter(RunJupyterRequest(cells=["x = 1", "x + 1"], files={"d.txt": b64("hi")}, fetch_files=["d.txt"]), max_attempts=1)
+assert r.status == RunStatus.Success and r.cells[1].display == [{"text/plain": "2"}], r
+assert r.files == {"d.txt": b64("hi")}, r
+r = run_jupyter(RunJupyterRequest(cells=["import time; time.sleep(60)", "1"], total_timeout=1), max_attempts=1)
+assert r.status == RunStatus.Failed and r.driver.status == "TimeLimitExceeded", r
+assert len(r.cells) == 1, r
 print("ok")

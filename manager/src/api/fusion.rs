@@ -154,6 +154,21 @@ pub async fn run_code_with_token(
     run_code(State(registry), body).await
 }
 
+/// `/run_jupyter` under a path token, for a client whose base URL carries one.
+#[utoipa::path(post, path = "/fusion/{token}/run_jupyter", operation_id = "fusion_run_jupyter_with_token", tag = "sandbox-fusion",
+    params(("token" = String, Path, description = "The manager's token")),
+    request_body(content = RunJupyterRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Each cell's outcome", body = RunJupyterResponse),
+        (status = 401, description = "`unauthorized`: not the token", body = ErrorBody),
+    ))]
+pub async fn run_jupyter_with_token(
+    State(registry): State<Registry>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<RunJupyterResponse>> {
+    run_jupyter(State(registry), body).await
+}
+
 /// `/v1/ping` under a path token, for a client whose base URL carries one.
 #[utoipa::path(get, path = "/fusion/{token}/v1/ping", operation_id = "fusion_ping_with_token", tag = "sandbox-fusion",
     params(("token" = String, Path, description = "The manager's token")),
@@ -234,6 +249,192 @@ async fn run(registry: &Registry, r: RunCodeRequest) -> RunCodeResponse {
         run_result: Some(run_result),
         executor_pod_name: None,
         files: fetched,
+    }
+}
+
+/// SandboxFusion's `RunJupyterRequest`: cells run one after another in one interpreter.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+pub struct RunJupyterRequest {
+    pub cells: Vec<String>,
+    /// Seconds each cell may run; `0`: up to what is left of `total_timeout`.
+    #[serde(default)]
+    pub cell_timeout: f64,
+    /// Seconds all the cells may run together (default 45).
+    #[serde(default = "total_timeout")]
+    pub total_timeout: f64,
+    /// `python3`, the only kernel.
+    #[serde(default = "python3")]
+    pub kernel: String,
+    #[serde(default)]
+    pub files: BTreeMap<String, Option<String>>,
+    #[serde(default)]
+    pub fetch_files: Vec<String>,
+}
+
+fn total_timeout() -> f64 {
+    45.0
+}
+
+fn python3() -> String {
+    "python3".into()
+}
+
+/// One cell's outcome, as SandboxFusion reports it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct CellRunResult {
+    pub stdout: String,
+    pub stderr: String,
+    /// What the cell displayed, its value last: MIME type to content.
+    #[schema(value_type = Vec<Object>)]
+    pub display: Vec<arl_runtimes::Bundle>,
+    /// `{"ename", "evalue", "traceback": [lines]}` for an uncaught exception.
+    #[schema(value_type = Vec<Object>)]
+    pub error: Vec<serde_json::Value>,
+}
+
+/// SandboxFusion's `RunJupyterResponse`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RunJupyterResponse {
+    /// `Success` when every cell ran without an uncaught exception in time, `Failed`
+    /// otherwise, `SandboxError` for ARL's own trouble.
+    pub status: &'static str,
+    pub message: String,
+    /// How the run went as a whole (`TimeLimitExceeded` past a deadline).
+    pub driver: Option<CommandRunResult>,
+    pub cells: Vec<CellRunResult>,
+    pub executor_pod_name: Option<String>,
+    pub files: BTreeMap<String, String>,
+}
+
+impl RunJupyterResponse {
+    fn refused(status: &'static str, message: String) -> Self {
+        Self {
+            status,
+            message,
+            driver: None,
+            cells: vec![],
+            executor_pod_name: None,
+            files: BTreeMap::new(),
+        }
+    }
+}
+
+/// Runs notebook cells in one fresh session (SandboxFusion's `/run_jupyter`).
+#[utoipa::path(post, path = "/run_jupyter", operation_id = "fusion_run_jupyter", tag = "sandbox-fusion",
+    request_body(content = RunJupyterRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Each cell's outcome", body = RunJupyterResponse),
+        (status = 400, description = "`invalid_json`", body = ErrorBody),
+        (status = 422, description = "`invalid_request`: not a RunJupyterRequest", body = ErrorBody),
+    ))]
+pub async fn run_jupyter(
+    State(registry): State<Registry>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<RunJupyterResponse>> {
+    let request: RunJupyterRequest = parse(body, false)?;
+    Ok(Json(notebook(&registry, request).await))
+}
+
+async fn notebook(registry: &Registry, r: RunJupyterRequest) -> RunJupyterResponse {
+    let failed = |message: String| RunJupyterResponse::refused("Failed", message);
+    if r.kernel != "python3" {
+        return failed(format!(
+            "kernel `{}` is not served here: only python3",
+            r.kernel
+        ));
+    }
+    let max = registry.config().max_timeout.as_secs_f64();
+    let in_range = |t: f64| t.is_finite() && (0.0..=max).contains(&t);
+    if !in_range(r.cell_timeout) || !in_range(r.total_timeout) || r.total_timeout == 0.0 {
+        return failed(format!(
+            "cell_timeout must be 0 to {max} seconds and total_timeout more than 0 and at most {max}"
+        ));
+    }
+    let files = match decode_files(&r.files) {
+        Ok(files) => files,
+        Err(message) => return failed(message),
+    };
+    if let Some(e) = r.fetch_files.iter().find_map(|p| relative(p).err()) {
+        return failed(format!("fetch_files: {e}"));
+    }
+    let session = match registry.create(CreateRequest::default()).await {
+        Ok(session) => session,
+        Err(e) => return RunJupyterResponse::refused("SandboxError", e.public_message()),
+    };
+    let _delete = Deleted(registry, session.id.clone());
+    if let Err(e) = write_files(&session.workspace, files).await {
+        return match e {
+            Error::BadPath(..) | Error::QuotaExceeded(_) => failed(e.to_string()),
+            e => RunJupyterResponse::refused("SandboxError", e.public_message()),
+        };
+    }
+    let started = Instant::now();
+    let total = Duration::from_secs_f64(r.total_timeout);
+    let (mut cells, mut timed_out, mut errored) = (Vec::new(), false, false);
+    for code in r.cells {
+        let left = total.saturating_sub(started.elapsed());
+        let deadline = match r.cell_timeout {
+            0.0 => left,
+            t => Duration::from_secs_f64(t).min(left),
+        };
+        if deadline.is_zero() {
+            timed_out = true;
+            break;
+        }
+        let o = match session.execute(code, Some(deadline), None).await {
+            Ok(outcome) => outcome,
+            Err(e) => return RunJupyterResponse::refused("SandboxError", e.public_message()),
+        };
+        timed_out = matches!(o.rolled_back, Some(Rollback::Deadline))
+            || matches!(o.ended, Some(EndReason::Deadline | EndReason::Lifetime));
+        let error = o.error.as_ref().filter(|_| !timed_out).map(|e| {
+            serde_json::json!({
+                "ename": e.kind,
+                "evalue": e.message,
+                "traceback": e.traceback.lines().collect::<Vec<_>>(),
+            })
+        });
+        errored |= error.is_some();
+        let display = o
+            .results
+            .into_iter()
+            .map(|mut bundle| {
+                bundle.remove("is_main_result");
+                bundle
+            })
+            .collect();
+        cells.push(CellRunResult {
+            stdout: o.stdout,
+            stderr: o.stderr,
+            display,
+            error: error.into_iter().collect(),
+        });
+        if timed_out || o.ended.is_some() {
+            break;
+        }
+    }
+    let files = fetch(&session, &r.fetch_files).await;
+    RunJupyterResponse {
+        status: if timed_out || errored {
+            "Failed"
+        } else {
+            "Success"
+        },
+        message: String::new(),
+        driver: Some(CommandRunResult {
+            status: if timed_out {
+                "TimeLimitExceeded"
+            } else {
+                "Finished"
+            },
+            execution_time: Some(started.elapsed().as_secs_f64()),
+            return_code: (!timed_out).then_some(0),
+            stdout: String::new(),
+            stderr: String::new(),
+        }),
+        cells,
+        executor_pod_name: None,
+        files,
     }
 }
 

@@ -126,6 +126,8 @@ fn documented(import_limit: usize) -> OpenApiRouter<Registry> {
         .routes(routes!(fusion::run_code))
         .routes(routes!(fusion::ping))
         .routes(routes!(fusion::run_code_with_token))
+        .routes(routes!(fusion::run_jupyter))
+        .routes(routes!(fusion::run_jupyter_with_token))
         .routes(routes!(fusion::ping_with_token))
 }
 
