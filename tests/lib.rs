@@ -36,6 +36,10 @@ pub fn python() -> String {
 /// A folder holding the PyPI `packages` (pinned `name==version`), installed with pip into
 /// the shared cache on first use; put it on `sys.path` to import them.
 pub fn pytools(packages: &[&str]) -> PathBuf {
+    // One install at a time in this process (tests of one binary run side by side and would
+    // share the staging folder below); other processes stage in their own.
+    static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = INSTALLING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let name = packages.join("+").replace("==", "-");
     let target = cache_dir().join("pytools").join(name);
     if target.join("READY").exists() {
