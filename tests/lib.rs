@@ -39,7 +39,9 @@ pub fn pytools(packages: &[&str]) -> PathBuf {
     // One install at a time in this process (tests of one binary run side by side and would
     // share the staging folder below); other processes stage in their own.
     static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one = INSTALLING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _one = INSTALLING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let name = packages.join("+").replace("==", "-");
     let target = cache_dir().join("pytools").join(name);
     if target.join("READY").exists() {
@@ -74,18 +76,18 @@ pub fn pytools(packages: &[&str]) -> PathBuf {
 }
 
 /// A default configuration for tests, with the shared cache.
-/// Runs `tests/clients/<script> <base>` with the pinned PyPI `packages` importable, off the
+/// Runs `tests/clients/<script> <args>...` with the pinned PyPI `packages` importable, off the
 /// async threads; panics with its output unless it exits 0 and prints `ok` last.
-pub async fn run_client(script: &str, base: &str, packages: &[&str]) {
+pub async fn run_client(script: &str, args: &[&str], packages: &[&str]) {
     let tools = pytools(packages);
     let script = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("clients")
         .join(script);
-    let base = base.to_owned();
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(python())
             .arg(&script)
-            .arg(&base)
+            .args(&args)
             .env("PYTHONPATH", &tools)
             .output()
             .expect("running a client script")

@@ -281,5 +281,5 @@ async fn the_sandbox_fusion_client_runs_through_the_gateway() {
         .unwrap();
     assert_eq!(refused.status(), 401);
     let base = format!("{base}/fusion/s3cret");
-    arl_e2e::run_client("fusion.py", &base, &["sandbox-fusion==0.3.7"]).await;
+    arl_e2e::run_client("fusion.py", &[&base], &["sandbox-fusion==0.3.7"]).await;
 }

@@ -5,6 +5,7 @@
 //! declarations that route requests. Every error is JSON `{"error": {"code", "message"}}`
 //! with a 4xx for anything a client did wrong; the README has the table.
 
+mod e2b;
 mod files;
 mod fusion;
 mod ops;
@@ -73,6 +74,7 @@ impl Default for RouterOptions {
         (name = "state", description = "Fork, snapshot, restore, export, import and history"),
         (name = "operations", description = "Probes, load, drain, metrics"),
         (name = "rlm", description = "The RLM sidecar contract, unchanged"),
+        (name = "e2b", description = "E2B's control plane and code interpreter, for its SDK"),
         (name = "sandbox-fusion", description = "SandboxFusion's run_code contract, for verl and tinker-cookbook"),
     )
 )]
@@ -129,6 +131,10 @@ fn documented(import_limit: usize) -> OpenApiRouter<Registry> {
         .routes(routes!(fusion::run_jupyter))
         .routes(routes!(fusion::run_jupyter_with_token))
         .routes(routes!(fusion::ping_with_token))
+        .routes(routes!(e2b::create))
+        .routes(routes!(e2b::create_v1))
+        .routes(routes!(e2b::kill))
+        .routes(routes!(e2b::execute))
 }
 
 /// The OpenAPI document of every route, as `/openapi.json` serves it.
@@ -155,10 +161,17 @@ pub fn router(registry: Registry, options: RouterOptions) -> Router {
         .layer(DefaultBodyLimit::max(options.body_limit))
         .layer(middleware::from_fn(move |r: Request, next: Next| {
             let path = r.uri().path();
+            let headers = r.headers();
+            // E2B's SDK sends the token as its API key or as the sandbox's access token.
+            let e2b_key = [e2b::API_KEY, e2b::ACCESS_TOKEN]
+                .into_iter()
+                .filter_map(|h| headers.get(h))
+                .any(|key| auth.allows(Some(&[b"Bearer ", key.as_bytes()].concat())));
             let allowed = OPEN_ROUTES.contains(&path)
+                || e2b_key
                 || auth.allows_request(
                     path,
-                    r.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()),
+                    headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()),
                 );
             async move {
                 if allowed {

@@ -333,10 +333,10 @@ fn outcome_event(outcome: Result<Outcome>) -> Event {
 
 /// Turns bytes into text without splitting a UTF-8 sequence that a chunk boundary cut.
 #[derive(Debug, Default)]
-struct Utf8Carry(Vec<u8>);
+pub(super) struct Utf8Carry(Vec<u8>);
 
 impl Utf8Carry {
-    fn push(&mut self, bytes: &[u8]) -> String {
+    pub(super) fn push(&mut self, bytes: &[u8]) -> String {
         self.0.extend_from_slice(bytes);
         let keep = incomplete_tail(&self.0);
         let tail = self.0.split_off(self.0.len() - keep);
@@ -346,7 +346,7 @@ impl Utf8Carry {
     }
 
     /// Whatever is left, complete or not.
-    fn finish(&mut self) -> String {
+    pub(super) fn finish(&mut self) -> String {
         let text = String::from_utf8_lossy(&self.0).into_owned();
         self.0.clear();
         text

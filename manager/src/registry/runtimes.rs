@@ -36,6 +36,11 @@ impl Registry {
         !read(&self.inner.runtimes).is_empty()
     }
 
+    /// Whether a runtime of this name is loaded.
+    pub fn has_runtime(&self, name: &str) -> bool {
+        read(&self.inner.runtimes).contains_key(name)
+    }
+
     pub(super) fn runtime(&self, name: &str) -> Result<Arc<Runtime>> {
         let runtimes = read(&self.inner.runtimes);
         if runtimes.is_empty() {
