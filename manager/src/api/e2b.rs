@@ -20,10 +20,10 @@ use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::sessions::Utf8Carry;
+use super::sessions::{Piece, pieces};
 use crate::output::Stream;
 use crate::registry::{CreateRequest, Registry};
-use crate::session::{TurnEvent, TurnStream};
+use crate::session::TurnStream;
 use crate::{Error, Outcome};
 
 /// The headers E2B's SDK authenticates with: the API key on the control plane, the sandbox's
@@ -237,31 +237,17 @@ fn ndjson(
     turn: TurnStream,
     executions: impl Fn() -> u64 + Send + 'static,
 ) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> {
-    let mut text: [Utf8Carry; 2] = Default::default();
-    turn.flat_map(move |event| {
-        let lines = match event {
-            TurnEvent::Output(chunk) => {
-                let t = text[chunk.stream as usize].push(&chunk.data);
-                (!t.is_empty())
-                    .then(|| output_line(chunk.stream, &t))
-                    .into_iter()
-                    .collect()
-            }
-            TurnEvent::Done(outcome) => {
-                let mut lines: Vec<Value> = [Stream::Stdout, Stream::Stderr]
-                    .into_iter()
-                    .filter_map(|s| {
-                        let rest = text[s as usize].finish();
-                        (!rest.is_empty()).then(|| output_line(s, &rest))
-                    })
-                    .collect();
-                lines.extend(match outcome {
+    pieces(turn).flat_map(move |piece| {
+        let lines = match piece {
+            Piece::Text(stream, text) => vec![output_line(stream, &text)],
+            Piece::Done(outcome) => {
+                let mut lines = match *outcome {
                     Ok(outcome) => outcome_lines(outcome),
                     Err(e) => vec![json!({
                         "type": "error", "name": "SandboxError", "value": e.public_message(),
                         "traceback": "",
                     })],
-                });
+                };
                 lines.push(
                     json!({ "type": "number_of_executions", "execution_count": executions() }),
                 );

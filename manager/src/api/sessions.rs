@@ -271,37 +271,65 @@ fn wants_events(headers: &HeaderMap) -> bool {
         })
 }
 
+/// A turn's events with its output as text: a UTF-8 sequence that a chunk boundary cut is
+/// joined, and what is left of each stream comes before the outcome.
+pub(super) enum Piece {
+    Text(Stream, String),
+    Done(Box<Result<Outcome>>),
+}
+
+/// `turn` as [`Piece`]s. Dropping the stream drops the turn's, which stops the turn.
+pub(super) fn pieces(turn: TurnStream) -> impl futures_util::Stream<Item = Piece> {
+    let mut text: [Utf8Carry; 2] = Default::default();
+    turn.flat_map(move |event| {
+        let pieces: Vec<Piece> = match event {
+            TurnEvent::Output(chunk) => {
+                let t = text[chunk.stream as usize].push(&chunk.data);
+                (!t.is_empty())
+                    .then(|| Piece::Text(chunk.stream, t))
+                    .into_iter()
+                    .collect()
+            }
+            TurnEvent::Done(outcome) => {
+                let mut last: Vec<Piece> = [Stream::Stdout, Stream::Stderr]
+                    .into_iter()
+                    .filter_map(|s| {
+                        let rest = text[s as usize].finish();
+                        (!rest.is_empty()).then(|| Piece::Text(s, rest))
+                    })
+                    .collect();
+                last.push(Piece::Done(Box::new(outcome)));
+                last
+            }
+        };
+        futures_util::stream::iter(pieces)
+    })
+}
+
 /// A turn's events as Server-Sent Events. Dropping it (the client went away) drops the
 /// turn's stream, which stops the turn.
 fn sse_events(
     turn: TurnStream,
 ) -> impl futures_util::Stream<Item = std::result::Result<Event, Infallible>> {
-    let mut text: [Utf8Carry; 2] = Default::default();
-    turn.flat_map(move |event| {
-        let events = match event {
-            TurnEvent::Output(chunk) => {
-                let t = text[chunk.stream as usize].push(&chunk.data);
-                (!t.is_empty())
-                    .then(|| text_event(chunk.stream, &t))
-                    .into_iter()
-                    .collect()
-            }
-            TurnEvent::Done(outcome) => {
-                let mut last: Vec<Event> = [Stream::Stdout, Stream::Stderr]
-                    .into_iter()
-                    .filter_map(|s| {
-                        let rest = text[s as usize].finish();
-                        (!rest.is_empty()).then(|| text_event(s, &rest))
-                    })
-                    .collect();
+    pieces(turn).flat_map(|piece| {
+        let events = match piece {
+            Piece::Text(stream, text) => vec![text_event(stream, &text)],
+            Piece::Done(outcome) => {
                 // What the turn displayed, each as a `display` event, before its result.
-                if let Ok(outcome) = &outcome {
-                    last.extend(outcome.results.iter().filter(|r| !is_main(r)).map(|r| {
-                        Event::default()
-                            .event("display")
-                            .data(serde_json::Value::Object(r.clone()).to_string())
-                    }));
-                }
+                let outcome = *outcome;
+                let mut last: Vec<Event> = match &outcome {
+                    Ok(outcome) => outcome
+                        .results
+                        .iter()
+                        .filter(|r| !is_main(r))
+                        .map(|r| {
+                            Event::default()
+                                .event("display")
+                                .data(serde_json::Value::Object(r.clone()).to_string())
+                        })
+                        .collect(),
+                    Err(_) => vec![],
+                };
                 last.push(outcome_event(outcome));
                 last
             }
@@ -333,10 +361,10 @@ fn outcome_event(outcome: Result<Outcome>) -> Event {
 
 /// Turns bytes into text without splitting a UTF-8 sequence that a chunk boundary cut.
 #[derive(Debug, Default)]
-pub(super) struct Utf8Carry(Vec<u8>);
+struct Utf8Carry(Vec<u8>);
 
 impl Utf8Carry {
-    pub(super) fn push(&mut self, bytes: &[u8]) -> String {
+    fn push(&mut self, bytes: &[u8]) -> String {
         self.0.extend_from_slice(bytes);
         let keep = incomplete_tail(&self.0);
         let tail = self.0.split_off(self.0.len() - keep);
@@ -346,7 +374,7 @@ impl Utf8Carry {
     }
 
     /// Whatever is left, complete or not.
-    pub(super) fn finish(&mut self) -> String {
+    fn finish(&mut self) -> String {
         let text = String::from_utf8_lossy(&self.0).into_owned();
         self.0.clear();
         text
