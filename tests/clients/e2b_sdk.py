@@ -39,6 +39,26 @@ ex = sbx.run_code("1/0")
 assert ex.error.name == "ZeroDivisionError" and ex.error.value == "division by zero", ex.error
 assert "Traceback" in ex.error.traceback, ex.error
 
+# Files: E2B's home is the session's workspace, where code runs.
+info = sbx.files.write("/home/user/data.txt", "hello")
+assert info.path == "/home/user/data.txt" and info.name == "data.txt", info
+assert sbx.run_code("open('data.txt').read()").text == "'hello'"
+sbx.run_code("open('out/r.bin', 'wb').write(bytes(range(5))) if __import__('os').makedirs('out', exist_ok=True) is None else 0")
+assert sbx.files.read("/home/user/out/r.bin", format="bytes") == bytes(range(5))
+assert sbx.files.read("data.txt") == "hello"
+from e2b import FileNotFoundException, InvalidArgumentException, SandboxException  # noqa: E402
+
+try:
+    sbx.files.read("/home/user/missing.txt")
+    raise AssertionError("a missing file was read")
+except FileNotFoundException:
+    pass
+try:
+    sbx.files.write("/etc/passwd", "x")
+    raise AssertionError("a file outside the sandbox was written")
+except (InvalidArgumentException, SandboxException):
+    pass
+
 # The sandbox ends, and a second kill finds nothing.
 sandbox_id = sbx.sandbox_id
 assert sbx.kill() is True

@@ -1,7 +1,8 @@
 //! E2B's wire contract, its first part: a sandbox's life (`POST /v2/sandboxes`, e2b 2.7's
-//! `POST /sandboxes`, `DELETE /sandboxes/{id}`) and the code interpreter's `POST /execute`,
-//! as the unmodified `e2b-code-interpreter` SDK sends them with `E2B_API_URL` and
-//! `E2B_SANDBOX_URL` both pointing here. A sandbox is a session; its id is the session's.
+//! `POST /sandboxes`, `DELETE /sandboxes/{id}`), the code interpreter's `POST /execute` and
+//! envd's `GET`/`POST /files`, as the unmodified `e2b-code-interpreter` SDK sends them with
+//! `E2B_API_URL` and `E2B_SANDBOX_URL` both pointing here. A sandbox is a session; its id is
+//! the session's, and its home `/home/user` is the session's `/workspace`.
 //!
 //! Errors answer in E2B's shape, `{"code": <status>, "message"}`.
 
@@ -12,7 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Multipart, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -21,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::sessions::{Piece, pieces};
+use crate::files;
 use crate::output::Stream;
 use crate::registry::{CreateRequest, Registry};
 use crate::session::TurnStream;
@@ -71,16 +73,30 @@ pub struct SandboxCreated {
     pub envd_access_token: Option<String>,
 }
 
-/// An error in E2B's shape.
-fn e2b_error(status: StatusCode, message: impl Into<String>) -> Response {
-    let body = json!({ "code": status.as_u16(), "message": message.into() });
-    (status, Json(body)).into_response()
+/// An error in E2B's shape, `{"code": <status>, "message"}`.
+struct E2bError(StatusCode, String);
+
+impl IntoResponse for E2bError {
+    fn into_response(self) -> Response {
+        let body = json!({ "code": self.0.as_u16(), "message": self.1 });
+        (self.0, Json(body)).into_response()
+    }
 }
 
 /// [`Error`] as E2B's clients expect it: the HTTP status ARL's own API would give.
+impl From<Error> for E2bError {
+    fn from(e: Error) -> Self {
+        let api = super::ApiError::from(e);
+        E2bError(api.status, api.message)
+    }
+}
+
+fn e2b_error(status: StatusCode, message: impl Into<String>) -> Response {
+    E2bError(status, message.into()).into_response()
+}
+
 fn refused(e: Error) -> Response {
-    let api = super::ApiError::from(e);
-    e2b_error(api.status, api.message)
+    E2bError::from(e).into_response()
 }
 
 /// Creates a sandbox (`POST /v2/sandboxes`; e2b 2.7 sends `POST /sandboxes`).
@@ -304,4 +320,154 @@ fn outcome_lines(o: Outcome) -> Vec<Value> {
         }));
     }
     lines
+}
+
+/// Where envd's file routes point.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct FileQuery {
+    /// `/home/user/...` (or `/workspace/...`, or relative to either).
+    pub path: Option<String>,
+}
+
+/// E2B's home (and ARL's `/workspace`) seen as the session's workspace: the path relative to it.
+fn in_home(path: &str) -> Result<String, E2bError> {
+    let rel = ["/home/user/", "/workspace/", "~/"]
+        .iter()
+        .find_map(|home| path.strip_prefix(home))
+        .unwrap_or(path);
+    if rel.starts_with('/') {
+        return Err(E2bError(
+            StatusCode::BAD_REQUEST,
+            format!("{path:?} is outside the sandbox's files (/home/user, which is /workspace)"),
+        ));
+    }
+    files::check(rel).map_err(|e| E2bError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    Ok(rel.to_owned())
+}
+
+/// The session named by `E2b-Sandbox-Id`.
+fn sandbox(
+    registry: &Registry,
+    headers: &HeaderMap,
+) -> Result<std::sync::Arc<crate::session::Session>, E2bError> {
+    let id = headers
+        .get(SANDBOX_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            E2bError(
+                StatusCode::BAD_REQUEST,
+                "name the sandbox in E2b-Sandbox-Id".into(),
+            )
+        })?;
+    Ok(registry.get(id)?)
+}
+
+/// A file of the sandbox, whole (envd's `GET /files?path=`).
+#[utoipa::path(get, path = "/files", operation_id = "e2b_read_file", tag = "e2b",
+    params(FileQuery, ("E2b-Sandbox-Id" = String, Header, description = "The sandbox's id")),
+    responses(
+        (status = 200, description = "The file's bytes", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 400, description = "A path outside /home/user", body = Object),
+        (status = 404, description = "No such file or sandbox", body = Object),
+    ))]
+pub async fn read_file(
+    State(registry): State<Registry>,
+    Query(query): Query<FileQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let session = match sandbox(&registry, &headers) {
+        Ok(session) => session,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let rel = match query.path.as_deref().map(in_home) {
+        Some(Ok(rel)) => rel,
+        Some(Err(refusal)) => return refusal.into_response(),
+        None => return e2b_error(StatusCode::BAD_REQUEST, "name the file with ?path="),
+    };
+    let read = files::on_workspace(session.workspace.clone(), move |w| {
+        let (mut file, _) = w.open_file(&rel)?;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut bytes)
+            .map_err(|e| Error::Io("reading a file".into(), e))?;
+        Ok(bytes)
+    })
+    .await;
+    match read {
+        Ok(bytes) => ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response(),
+        Err(e) => refused(e),
+    }
+}
+
+/// What envd answers for each file written.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct WrittenFile {
+    pub name: String,
+    /// Always `file`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub path: String,
+}
+
+/// Writes files into the sandbox (envd's `POST /files?path=`, `multipart/form-data` with one
+/// `file` part per file, each named by `?path=` or by its filename), within the session's
+/// disk quota.
+#[utoipa::path(post, path = "/files", operation_id = "e2b_write_files", tag = "e2b",
+    params(FileQuery, ("E2b-Sandbox-Id" = String, Header, description = "The sandbox's id")),
+    request_body(content = String, content_type = "multipart/form-data"),
+    responses(
+        (status = 200, description = "What was written", body = Vec<WrittenFile>),
+        (status = 400, description = "A path outside /home/user, or not multipart", body = Object),
+        (status = 413, description = "Past the session's disk quota", body = Object),
+    ))]
+pub async fn write_files(
+    State(registry): State<Registry>,
+    Query(query): Query<FileQuery>,
+    headers: HeaderMap,
+    multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+) -> Response {
+    let session = match sandbox(&registry, &headers) {
+        Ok(session) => session,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let mut multipart = match multipart {
+        Ok(multipart) => multipart,
+        Err(e) => return e2b_error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let mut written = Vec::new();
+    loop {
+        let field = match multipart.next_field().await {
+            Ok(Some(field)) => field,
+            Ok(None) => break,
+            Err(e) => return e2b_error(StatusCode::BAD_REQUEST, e.body_text()),
+        };
+        let Some(path) = query
+            .path
+            .clone()
+            .or_else(|| field.file_name().map(str::to_owned))
+        else {
+            return e2b_error(
+                StatusCode::BAD_REQUEST,
+                "name the file with ?path= or a filename",
+            );
+        };
+        let rel = match in_home(&path) {
+            Ok(rel) => rel,
+            Err(refusal) => return refusal.into_response(),
+        };
+        let data = match field.bytes().await {
+            Ok(data) => data,
+            Err(e) => return e2b_error(StatusCode::BAD_REQUEST, e.body_text()),
+        };
+        let once = futures_util::stream::once(async move { Ok(data) });
+        if let Err(e) = files::upload(session.workspace.clone(), rel.clone(), once).await {
+            return refused(e);
+        }
+        let name = rel.rsplit('/').next().unwrap_or(&rel).to_owned();
+        written.push(WrittenFile {
+            name,
+            kind: "file",
+            path: format!("/home/user/{rel}"),
+        });
+    }
+    Json(written).into_response()
 }

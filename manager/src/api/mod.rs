@@ -135,6 +135,7 @@ fn documented(import_limit: usize) -> OpenApiRouter<Registry> {
         .routes(routes!(e2b::create_v1))
         .routes(routes!(e2b::kill))
         .routes(routes!(e2b::execute))
+        .routes(routes!(e2b::read_file, e2b::write_files))
 }
 
 /// The OpenAPI document of every route, as `/openapi.json` serves it.
