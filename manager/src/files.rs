@@ -279,6 +279,15 @@ impl Workspace {
         Ok((file.into_std(), meta.len()))
     }
 
+    /// The file at `path`, whole (it is within the session's quota).
+    pub fn read(&self, path: &str) -> Result<Vec<u8>> {
+        let (mut file, len) = self.open_file(path)?;
+        let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+        io::Read::read_to_end(&mut file, &mut bytes)
+            .map_err(|e| Error::Io("reading a file".into(), e))?;
+        Ok(bytes)
+    }
+
     /// The entry at `path`.
     pub fn stat(&self, path: &str) -> Result<Entry> {
         let rel = check(path)?;

@@ -384,14 +384,7 @@ pub async fn read_file(
         Some(Err(refusal)) => return refusal.into_response(),
         None => return e2b_error(StatusCode::BAD_REQUEST, "name the file with ?path="),
     };
-    let read = files::on_workspace(session.workspace.clone(), move |w| {
-        let (mut file, _) = w.open_file(&rel)?;
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut file, &mut bytes)
-            .map_err(|e| Error::Io("reading a file".into(), e))?;
-        Ok(bytes)
-    })
-    .await;
+    let read = files::on_workspace(session.workspace.clone(), move |w| w.read(&rel)).await;
     match read {
         Ok(bytes) => ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response(),
         Err(e) => refused(e),

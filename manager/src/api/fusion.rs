@@ -523,14 +523,7 @@ async fn fetch(session: &Session, paths: &[String]) -> BTreeMap<String, String> 
     for path in paths {
         let Ok(rel) = relative(path) else { continue };
         let rel = rel.to_owned();
-        let read = files::on_workspace(session.workspace.clone(), move |w| {
-            let (mut file, _) = w.open_file(&rel)?;
-            let mut bytes = Vec::new();
-            std::io::Read::read_to_end(&mut file, &mut bytes)
-                .map_err(|e| Error::Io("reading a fetched file".into(), e))?;
-            Ok(bytes)
-        })
-        .await;
+        let read = files::on_workspace(session.workspace.clone(), move |w| w.read(&rel)).await;
         if let Ok(bytes) = read {
             fetched.insert(path.clone(), BASE64.encode(bytes));
         }
