@@ -39,6 +39,12 @@ const CREATE_BODY_LIMIT: usize = 1 << 20;
 pub(crate) const IMPORT_SPOOL: usize = 32 << 20;
 /// Imports passing through one gateway at once: with the spool, at most 128 MiB held.
 pub(crate) const IMPORTS: usize = 4;
+/// E2B's headers, passed on to the manager: the sandbox a call is for, and the API key the
+/// manager hands back as the sandbox's access token.
+const E2B_PASSED: [&str; 2] = ["e2b-sandbox-id", "x-api-key"];
+/// Headers E2B's SDK authenticates with, each accepted as the gateway's token.
+const E2B_KEYS: [&str; 2] = ["x-api-key", "x-access-token"];
+
 /// Headers passed from client to manager and back.
 const PASSED: [header::HeaderName; 5] = [
     header::CONTENT_TYPE,
@@ -167,6 +173,13 @@ pub fn router(gateway: Gateway) -> Router {
         .route("/session/{id}/{*rest}", any(forward))
         .route("/sessions", get(list_rlm).delete(refuse_delete_all))
         // SandboxFusion's: each program is one session on the least-utilised manager.
+        // E2B's: a create placed by its template, the rest routed by the sandbox's id (in
+        // the path, or in `E2b-Sandbox-Id`).
+        .route("/v2/sandboxes", post(e2b_create))
+        .route("/sandboxes", post(e2b_create))
+        .route("/sandboxes/{id}", any(forward))
+        .route("/execute", post(forward))
+        .route("/files", get(forward).post(forward))
         .route("/run_code", post(run_code))
         .route("/run_jupyter", post(run_jupyter))
         // The same for clients that cannot send a token: it is the path's second segment.
@@ -194,7 +207,11 @@ async fn authenticate(State(gateway): State<Gateway>, request: Request, next: Ne
         .headers()
         .get(header::AUTHORIZATION)
         .map(HeaderValue::as_bytes);
-    if gateway.token.allows_request(request.uri().path(), given) {
+    let e2b_key = E2B_KEYS
+        .into_iter()
+        .filter_map(|h| request.headers().get(h))
+        .any(|key| gateway.token.allows_key(key.as_bytes()));
+    if e2b_key || gateway.token.allows_request(request.uri().path(), given) {
         return next.run(request).await;
     }
     let mut response = error(
@@ -306,6 +323,52 @@ async fn fusion(
     };
     let pool = placement.pool.as_deref();
     place(&gateway, "python", pool, path, &headers, body).await
+}
+
+/// Places an E2B sandbox (`POST /v2/sandboxes`, 2.7's `POST /sandboxes`): its `templateID`
+/// names Python (`code-interpreter-v1`, the SDK's default, `code-interpreter`, `base`), a
+/// WarmPool, or a runtime.
+async fn e2b_create(
+    State(gateway): State<Gateway>,
+    headers: HeaderMap,
+    request: Request,
+) -> Response {
+    let path = request.uri().path().to_owned();
+    let Ok(body) = axum::body::to_bytes(request.into_body(), CREATE_BODY_LIMIT).await else {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            "a create body is at most 1 MiB",
+        );
+    };
+    let template = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v["templateID"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| "code-interpreter-v1".to_owned());
+    let pooled = gateway
+        .fleet
+        .members()
+        .into_iter()
+        .find(|m| m.pool == template);
+    let (runtime, pool) = match pooled {
+        _ if ["code-interpreter-v1", "code-interpreter", "base"].contains(&template.as_str()) => {
+            ("python".to_owned(), None)
+        }
+        Some(member) => (
+            member.runtime.unwrap_or_else(|| "python".to_owned()),
+            Some(template.as_str()),
+        ),
+        None => (template.clone(), None),
+    };
+    // A manager knows runtimes, not pools: name the pool's runtime to it.
+    let body = match (pool, serde_json::from_slice::<Value>(&body)) {
+        (Some(_), Ok(Value::Object(mut fields))) => {
+            fields.insert("templateID".into(), Value::String(runtime.clone()));
+            Bytes::from(Value::Object(fields).to_string())
+        }
+        _ => body,
+    };
+    place(&gateway, &runtime, pool, &path, &headers, body).await
 }
 
 /// Every manager's sessions in the RLM sidecar's shape, `{"count", "sessions"}`.
@@ -629,14 +692,17 @@ async fn forward(State(gateway): State<Gateway>, request: Request) -> Response {
     if leaves_its_route(&path) {
         return escaping_path(&path);
     }
-    let id = path
-        .strip_prefix("/v1/sessions/")
-        .or_else(|| path.strip_prefix("/session/"))
-        .unwrap_or_default()
-        .split('/')
-        .next()
-        .unwrap_or_default()
-        .to_owned();
+    let in_path = ["/v1/sessions/", "/session/", "/sandboxes/"]
+        .iter()
+        .find_map(|route| path.strip_prefix(route))
+        .map(|rest| rest.split('/').next().unwrap_or_default());
+    let in_header = || {
+        request
+            .headers()
+            .get(E2B_PASSED[0])
+            .and_then(|v| v.to_str().ok())
+    };
+    let id = in_path.or_else(in_header).unwrap_or_default().to_owned();
     let Some(pod) = owner(&id) else {
         return error(
             StatusCode::NOT_FOUND,
@@ -728,6 +794,11 @@ async fn send(
         .body(body);
     for name in PASSED {
         if let Some(value) = headers.get(&name) {
+            request = request.header(name, value);
+        }
+    }
+    for name in E2B_PASSED {
+        if let Some(value) = headers.get(name) {
             request = request.header(name, value);
         }
     }

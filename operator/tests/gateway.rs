@@ -283,3 +283,43 @@ async fn the_sandbox_fusion_client_runs_through_the_gateway() {
     let base = format!("{base}/fusion/s3cret");
     arl_e2e::run_client("fusion.py", &[&base], &["sandbox-fusion==0.3.7"]).await;
 }
+
+/// E2B's SDK, unmodified, through a gateway with a token: the create placed by template (a
+/// WarmPool's name too), then `run_code`, files and kill routed by the sandbox's id.
+#[tokio::test]
+async fn the_e2b_sdk_runs_through_the_gateway() {
+    let mut config = arl_e2e::python_config();
+    config.id_prefix = "agents.py-0".into();
+    let m = TestManager::start(config, Runtimes::python());
+    let mut python = member("py-0", "py", &m);
+    python.runtime = Some("python".into());
+    let fleet = Fleet::default();
+    fleet.upsert(python);
+    fleet.poll(&Managers::new()).await;
+    let base = gateway_with(fleet, Some("s3cret")).await;
+    arl_e2e::run_client(
+        "e2b_sdk.py",
+        &[&base, "s3cret"],
+        &["e2b-code-interpreter==2.11.5"],
+    )
+    .await;
+    // A WarmPool's name as the template places the sandbox in that pool.
+    let created = reqwest::Client::new()
+        .post(format!("{base}/v2/sandboxes"))
+        .header("x-api-key", "s3cret")
+        .json(&json!({ "templateID": "py" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let v: Value = created.json().await.unwrap();
+    let id = v["sandboxID"].as_str().unwrap();
+    assert!(id.starts_with("agents.py-0."), "{v}");
+    let killed = reqwest::Client::new()
+        .delete(format!("{base}/sandboxes/{id}"))
+        .header("x-api-key", "s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(killed.status(), 204);
+}

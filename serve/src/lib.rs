@@ -88,7 +88,7 @@ impl Bearer {
     pub fn allows(&self, authorization: Option<&[u8]>) -> bool {
         match authorization.map(|h| h.strip_prefix(b"Bearer ")) {
             _ if self.digest.is_none() => true,
-            Some(Some(token)) => self.is(token),
+            Some(Some(token)) => self.allows_key(token),
             _ => false,
         }
     }
@@ -98,10 +98,11 @@ impl Bearer {
     /// next segment is the token.
     pub fn allows_request(&self, path: &str, authorization: Option<&[u8]>) -> bool {
         self.allows(authorization)
-            || path_token(path).is_some_and(|token| self.is(token.as_bytes()))
+            || path_token(path).is_some_and(|token| self.allows_key(token.as_bytes()))
     }
 
-    fn is(&self, token: &[u8]) -> bool {
+    /// Whether `token`, as given bare (an API key header), is the token.
+    pub fn allows_key(&self, token: &[u8]) -> bool {
         let Some(expected) = &self.digest else {
             return true;
         };

@@ -167,7 +167,7 @@ pub fn router(registry: Registry, options: RouterOptions) -> Router {
             let e2b_key = [e2b::API_KEY, e2b::ACCESS_TOKEN]
                 .into_iter()
                 .filter_map(|h| headers.get(h))
-                .any(|key| auth.allows(Some(&[b"Bearer ", key.as_bytes()].concat())));
+                .any(|key| auth.allows_key(key.as_bytes()));
             let allowed = OPEN_ROUTES.contains(&path)
                 || e2b_key
                 || auth.allows_request(
