@@ -76,6 +76,33 @@ pub fn pytools(packages: &[&str]) -> PathBuf {
 }
 
 /// A default configuration for tests, with the shared cache.
+/// A new data folder for a test manager, `$TMPDIR/arl-e2e-<pid>-*`. A test binary's shared
+/// managers live as long as the process and are never dropped, so the first call also removes
+/// the folders of test processes that are gone: they never pile up.
+pub fn data_dir() -> PathBuf {
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    let tmp = std::env::temp_dir();
+    SWEPT.call_once(|| {
+        for entry in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid = name
+                .strip_prefix("arl-e2e-")
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|pid| pid.parse::<u32>().ok());
+            if let Some(pid) = pid
+                && !Path::new(&format!("/proc/{pid}")).exists()
+            {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    });
+    tempfile::Builder::new()
+        .prefix(&format!("arl-e2e-{}-", std::process::id()))
+        .tempdir_in(&tmp)
+        .expect("a test data folder")
+        .keep()
+}
+
 /// Runs `tests/clients/<script> <args>...` with the pinned PyPI `packages` importable, off the
 /// async threads; panics with its output unless it exits 0 and prints `ok` last.
 pub async fn run_client(script: &str, args: &[&str], packages: &[&str]) {
@@ -168,6 +195,8 @@ pub struct TestManager {
     /// `http://127.0.0.1:<port>` of the gRPC API.
     pub grpc: String,
     pub registry: Registry,
+    /// The data folder made for it (see [`data_dir`]), removed once it stops.
+    data_dir: Option<PathBuf>,
     stop: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<std::io::Result<()>>>>,
 }
@@ -182,6 +211,15 @@ impl TestManager {
         runtimes: Runtimes,
         options: ServeOptions,
     ) -> Arc<TestManager> {
+        let mut config = config;
+        let data_dir = match &config.data_dir {
+            Some(_) => None,
+            None => {
+                let dir = data_dir();
+                config.data_dir = Some(dir.clone());
+                Some(dir)
+            }
+        };
         let registry = Registry::new(config).expect("registry");
         let progress = |step: &str| eprintln!("test manager: {step}");
         if runtimes.python {
@@ -232,6 +270,7 @@ impl TestManager {
             base: format!("http://{http}"),
             grpc: format!("http://{grpc}"),
             registry,
+            data_dir,
             stop: std::sync::Mutex::new(Some(stop)),
             thread: std::sync::Mutex::new(Some(thread)),
         })
@@ -251,6 +290,9 @@ impl TestManager {
             }
             if thread.is_finished() {
                 let _ = thread.join();
+                if let Some(dir) = &self.data_dir {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
             }
         }
     }
