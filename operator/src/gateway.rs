@@ -180,6 +180,7 @@ pub fn router(gateway: Gateway) -> Router {
         .route("/sandboxes/{id}", any(forward))
         .route("/execute", post(forward))
         .route("/files", get(forward).post(forward))
+        .route("/process.Process/{method}", post(forward))
         .route("/run_code", post(run_code))
         .route("/run_jupyter", post(run_jupyter))
         // The same for clients that cannot send a token: it is the path's second segment.

@@ -59,6 +59,13 @@ try:
 except (InvalidArgumentException, SandboxException):
     pass
 
+# No processes in a WebAssembly sandbox: commands raise, saying so.
+try:
+    sbx.commands.run("ls")
+    raise AssertionError("a command ran")
+except SandboxException as e:
+    assert "run no processes" in str(e), e
+
 # The sandbox ends, and a second kill finds nothing.
 sandbox_id = sbx.sandbox_id
 assert sbx.kill() is True

@@ -464,3 +464,18 @@ pub async fn write_files(
     }
     Json(written).into_response()
 }
+
+/// envd's process service (`commands.run`, `pty`): a WebAssembly sandbox has no processes,
+/// so every call answers Connect's `unimplemented`, which the SDK raises with this message.
+#[utoipa::path(post, path = "/process.Process/{method}", operation_id = "e2b_process", tag = "e2b",
+    params(("method" = String, Path, description = "The Connect method, e.g. Start")),
+    responses((status = 501, description = "`unimplemented`: no processes here", body = Object)))]
+pub async fn process(Path(method): Path<String>) -> Response {
+    let message = format!(
+        "process.Process/{method}: ARL's sandboxes are WebAssembly and run no processes, so \
+         commands and terminals are not served; run Python with run_code (a container pool runs \
+         commands)"
+    );
+    let body = json!({ "code": "unimplemented", "message": message });
+    (StatusCode::NOT_IMPLEMENTED, Json(body)).into_response()
+}

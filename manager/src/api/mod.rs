@@ -136,6 +136,7 @@ fn documented(import_limit: usize) -> OpenApiRouter<Registry> {
         .routes(routes!(e2b::kill))
         .routes(routes!(e2b::execute))
         .routes(routes!(e2b::read_file, e2b::write_files))
+        .routes(routes!(e2b::process))
 }
 
 /// The OpenAPI document of every route, as `/openapi.json` serves it.
