@@ -18,7 +18,7 @@ use arl_serve::Bearer;
 use axum::Router;
 use axum::body::{Body, Bytes, HttpBody as _};
 use axum::extract::{Query, Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
@@ -168,7 +168,7 @@ pub fn router(gateway: Gateway) -> Router {
         // The RLM sidecar routes, for the same clients reaching the cluster instead of a
         // manager beside them. `DELETE /sessions` (end every session) is the manager's alone:
         // through the gateway it would end every client's.
-        .route("/session", post(create_rlm))
+        .route("/session", post(create))
         .route("/session/{id}", any(forward))
         .route("/session/{id}/{*rest}", any(forward))
         .route("/sessions", get(list_rlm).delete(refuse_delete_all))
@@ -181,11 +181,11 @@ pub fn router(gateway: Gateway) -> Router {
         .route("/execute", post(forward))
         .route("/files", get(forward).post(forward))
         .route("/process.Process/{method}", post(forward))
-        .route("/run_code", post(run_code))
-        .route("/run_jupyter", post(run_jupyter))
+        .route("/run_code", post(run_fusion))
+        .route("/run_jupyter", post(run_fusion))
         // The same for clients that cannot send a token: it is the path's second segment.
-        .route("/fusion/{token}/run_code", post(run_code))
-        .route("/fusion/{token}/run_jupyter", post(run_jupyter))
+        .route("/fusion/{token}/run_code", post(run_fusion))
+        .route("/fusion/{token}/run_jupyter", post(run_fusion))
         .route(
             "/fusion/{token}/v1/ping",
             get(|| async { axum::Json("pong") }),
@@ -267,45 +267,34 @@ struct Placement {
     pool: Option<String>,
 }
 
-/// Places a session on the least-utilised manager that takes it.
+/// Places a session on the least-utilised manager that takes it, at the same path: ARL's
+/// `POST /v1/sessions`, or the RLM sidecar's `POST /session`.
 async fn create(
     State(gateway): State<Gateway>,
     Query(placement): Query<Placement>,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    create_at(gateway, placement, headers, body, "/v1/sessions").await
+    create_at(gateway, placement, headers, body, uri.path()).await
 }
 
-/// Places a session as [`create`] does, through the RLM sidecar's `POST /session`.
-async fn create_rlm(
+/// Places a SandboxFusion request (`POST /run_code`, `POST /run_jupyter`, also under
+/// `/fusion/<token>/`) on the least-utilised Python manager (`?pool=` to pick a WarmPool),
+/// body and answer passed whole.
+async fn run_fusion(
     State(gateway): State<Gateway>,
     Query(placement): Query<Placement>,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    create_at(gateway, placement, headers, body, "/session").await
-}
-
-/// Places a SandboxFusion program (`POST /run_code`) on the least-utilised Python manager
-/// (`?pool=` to pick a WarmPool), body and answer passed whole.
-async fn run_code(
-    State(gateway): State<Gateway>,
-    Query(placement): Query<Placement>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    fusion(gateway, placement, headers, body, "/run_code").await
-}
-
-/// Places SandboxFusion notebook cells (`POST /run_jupyter`) as [`run_code`] places a program.
-async fn run_jupyter(
-    State(gateway): State<Gateway>,
-    Query(placement): Query<Placement>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    fusion(gateway, placement, headers, body, "/run_jupyter").await
+    // The manager is reached with the gateway's own token, never a path token.
+    let path = match arl_serve::path_token(uri.path()) {
+        Some(token) => &uri.path()[arl_serve::PATH_TOKEN_PREFIX.len() + token.len()..],
+        None => uri.path(),
+    };
+    fusion(gateway, placement, headers, body, path).await
 }
 
 async fn fusion(
