@@ -125,6 +125,20 @@ impl Gateway {
             .collect()
     }
 
+    /// Every manager's sessions as listed at `path` (ARL's or the RLM sidecar's), and the
+    /// managers whose listing did not come (whole, in time).
+    async fn sessions(&self, path: &str, headers: &HeaderMap) -> (Vec<Value>, Vec<String>) {
+        let mut sessions = Vec::new();
+        let mut unreachable = Vec::new();
+        for (member, listed) in self.listings(path, "sessions", headers).await {
+            match listed {
+                Some(found) => sessions.extend(found),
+                None => unreachable.push(member),
+            }
+        }
+        (sessions, unreachable)
+    }
+
     /// `member`'s answer to `GET path` as JSON, when it comes whole within the listing
     /// bounds and says 2xx; `None` otherwise.
     async fn listing(&self, member: &Member, path: &str, headers: &HeaderMap) -> Option<Value> {
@@ -172,7 +186,6 @@ pub fn router(gateway: Gateway) -> Router {
         .route("/session/{id}", any(forward))
         .route("/session/{id}/{*rest}", any(forward))
         .route("/sessions", get(list_rlm).delete(refuse_delete_all))
-        // SandboxFusion's: each program is one session on the least-utilised manager.
         // E2B's: a create placed by its template, the rest routed by the sandbox's id (in
         // the path, or in `E2b-Sandbox-Id`).
         .route("/v2/sandboxes", post(e2b_create))
@@ -181,6 +194,7 @@ pub fn router(gateway: Gateway) -> Router {
         .route("/execute", post(forward))
         .route("/files", get(forward).post(forward))
         .route("/process.Process/{method}", post(forward))
+        // SandboxFusion's: each program is one session on the least-utilised manager.
         .route("/run_code", post(run_fusion))
         .route("/run_jupyter", post(run_fusion))
         // The same for clients that cannot send a token: it is the path's second segment.
@@ -363,14 +377,7 @@ async fn e2b_create(
 
 /// Every manager's sessions in the RLM sidecar's shape, `{"count", "sessions"}`.
 async fn list_rlm(State(gateway): State<Gateway>, headers: HeaderMap) -> Response {
-    let mut sessions = Vec::new();
-    let mut unreachable = Vec::new();
-    for (member, listed) in gateway.listings("/sessions", "sessions", &headers).await {
-        match listed {
-            Some(found) => sessions.extend(found),
-            None => unreachable.push(member),
-        }
-    }
+    let (sessions, unreachable) = gateway.sessions("/sessions", &headers).await;
     let body = json!({ "count": sessions.len(), "sessions": sessions, "unreachable": unreachable });
     axum::Json(body).into_response()
 }
@@ -595,14 +602,7 @@ async fn place(
 
 /// Every session of every manager.
 async fn list(State(gateway): State<Gateway>, headers: HeaderMap) -> Response {
-    let mut sessions = Vec::new();
-    let mut unreachable = Vec::new();
-    for (member, listed) in gateway.listings("/v1/sessions", "sessions", &headers).await {
-        match listed {
-            Some(found) => sessions.extend(found),
-            None => unreachable.push(member),
-        }
-    }
+    let (sessions, unreachable) = gateway.sessions("/v1/sessions", &headers).await;
     axum::Json(json!({ "sessions": sessions, "unreachable": unreachable })).into_response()
 }
 
