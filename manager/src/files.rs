@@ -325,6 +325,32 @@ impl Workspace {
         Ok(all)
     }
 
+    /// Makes the folder at `path` and those above it: whether it was new (`false`: it was
+    /// already there).
+    pub fn make_dir(&self, path: &str) -> Result<bool> {
+        let rel = check(path)?;
+        let root = self.root()?;
+        match root.symlink_metadata(rel) {
+            Ok(meta) if meta.is_dir() => return Ok(false),
+            Ok(_) => return Err(Error::BadPath(path.into(), "is a file, not a folder")),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(fs_error(path, e)),
+        }
+        self.check_room()?;
+        root.create_dir_all(rel).map_err(|e| fs_error(path, e))?;
+        self.recount()?;
+        Ok(true)
+    }
+
+    /// Moves the entry at `from` to `to` (replacing a file there), and says what it is now.
+    pub fn rename(&self, from: &str, to: &str) -> Result<Entry> {
+        let (src, dst) = (check(from)?, check(to)?);
+        let root = self.root()?;
+        root.symlink_metadata(src).map_err(|e| fs_error(from, e))?;
+        root.rename(src, &root, dst).map_err(|e| fs_error(to, e))?;
+        self.stat(to)
+    }
+
     /// Removes the file, symlink or folder (with everything in it) at `path`.
     pub fn delete(&self, path: &str) -> Result<()> {
         let rel = check(path)?;

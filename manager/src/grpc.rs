@@ -173,6 +173,7 @@ fn session(i: Info) -> pb::Session {
         executions: i.executions,
         memory_bytes: i.memory_bytes,
         limits: Some(limits(i.limits)),
+        metadata: (*i.metadata).clone().into_iter().collect(),
     }
 }
 
@@ -245,6 +246,7 @@ impl Sessions for SessionService {
             lifetime_secs: r.lifetime_secs,
             rollback: r.rollback,
             from_snapshot: (!r.from_snapshot.is_empty()).then_some(r.from_snapshot),
+            metadata: (!r.metadata.is_empty()).then(|| r.metadata.into_iter().collect()),
         };
         let created = self.registry.create(request).await.map_err(status)?;
         Ok(Response::new(session(created.info())))

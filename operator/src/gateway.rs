@@ -42,8 +42,9 @@ pub(crate) const IMPORTS: usize = 4;
 /// E2B's headers, passed on to the manager: the sandbox a call is for, and the API key the
 /// manager hands back as the sandbox's access token.
 const E2B_PASSED: [&str; 2] = ["e2b-sandbox-id", "x-api-key"];
-/// Headers E2B's SDK authenticates with, each accepted as the gateway's token.
-const E2B_KEYS: [&str; 2] = ["x-api-key", "x-access-token"];
+/// Headers E2B's SDK authenticates with, each accepted as the gateway's token: the API key,
+/// the sandbox's access token (envd, `/execute`) and its traffic token (contexts).
+const E2B_KEYS: [&str; 3] = ["x-api-key", "x-access-token", "e2b-traffic-access-token"];
 
 /// Headers passed from client to manager and back.
 const PASSED: [header::HeaderName; 5] = [
@@ -97,11 +98,12 @@ impl Gateway {
     }
 
     /// Every ready manager's `GET path`, asked at once: by manager name, the array under
-    /// `field` of its answer, or `None` when it gave none within the listing bounds.
+    /// `field` of its answer (the answer itself with `None`), or `None` when it gave none within
+    /// the listing bounds.
     async fn listings(
         &self,
         path: &str,
-        field: &str,
+        field: Option<&str>,
         headers: &HeaderMap,
     ) -> Vec<(String, Option<Vec<Value>>)> {
         let members: Vec<Member> = self
@@ -116,9 +118,15 @@ impl Gateway {
             .into_iter()
             .zip(answers)
             .map(|(member, answer)| {
-                let found = answer.and_then(|mut v| match v[field].take() {
-                    Value::Array(items) => Some(items),
-                    _ => None,
+                let found = answer.and_then(|mut v| {
+                    let listed = match field {
+                        Some(field) => v[field].take(),
+                        None => v,
+                    };
+                    match listed {
+                        Value::Array(items) => Some(items),
+                        _ => None,
+                    }
                 });
                 (member.key(), found)
             })
@@ -130,7 +138,7 @@ impl Gateway {
     async fn sessions(&self, path: &str, headers: &HeaderMap) -> (Vec<Value>, Vec<String>) {
         let mut sessions = Vec::new();
         let mut unreachable = Vec::new();
-        for (member, listed) in self.listings(path, "sessions", headers).await {
+        for (member, listed) in self.listings(path, Some("sessions"), headers).await {
             match listed {
                 Some(found) => sessions.extend(found),
                 None => unreachable.push(member),
@@ -188,12 +196,19 @@ pub fn router(gateway: Gateway) -> Router {
         .route("/sessions", get(list_rlm).delete(refuse_delete_all))
         // E2B's: a create placed by its template, the rest routed by the sandbox's id (in
         // the path, or in `E2b-Sandbox-Id`).
-        .route("/v2/sandboxes", post(e2b_create))
+        .route("/v2/sandboxes", post(e2b_create).get(e2b_list))
+        .route("/v2/sandboxes/{id}/{*rest}", any(forward))
         .route("/sandboxes", post(e2b_create))
         .route("/sandboxes/{id}", any(forward))
+        .route("/sandboxes/{id}/{*rest}", any(forward))
         .route("/execute", post(forward))
+        .route("/contexts", get(forward).post(forward))
+        .route("/contexts/{id}", any(forward))
+        .route("/contexts/{id}/{*rest}", any(forward))
         .route("/files", get(forward).post(forward))
+        .route("/filesystem.Filesystem/{method}", post(forward))
         .route("/process.Process/{method}", post(forward))
+        .route("/health", get(e2b_health))
         // SandboxFusion's: each program is one session on the least-utilised manager.
         .route("/run_code", post(run_fusion))
         .route("/run_jupyter", post(run_fusion))
@@ -606,11 +621,78 @@ async fn list(State(gateway): State<Gateway>, headers: HeaderMap) -> Response {
     axum::Json(json!({ "sessions": sessions, "unreachable": unreachable })).into_response()
 }
 
+/// What E2B's `Sandbox.list` filters and pages by (see the manager's `GET /v2/sandboxes`).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct E2bListQuery {
+    metadata: Option<String>,
+    state: Option<String>,
+    template: Option<String>,
+    limit: Option<usize>,
+    next_token: Option<String>,
+}
+
+/// E2B's `Sandbox.list` across the fleet: each manager's matching sandboxes (up to 1,000 of
+/// each), oldest first, paged here by `limit` and `nextToken` as a manager pages its own.
+async fn e2b_list(
+    State(gateway): State<Gateway>,
+    Query(query): Query<E2bListQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let filters = [
+        ("metadata", &query.metadata),
+        ("state", &query.state),
+        ("template", &query.template),
+    ];
+    let asked = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(filters.iter().filter_map(|(k, v)| Some((k, v.as_ref()?))))
+        .finish();
+    let path = format!("/v2/sandboxes?{asked}&limit=1000");
+    let mut all: Vec<Value> = Vec::new();
+    for (_, listed) in gateway.listings(&path, None, &headers).await {
+        all.extend(listed.into_iter().flatten());
+    }
+    let key = |v: &Value| {
+        (
+            v["startedAt"].as_str().unwrap_or("").to_owned(),
+            v["sandboxID"].as_str().unwrap_or("").to_owned(),
+        )
+    };
+    all.sort_by_key(key);
+    let mut rest = all.into_iter();
+    if let Some(after) = &query.next_token {
+        rest.by_ref().find(|v| v["sandboxID"] == after.as_str());
+    }
+    let page: Vec<Value> = rest
+        .by_ref()
+        .take(query.limit.unwrap_or(100).clamp(1, 1000))
+        .collect();
+    let more = rest.next().is_some();
+    let mut response = axum::Json(&page).into_response();
+    if more
+        && let Some(last) = page.last().and_then(|v| v["sandboxID"].as_str())
+        && let Ok(token) = HeaderValue::from_str(last)
+    {
+        response.headers_mut().insert("x-next-token", token);
+    }
+    response
+}
+
+/// envd's `/health`: the sandbox's manager answers for a sandbox named in `E2b-Sandbox-Id`;
+/// without one, the gateway itself is up.
+async fn e2b_health(state: State<Gateway>, request: Request) -> Response {
+    if request.headers().contains_key(E2B_PASSED[0]) {
+        forward(state, request).await
+    } else {
+        StatusCode::NO_CONTENT.into_response()
+    }
+}
+
 /// Every snapshot any manager has, newest first, each once.
 async fn list_snapshots(State(gateway): State<Gateway>, headers: HeaderMap) -> Response {
     let mut snapshots: Vec<Value> = Vec::new();
     for (_, listed) in gateway
-        .listings("/v1/snapshots", "snapshots", &headers)
+        .listings("/v1/snapshots", Some("snapshots"), &headers)
         .await
     {
         snapshots.extend(listed.into_iter().flatten());
@@ -682,10 +764,15 @@ async fn forward(State(gateway): State<Gateway>, request: Request) -> Response {
     if leaves_its_route(&path) {
         return escaping_path(&path);
     }
-    let in_path = ["/v1/sessions/", "/session/", "/sandboxes/"]
-        .iter()
-        .find_map(|route| path.strip_prefix(route))
-        .map(|rest| rest.split('/').next().unwrap_or_default());
+    let in_path = [
+        "/v1/sessions/",
+        "/session/",
+        "/sandboxes/",
+        "/v2/sandboxes/",
+    ]
+    .iter()
+    .find_map(|route| path.strip_prefix(route))
+    .map(|rest| rest.split('/').next().unwrap_or_default());
     let in_header = || {
         request
             .headers()

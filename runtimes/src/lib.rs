@@ -99,16 +99,39 @@ impl Protocol {
     /// result and error fields the guest cuts to `cap` bytes each. `reseed` draws the guest's
     /// pseudo-random states anew first (a fork's first turn: its copied states would repeat
     /// its parent's draws).
-    pub fn encode_turn(self, code: &str, n: u64, cap: usize, reseed: bool) -> Vec<u8> {
+    ///
+    /// `context` names a namespace of the session other than its own, and the folder its
+    /// cells start in; a runtime without contexts ignores it.
+    pub fn encode_turn(
+        self,
+        code: &str,
+        n: u64,
+        cap: usize,
+        reseed: bool,
+        context: Option<&Context>,
+    ) -> Vec<u8> {
         match self {
             Protocol::Raw => code.as_bytes().to_vec(),
             Protocol::Python if reseed => {
-                let turn = python::turn_source(code, n, cap);
+                let turn = python::turn_source(code, n, cap, context);
                 format!("{}\n{turn}", python::RESEED).into_bytes()
             }
-            Protocol::Python => python::turn_source(code, n, cap).into_bytes(),
+            Protocol::Python => python::turn_source(code, n, cap, context).into_bytes(),
         }
     }
+
+    /// Whether a session of this runtime can hold contexts, namespaces beside its own.
+    pub fn has_contexts(self) -> bool {
+        matches!(self, Protocol::Python)
+    }
+}
+
+/// A namespace of a session beside its own (E2B's code contexts): its id and the folder, as the
+/// guest sees it, its cells start in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Context {
+    pub id: String,
+    pub cwd: String,
 }
 
 /// What a turn reported through the door: the final expression's repr, an uncaught

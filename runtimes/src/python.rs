@@ -66,9 +66,25 @@ pub const RESEED: &str = "(lambda m: (m['random'].seed() if 'random' in m else N
 /// error fields cut to `cap` bytes each in the guest. A JSON string is a valid Python string
 /// literal with the same value (serde_json escapes only `"`, `\` and control characters, all
 /// of which Python reads alike).
-pub fn turn_source(code: &str, n: u64, cap: usize) -> String {
-    let literal = serde_json::to_string(code).unwrap_or_else(|_| "''".to_owned());
-    format!("__import__('_arl').run({literal}, {n}, {cap})")
+pub fn turn_source(code: &str, n: u64, cap: usize, context: Option<&crate::Context>) -> String {
+    let literal = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "''".to_owned());
+    let code = literal(code);
+    match context {
+        None => format!("__import__('_arl').run({code}, {n}, {cap})"),
+        Some(c) => format!(
+            "__import__('_arl').run({code}, {n}, {cap}, {}, {})",
+            literal(&c.id),
+            literal(&c.cwd)
+        ),
+    }
+}
+
+/// The turn that starts `context` over (`None`: the session's own namespace, `__main__`).
+pub fn forget_source(context: Option<&str>) -> String {
+    match context.map(serde_json::to_string) {
+        Some(Ok(id)) => format!("__import__('_arl').forget({id})"),
+        _ => "__import__('_arl').forget()".to_owned(),
+    }
 }
 
 /// A cell that runs `code` as `python ARGV[0] ARGV[1..] < stdin` would: in a fresh `__main__`
@@ -271,7 +287,7 @@ mod tests {
 
     #[test]
     fn turn_source_is_a_python_literal_of_the_code() {
-        let src = turn_source("print(\"hi\")\n\tx = '\\\\'\u{7}é😀", 3, 1000);
+        let src = turn_source("print(\"hi\")\n\tx = '\\\\'\u{7}é😀", 3, 1000, None);
         assert_eq!(
             src,
             "__import__('_arl').run(\"print(\\\"hi\\\")\\n\\tx = '\\\\\\\\'\\u0007é😀\", 3, 1000)"

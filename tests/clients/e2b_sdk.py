@@ -14,8 +14,35 @@ os.environ["E2B_SANDBOX_URL"] = base
 
 from e2b_code_interpreter import Sandbox  # noqa: E402  (reads the environment above)
 
-sbx = Sandbox.create()
+import datetime  # noqa: E402
+
+from e2b import FileType, SandboxQuery  # noqa: E402
+
+tag = os.urandom(4).hex()
+sbx = Sandbox.create(metadata={"run": tag}, timeout=120)
 assert sbx.run_code("1+1").text == "2"
+
+# The control plane: info, listing by metadata, timeout, connect.
+info = sbx.get_info()
+assert info.sandbox_id == sbx.sandbox_id and info.metadata == {"run": tag}, info
+assert info.template_id == "code-interpreter-v1", info
+life = (info.end_at - info.started_at).total_seconds()
+assert 119 <= life <= 121, life
+sbx.set_timeout(3600)
+later = sbx.get_info().end_at
+assert later - info.end_at > datetime.timedelta(minutes=50), (later, info.end_at)
+other = Sandbox.create(metadata={"run": tag, "role": "other"})
+listed = Sandbox.list(query=SandboxQuery(metadata={"run": tag})).next_items()
+assert sorted(s.sandbox_id for s in listed) == sorted([sbx.sandbox_id, other.sandbox_id]), listed
+listed = Sandbox.list(query=SandboxQuery(metadata={"role": "other"})).next_items()
+assert [s.sandbox_id for s in listed] == [other.sandbox_id], listed
+pages = Sandbox.list(query=SandboxQuery(metadata={"run": tag}), limit=1)
+first, second = pages.next_items(), pages.next_items()
+assert len(first) == 1 and len(second) == 1 and first[0].sandbox_id != second[0].sandbox_id
+assert not pages.has_next
+assert other.is_running()
+other.kill()
+assert not other.is_running()
 
 # State carries from one run_code to the next.
 sbx.run_code("x = 41")
@@ -65,6 +92,41 @@ try:
     raise AssertionError("a command ran")
 except SandboxException as e:
     assert "run no processes" in str(e), e
+
+# Contexts: each its own variables, in its own folder; restart forgets them.
+sbx.files.make_dir("/home/user/proj")
+ctx = sbx.create_code_context(cwd="/home/user/proj")
+assert ctx.cwd == "/home/user/proj" and ctx.language == "python", ctx
+sbx.run_code("x = 'in ctx'", context=ctx)
+assert sbx.run_code("x", context=ctx).text == "'in ctx'"
+assert sbx.run_code("x + 1").text == "42"  # the default context's x is untouched
+assert sbx.run_code("import os; os.getcwd()", context=ctx).text == "'/workspace/proj'"
+assert [c.id for c in sbx.list_code_contexts()] == ["default", ctx.id]
+sbx.restart_code_context(ctx)
+ex = sbx.run_code("x", context=ctx)
+assert ex.error and ex.error.name == "NameError", ex.error
+sbx.remove_code_context(ctx)
+assert [c.id for c in sbx.list_code_contexts()] == ["default"]
+
+# The filesystem service: stat, list, make, move, remove.
+assert sbx.files.exists("/home/user/data.txt") and not sbx.files.exists("nope.txt")
+entry = sbx.files.get_info("/home/user/data.txt")
+assert entry.type == FileType.FILE and entry.size == 5 and entry.name == "data.txt", entry
+assert sbx.files.make_dir("/home/user/proj/deep/er") is True
+assert sbx.files.make_dir("/home/user/proj") is False
+names = sorted(e.path for e in sbx.files.list("/home/user/proj", depth=3))
+assert names == ["/home/user/proj/deep", "/home/user/proj/deep/er"], names
+moved = sbx.files.rename("/home/user/data.txt", "/home/user/proj/data.txt")
+assert moved.path == "/home/user/proj/data.txt" and moved.type == FileType.FILE, moved
+assert sbx.run_code("open('proj/data.txt').read()").text == "'hello'"
+sbx.files.remove("/home/user/proj")
+assert not sbx.files.exists("/home/user/proj/data.txt")
+home = [e.name for e in sbx.files.list("/home/user")]
+assert "proj" not in home and "out" in home, home
+
+# Connect: the same sandbox, its state, from its id.
+again = Sandbox.connect(sbx.sandbox_id)
+assert again.run_code("x + 1").text == "42"
 
 # The sandbox ends, and a second kill finds nothing.
 sandbox_id = sbx.sandbox_id

@@ -131,11 +131,19 @@ fn documented(import_limit: usize) -> OpenApiRouter<Registry> {
         .routes(routes!(fusion::run_jupyter))
         .routes(routes!(fusion::run_jupyter_with_token))
         .routes(routes!(fusion::ping_with_token))
-        .routes(routes!(e2b::create))
+        .routes(routes!(e2b::create, e2b::list))
         .routes(routes!(e2b::create_v1))
-        .routes(routes!(e2b::kill))
+        .routes(routes!(e2b::connect))
+        .routes(routes!(e2b::connect_v1))
+        .routes(routes!(e2b::set_timeout))
+        .routes(routes!(e2b::info, e2b::kill))
         .routes(routes!(e2b::execute))
+        .routes(routes!(e2b::create_context, e2b::list_contexts))
+        .routes(routes!(e2b::remove_context))
+        .routes(routes!(e2b::restart_context))
         .routes(routes!(e2b::read_file, e2b::write_files))
+        .routes(routes!(e2b::filesystem))
+        .routes(routes!(e2b::health))
         .routes(routes!(e2b::process))
 }
 
@@ -164,8 +172,9 @@ pub fn router(registry: Registry, options: RouterOptions) -> Router {
         .layer(middleware::from_fn(move |r: Request, next: Next| {
             let path = r.uri().path();
             let headers = r.headers();
-            // E2B's SDK sends the token as its API key or as the sandbox's access token.
-            let e2b_key = [e2b::API_KEY, e2b::ACCESS_TOKEN]
+            // E2B's SDK sends the token as its API key, or as the sandbox's access or traffic
+            // token.
+            let e2b_key = e2b::KEYS
                 .into_iter()
                 .filter_map(|h| headers.get(h))
                 .any(|key| auth.allows_key(key.as_bytes()));

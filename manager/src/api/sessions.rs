@@ -1,6 +1,7 @@
 //! `/v1/sessions`: create, show, list, delete, and execute (JSON, or streamed as Server-Sent
 //! Events when the client accepts `text/event-stream`).
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::time::Duration;
 
@@ -39,6 +40,8 @@ pub struct SessionView {
     /// The guest's linear memory now.
     pub memory_bytes: u64,
     pub limits: LimitsView,
+    /// The labels given at create.
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// Limits as `/v1` shows them.
@@ -79,6 +82,7 @@ impl From<Info> for SessionView {
             executions: i.executions,
             memory_bytes: i.memory_bytes,
             limits: i.limits.into(),
+            metadata: (*i.metadata).clone(),
         }
     }
 }

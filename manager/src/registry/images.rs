@@ -140,6 +140,8 @@ impl Registry {
             Provenance::Elsewhere => (self.image_limits(image.limits, &runtime)?, false, None),
         };
         let limits = self.limits(request, &runtime, base)?;
+        let metadata = request.metadata.clone().unwrap_or_default();
+        super::request::check_metadata(&metadata)?;
         if limits.memory_bytes < image.memory_bytes {
             return Err(Error::InvalidRequest(format!(
                 "the snapshot's memory is {} MiB, above the memory_mib asked for",
@@ -161,6 +163,7 @@ impl Registry {
                 Some((origin, copy_from)),
             )
             .await?;
+        session.set_metadata(metadata);
         self.adopt(&session);
         Ok(session)
     }

@@ -35,7 +35,7 @@ use crate::{Error, Result};
 use images::Provenance;
 pub use reaper::available_memory;
 pub use request::CreateRequest;
-use request::check_env;
+use request::{check_env, check_metadata};
 use warm::WarmPool;
 
 /// Images decoded at once (imports and restores): each may hold up to the manager's image
@@ -202,19 +202,26 @@ impl Registry {
             return self.restore(image, &request, Provenance::Elsewhere).await;
         }
         let runtime = self.runtime(request.runtime.as_deref().unwrap_or("python"))?;
-        if request.is_plain(&self.inner.config.defaults)
-            && let Some(session) = self.claim_warm(&runtime.name)
-        {
-            self.adopt(&session);
-            self.top_up_soon();
-            return Ok(session);
-        }
         let limits = self.limits(&request, &runtime, self.inner.config.defaults)?;
-        let env = check_env(request.env.unwrap_or_default())?;
-        let permit = self.acquire_slot().await?;
-        let session = self
-            .start(runtime, limits, env, permit, false, None)
-            .await?;
+        let metadata = request.metadata.clone().unwrap_or_default();
+        check_metadata(&metadata)?;
+        let warm = request
+            .is_plain(&self.inner.config.defaults)
+            .then(|| self.claim_warm(&runtime.name))
+            .flatten();
+        let session = match warm {
+            Some(session) => {
+                session.end_in(limits.lifetime);
+                session
+            }
+            None => {
+                let env = check_env(request.env.unwrap_or_default())?;
+                let permit = self.acquire_slot().await?;
+                self.start(runtime, limits, env, permit, false, None)
+                    .await?
+            }
+        };
+        session.set_metadata(metadata);
         self.adopt(&session);
         self.top_up_soon();
         Ok(session)

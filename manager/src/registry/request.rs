@@ -40,21 +40,26 @@ pub struct CreateRequest {
     /// snapshot's unless given here; `env` cannot be given (the interpreter has its own).
     #[schema(example = "snap-5f0c1b2e9d8a4c7b8e6f1a2b3c4d5e6f")]
     pub from_snapshot: Option<String>,
+    /// Labels for the session, names to values, listed with it (at most 64, 1 KiB each).
+    pub metadata: Option<BTreeMap<String, String>>,
 }
+
+/// Labels a session may have, and bytes each name or value may hold.
+const MAX_METADATA: usize = 64;
+const MAX_METADATA_BYTES: usize = 1 << 10;
 
 /// The longest idle TTL or lifetime a request may ask for: 30 days.
 const MAX_TTL_SECS: u64 = 30 * 24 * 3600;
 
 impl CreateRequest {
-    /// Whether it asks for nothing but the defaults (a runtime aside), so that a warm session
-    /// started ahead can serve it.
+    /// Whether a warm session started ahead can serve it: it asks for nothing but the defaults,
+    /// a runtime, a lifetime and labels aside (a claimed session takes those on).
     pub(super) fn is_plain(&self, defaults: &Limits) -> bool {
         self.from_snapshot.is_none()
             && self.rollback.is_none_or(|r| r == defaults.rollback)
             && self.timeout_ms.is_none()
             && self.memory_mib.is_none()
             && self.idle_ttl_secs.is_none()
-            && self.lifetime_secs.is_none()
             && self.env.as_ref().is_none_or(BTreeMap::is_empty)
     }
 }
@@ -148,6 +153,24 @@ impl Registry {
             other => Ok(other.map(Duration::from_millis)),
         }
     }
+}
+
+/// Checks a request's labels: few and small, as a listing carries them all.
+pub(super) fn check_metadata(metadata: &BTreeMap<String, String>) -> Result<()> {
+    if metadata.len() > MAX_METADATA {
+        return Err(Error::InvalidRequest(format!(
+            "metadata may have at most {MAX_METADATA} entries"
+        )));
+    }
+    for (key, value) in metadata {
+        if key.is_empty() || key.len() > MAX_METADATA_BYTES || value.len() > MAX_METADATA_BYTES {
+            return Err(Error::InvalidRequest(format!(
+                "metadata {key:?}: names must be non-empty, names and values at most \
+                 {MAX_METADATA_BYTES} bytes"
+            )));
+        }
+    }
+    Ok(())
 }
 
 pub(super) fn check_env(env: BTreeMap<String, String>) -> Result<Vec<(String, String)>> {

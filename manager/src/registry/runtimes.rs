@@ -41,6 +41,13 @@ impl Registry {
         read(&self.inner.runtimes).contains_key(name)
     }
 
+    /// Whether sessions of the runtime `name` can hold contexts beside their own namespace.
+    pub fn has_contexts(&self, name: &str) -> bool {
+        read(&self.inner.runtimes)
+            .get(name)
+            .is_some_and(|r| r.protocol.has_contexts())
+    }
+
     pub(super) fn runtime(&self, name: &str) -> Result<Arc<Runtime>> {
         let runtimes = read(&self.inner.runtimes);
         if runtimes.is_empty() {

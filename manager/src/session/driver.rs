@@ -456,7 +456,7 @@ impl Driver {
         };
         let limits = self.session.limits;
         let age = self.session.stats().created.elapsed();
-        let lifetime_left = limits.lifetime.saturating_sub(age);
+        let lifetime_left = self.session.lifetime().saturating_sub(age);
         let capped = job.timeout >= lifetime_left;
         let deadline = job.timeout.min(lifetime_left);
         let input = self.protocol.encode_turn(
@@ -464,6 +464,7 @@ impl Driver {
             n,
             limits.output_bytes,
             std::mem::take(&mut self.reseed),
+            job.context.as_ref(),
         );
         self.store.data_mut().clear_refusal();
         self.stdout.reset(limits.output_bytes, job.sink.clone());

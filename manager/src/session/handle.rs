@@ -10,6 +10,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::history::{History, HistoryEntry};
 use super::stream::TurnStream;
 use super::types::{EndReason, Info, Lifecycle, Limits, Outcome};
+use arl_runtimes::Context;
+
 use crate::files::Workspace;
 use crate::image::Image;
 use crate::output::Sink;
@@ -17,6 +19,9 @@ use crate::{Error, Result};
 
 /// Turns that may wait behind a running one before an execute is refused as busy.
 pub const QUEUE_DEPTH: usize = 16;
+
+/// Contexts a session may hold beside its own namespace.
+pub const MAX_CONTEXTS: usize = 64;
 
 /// A session's bookkeeping, shared by its handle and its task.
 pub(super) struct Stats {
@@ -27,11 +32,21 @@ pub(super) struct Stats {
     pub last_used: Instant,
     pub executions: u64,
     pub memory_bytes: u64,
+    /// How long after `created` the session ends: its limits' lifetime, until a client
+    /// moves the end (E2B's `set_timeout`).
+    pub lifetime: Duration,
+    /// The client's labels for the session, listed with it.
+    pub metadata: Arc<Metadata>,
 }
+
+/// A client's labels for a session: names to values.
+pub type Metadata = std::collections::BTreeMap<String, String>;
 
 /// One execution asked of the session's task.
 pub(super) struct Turn {
     pub code: String,
+    /// The namespace it runs in, when not the session's own.
+    pub context: Option<Context>,
     pub timeout: Duration,
     pub sink: Option<Sink>,
     pub reply: oneshot::Sender<Outcome>,
@@ -55,6 +70,7 @@ pub struct Session {
     stop: watch::Sender<Option<EndReason>>,
     stats: Mutex<Stats>,
     history: Mutex<History>,
+    contexts: Mutex<Vec<Context>>,
     /// The session's own folder (`workspace/`, `tmp/`).
     pub dir: PathBuf,
 }
@@ -104,8 +120,11 @@ impl Session {
                 last_used: now,
                 executions: start.executions,
                 memory_bytes: start.memory_bytes,
+                lifetime: start.limits.lifetime,
+                metadata: Arc::default(),
             }),
             history: Mutex::new(start.history),
+            contexts: Mutex::default(),
             dir: start.dir,
         });
         let inbox = Inbox {
@@ -129,8 +148,33 @@ impl Session {
             last_used_at: stats.last_used_at,
             executions: stats.executions,
             memory_bytes: stats.memory_bytes,
-            limits: self.limits,
+            limits: Limits {
+                lifetime: stats.lifetime,
+                ..self.limits
+            },
+            metadata: stats.metadata.clone(),
         }
+    }
+
+    /// How long after its creation the session ends.
+    pub fn lifetime(&self) -> Duration {
+        self.stats().lifetime
+    }
+
+    /// Moves the session's end to `from_now` from now (which may be sooner than it was).
+    pub fn end_in(&self, from_now: Duration) {
+        let mut stats = self.stats();
+        stats.lifetime = stats.created.elapsed().saturating_add(from_now);
+    }
+
+    /// The client's labels for the session.
+    pub fn metadata(&self) -> Arc<Metadata> {
+        self.stats().metadata.clone()
+    }
+
+    /// Labels the session (a claimed warm session takes its client's labels).
+    pub fn set_metadata(&self, metadata: Metadata) {
+        self.stats().metadata = Arc::new(metadata);
     }
 
     /// Whether the session waits in the warm pool, no client's yet.
@@ -180,7 +224,7 @@ impl Session {
     /// When the session's idle TTL or lifetime has passed at `now`, the reason.
     pub fn expired(&self, now: Instant) -> Option<EndReason> {
         let stats = self.stats();
-        if now.duration_since(stats.created) >= self.limits.lifetime {
+        if now.duration_since(stats.created) >= stats.lifetime {
             return Some(EndReason::Lifetime);
         }
         let idle = matches!(stats.state, Lifecycle::Idle | Lifecycle::Starting);
@@ -200,6 +244,18 @@ impl Session {
         timeout: Option<Duration>,
         sink: Option<Sink>,
     ) -> Result<Outcome> {
+        self.execute_in(None, code, timeout, sink).await
+    }
+
+    /// Like [`execute`](Self::execute), in `context` (see [`Session::add_context`]) when one
+    /// is named.
+    pub async fn execute_in(
+        &self,
+        context: Option<Context>,
+        code: String,
+        timeout: Option<Duration>,
+        sink: Option<Sink>,
+    ) -> Result<Outcome> {
         if let Some(reason) = self.ended() {
             return Err(Error::Ended(reason));
         }
@@ -207,6 +263,7 @@ impl Session {
         let (reply, answer) = oneshot::channel();
         self.send(Job::Turn(Turn {
             code,
+            context,
             timeout: timeout.unwrap_or(self.limits.timeout),
             sink,
             reply,
@@ -256,10 +313,77 @@ impl Session {
         code: String,
         timeout: Option<Duration>,
     ) -> TurnStream {
+        self.execute_streaming_in(None, code, timeout)
+    }
+
+    /// Like [`execute_streaming`](Self::execute_streaming), in `context` when one is named.
+    pub fn execute_streaming_in(
+        self: Arc<Self>,
+        context: Option<Context>,
+        code: String,
+        timeout: Option<Duration>,
+    ) -> TurnStream {
         let (sink, output) = mpsc::unbounded_channel();
         TurnStream::new(output, async move {
-            self.execute(code, timeout, Some(sink)).await
+            self.execute_in(context, code, timeout, Some(sink)).await
         })
+    }
+
+    /// Opens a context, a namespace of its own beside the session's, whose cells start in
+    /// `cwd` (as the guest sees it). Its namespace is made by its first turn.
+    pub fn add_context(&self, cwd: String) -> Result<Context> {
+        let mut contexts = self.contexts.lock().unwrap_or_else(PoisonError::into_inner);
+        if contexts.len() >= MAX_CONTEXTS {
+            return Err(Error::InvalidRequest(format!(
+                "a session holds at most {MAX_CONTEXTS} contexts: remove one first"
+            )));
+        }
+        let context = Context {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            cwd,
+        };
+        contexts.push(context.clone());
+        Ok(context)
+    }
+
+    /// The session's contexts, oldest first.
+    pub fn contexts(&self) -> Vec<Context> {
+        self.contexts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The context `id`, if the session has it.
+    pub fn context(&self, id: &str) -> Option<Context> {
+        self.contexts().into_iter().find(|c| c.id == id)
+    }
+
+    /// Closes the context `id`: its namespace goes with the next turn. Whether it was there.
+    pub async fn remove_context(&self, id: &str) -> Result<bool> {
+        let removed = {
+            let mut contexts = self.contexts.lock().unwrap_or_else(PoisonError::into_inner);
+            let before = contexts.len();
+            contexts.retain(|c| c.id != id);
+            contexts.len() < before
+        };
+        if removed {
+            self.restart(Some(id)).await?;
+        }
+        Ok(removed)
+    }
+
+    /// Starts a context's namespace over (`None`: the session's own), as a turn of its own.
+    pub async fn restart(&self, context: Option<&str>) -> Result<()> {
+        let code = arl_runtimes::python::forget_source(context);
+        let outcome = self.execute_in(None, code, None, None).await?;
+        match outcome.error {
+            Some(e) => Err(Error::InvalidRequest(format!(
+                "restarting the context failed: {}: {}",
+                e.kind, e.message
+            ))),
+            None => Ok(()),
+        }
     }
 
     fn gone(&self) -> Error {

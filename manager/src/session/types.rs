@@ -198,6 +198,7 @@ pub struct Info {
     pub executions: u64,
     pub memory_bytes: u64,
     pub limits: Limits,
+    pub metadata: std::sync::Arc<super::handle::Metadata>,
 }
 
 impl EndReason {

@@ -2,8 +2,9 @@
 # manager/src/snapshot.rs). Each session's bootstrap turn is then the one line
 # `__import__('_arl').start(<the session's environment>)`.
 #
-# Every later turn is the one line `__import__('_arl').run(<code>, <n>, <cap>)`: the driver runs the
-# cell in `__main__` as the interactive interpreter would, and reports what happened as one JSON
+# Every later turn is the one line `__import__('_arl').run(<code>, <n>, <cap>[, <context>, <cwd>])`:
+# the driver runs the cell in `__main__` (or a context's own namespace, in its folder) as the
+# interactive interpreter would, and reports what happened as one JSON
 # frame through the host door (`_host.call`), never through stdout, so nothing a cell prints can
 # be mistaken for its result.
 #
@@ -211,13 +212,33 @@ def _install():
             "traceback": "".join(traceback.format_exception(type(e), e, tb)),
         }
 
-    def run(src, n, cap=None):
+    # Contexts (E2B's): namespaces of their own beside `__main__`'s, by id.
+    contexts = {}
+
+    def forget(ctx=None):
+        # A context starts over: its namespace emptied, or `__main__` as a new session has it.
+        if ctx is not None:
+            contexts.pop(ctx, None)
+            return
+        for key in [k for k in main if not (k.startswith("__") and k.endswith("__"))]:
+            del main[key]
+
+    def run(src, n, cap=None, ctx=None, cwd=None):
         name = "<cell %d>" % n
         main_result = None
         linecache.cache[name] = (len(src), None, src.splitlines(True), name)
         frame = {"result": None, "error": None, "exit": None, "clipped": False, "results": shown}
         shown.clear()
+        scope = main
+        if ctx is not None:
+            scope = contexts.get(ctx)
+            if scope is None:
+                scope = contexts[ctx] = {"__name__": "__main__", "__builtins__": builtins}
+        back = None
         try:
+            if cwd is not None:
+                back = os.getcwd()
+                os.chdir(cwd)
             # A cell that is one expression compiles straight from its source (about half
             # the cost of going through the AST); anything else takes the AST path below.
             try:
@@ -232,9 +253,9 @@ def _install():
                 if tree.body and isinstance(tree.body[-1], ast.Expr):
                     last = compile(ast.Expression(tree.body.pop().value), name, "eval")
                 if tree.body:
-                    exec(compile(tree, name, "exec"), main)
+                    exec(compile(tree, name, "exec"), scope)
             if last is not None:
-                value = eval(last, main)
+                value = eval(last, scope)
                 if value is not None:
                     builtins._ = value
                     frame["result"] = repr(value)
@@ -248,6 +269,11 @@ def _install():
             frame["error"] = error_of(e, None)
         except BaseException as e:
             frame["error"] = error_of(e, e.__traceback__.tb_next)
+        if back is not None:
+            try:
+                os.chdir(back)
+            except OSError:
+                pass
         try:
             figures()
         except BaseException:
@@ -275,6 +301,7 @@ def _install():
 
     module = types.ModuleType("_arl")
     module.run = run
+    module.forget = forget
     module.start = start
     sys.modules["_arl"] = module
 
