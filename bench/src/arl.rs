@@ -281,6 +281,17 @@ pub async fn run(bench: &Bench) -> anyhow::Result<Figures> {
     figures.latency("create, 100 ms apart", &mut create);
     figures.latency("create + first print(1), 100 ms apart", &mut first);
 
+    // E2B's SDK: `Sandbox.create()` then `run_code("1+1")`, as its requests go.
+    let (mut create, mut first) = (Vec::new(), Vec::new());
+    for _ in 0..n.min(200) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (created, ran) = e2b_create_and_run(&manager).await?;
+        create.push(created);
+        first.push(ran);
+    }
+    figures.latency("E2B Sandbox.create, 100 ms apart", &mut create);
+    figures.latency("E2B create + first run_code(\"1+1\")", &mut first);
+
     let mut id = manager.create().await?;
     manager.execute(&mut id, "x = 1").await?;
     let mut samples = Vec::new();
@@ -412,6 +423,43 @@ async fn run_code(manager: &Manager) -> anyhow::Result<()> {
         bail!("run_code answered {v}");
     }
     Ok(())
+}
+
+/// One E2B sandbox made as the SDK makes it, then its first `run_code("1+1")` (the NDJSON read
+/// to its end and checked), then killed: the time to the create's answer, and to the run's end.
+async fn e2b_create_and_run(manager: &Manager) -> anyhow::Result<(Duration, Duration)> {
+    let t = Instant::now();
+    let body = json!({
+        "templateID": "code-interpreter-v1", "timeout": 300, "metadata": {}, "envVars": {},
+    });
+    let (status, v) = manager
+        .request(reqwest::Method::POST, "/v2/sandboxes", Some(body))
+        .await?;
+    let created = t.elapsed();
+    let Some(id) = v["sandboxID"].as_str().filter(|_| status == 201) else {
+        bail!("POST /v2/sandboxes answered {status} {v}");
+    };
+    let lines = manager
+        .client
+        .post(format!("{}/execute", manager.base))
+        .header("e2b-sandbox-id", id)
+        .json(&json!({ "code": "1+1", "context_id": null, "language": null, "env_vars": null }))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let ran = t.elapsed();
+    let main = lines
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .find(|line| line["is_main_result"] == true);
+    if main.as_ref().map(|m| &m["text"]) != Some(&json!("2")) {
+        bail!("run_code(\"1+1\") answered {lines}");
+    }
+    manager
+        .request(reqwest::Method::DELETE, &format!("/sandboxes/{id}"), None)
+        .await?;
+    Ok((created, ran))
 }
 
 /// `/run_code`s per second with `clients` clients, each sending one after another.
