@@ -7,11 +7,11 @@ use axum::Json;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::{E2bError, e2b_error, refused, sandbox};
+use super::{E2bResult, refuse, sandbox};
 use crate::registry::Registry;
 
 /// The folder E2B code expects to start in, and what the guest calls it.
@@ -74,32 +74,23 @@ pub async fn create_context(
     State(registry): State<Registry>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let asked: NewContext = match super::body(body) {
-        Ok(asked) => asked,
-        Err(refusal) => return refusal.into_response(),
-    };
-    let session = match sandbox(&registry, &headers) {
-        Ok(session) => session,
-        Err(refusal) => return refusal.into_response(),
-    };
+) -> E2bResult {
+    let asked: NewContext = super::body(body)?;
+    let session = sandbox(&registry, &headers)?;
     if let Some(language) = asked.language.filter(|l| l != "python") {
-        return e2b_error(
+        return refuse(
             StatusCode::BAD_REQUEST,
             format!("language `{language}` is not served here: python only"),
         );
     }
     if !registry.has_contexts(&session.runtime) {
-        return e2b_error(
+        return refuse(
             StatusCode::BAD_REQUEST,
             format!("the {} runtime has no contexts", session.runtime),
         );
     }
     let cwd = guest_path(asked.cwd.as_deref().unwrap_or(HOME));
-    match session.add_context(cwd) {
-        Ok(context) => Json(view(context)).into_response(),
-        Err(e) => refused(e),
-    }
+    Ok(Json(view(session.add_context(cwd)?)).into_response())
 }
 
 /// The sandbox's contexts: its own (`default`, where code without a context runs) and those
@@ -110,11 +101,8 @@ pub async fn create_context(
         (status = 200, description = "The contexts", body = Vec<ContextView>),
         (status = 404, description = "No such sandbox", body = Object),
     ))]
-pub async fn list_contexts(State(registry): State<Registry>, headers: HeaderMap) -> Response {
-    let session = match sandbox(&registry, &headers) {
-        Ok(session) => session,
-        Err(refusal) => return refusal.into_response(),
-    };
+pub async fn list_contexts(State(registry): State<Registry>, headers: HeaderMap) -> E2bResult {
+    let session = sandbox(&registry, &headers)?;
     let own = ContextView {
         id: DEFAULT.to_owned(),
         language: "python",
@@ -123,7 +111,7 @@ pub async fn list_contexts(State(registry): State<Registry>, headers: HeaderMap)
     let all: Vec<ContextView> = std::iter::once(own)
         .chain(session.contexts().into_iter().map(view))
         .collect();
-    Json(all).into_response()
+    Ok(Json(all).into_response())
 }
 
 /// The id the sandbox's own namespace lists with.
@@ -142,22 +130,18 @@ pub async fn remove_context(
     State(registry): State<Registry>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Response {
-    let session = match sandbox(&registry, &headers) {
-        Ok(session) => session,
-        Err(refusal) => return refusal.into_response(),
-    };
+) -> E2bResult {
+    let session = sandbox(&registry, &headers)?;
     if id == DEFAULT {
-        return e2b_error(
+        return refuse(
             StatusCode::BAD_REQUEST,
             "the default context lives as long as the sandbox: restart it instead",
         );
     }
-    match session.remove_context(&id).await {
-        Ok(true) => StatusCode::NO_CONTENT.into_response(),
-        Ok(false) => no_context(&id),
-        Err(e) => refused(e),
+    if !session.remove_context(&id).await? {
+        return no_context(&id);
     }
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// Starts a context over: its variables are dropped (imported modules stay loaded).
@@ -172,11 +156,8 @@ pub async fn restart_context(
     State(registry): State<Registry>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Response {
-    let session = match sandbox(&registry, &headers) {
-        Ok(session) => session,
-        Err(refusal) => return refusal.into_response(),
-    };
+) -> E2bResult {
+    let session = sandbox(&registry, &headers)?;
     if !registry.has_contexts(&session.runtime) {
         return no_context(&id);
     }
@@ -187,12 +168,10 @@ pub async fn restart_context(
     } else {
         return no_context(&id);
     };
-    match session.restart(which).await {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => refused(e),
-    }
+    session.restart(which).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-fn no_context(id: &str) -> Response {
-    E2bError(StatusCode::NOT_FOUND, format!("no context `{id}` here")).into_response()
+fn no_context(id: &str) -> E2bResult {
+    refuse(StatusCode::NOT_FOUND, format!("no context `{id}` here"))
 }

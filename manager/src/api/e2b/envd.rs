@@ -15,7 +15,7 @@ use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::{E2bError, e2b_error, refused, sandbox};
+use super::{E2bError, E2bResult, refuse, sandbox};
 use crate::files::{self, Entry, Kind};
 use crate::registry::Registry;
 use crate::{Error, rfc3339};
@@ -81,20 +81,18 @@ pub async fn read_file(
     State(registry): State<Registry>,
     Query(query): Query<FileQuery>,
     headers: HeaderMap,
-) -> Response {
-    let session = match sandbox(&registry, &headers) {
-        Ok(session) => session,
-        Err(refusal) => return refusal.into_response(),
-    };
-    let rel = match query.path.as_deref().map(in_home) {
-        Some(Ok(rel)) => rel,
-        Some(Err(refusal)) => return refusal.into_response(),
-        None => return e2b_error(StatusCode::BAD_REQUEST, "name the file with ?path="),
-    };
-    let read = files::on_workspace(session.workspace.clone(), move |w| w.read(&rel)).await;
-    match read {
-        Ok(bytes) => ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response(),
-        Err(e) => refused(e),
+) -> E2bResult {
+    let session = sandbox(&registry, &headers)?;
+    let rel = in_home(named(&query)?)?;
+    let bytes = files::on_workspace(session.workspace.clone(), move |w| w.read(&rel)).await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+/// The path `?path=` names.
+fn named(query: &FileQuery) -> Result<&str, E2bError> {
+    match query.path.as_deref() {
+        Some(path) => Ok(path),
+        None => refuse(StatusCode::BAD_REQUEST, "name the file with ?path="),
     }
 }
 
@@ -134,13 +132,10 @@ pub async fn write_files(
     State(registry): State<Registry>,
     Query(query): Query<FileQuery>,
     request: Request,
-) -> Response {
-    let session = match sandbox(&registry, request.headers()) {
-        Ok(session) => session,
-        Err(refusal) => return refusal.into_response(),
-    };
+) -> E2bResult {
+    let session = sandbox(&registry, request.headers())?;
     if request.headers().contains_key(header::CONTENT_ENCODING) {
-        return e2b_error(
+        return refuse(
             StatusCode::BAD_REQUEST,
             "compressed uploads are not served: send the file's bytes as they are",
         );
@@ -152,57 +147,38 @@ pub async fn write_files(
         .is_some_and(|t| t.starts_with("multipart/"));
     let workspace = session.workspace.clone();
     if !multipart {
-        let Some(rel) = query.path.as_deref().map(in_home) else {
-            return e2b_error(StatusCode::BAD_REQUEST, "name the file with ?path=");
-        };
-        let rel = match rel {
-            Ok(rel) => rel,
-            Err(refusal) => return refusal.into_response(),
-        };
+        let rel = in_home(named(&query)?)?;
         let data = request.into_body().into_data_stream().map(|chunk| {
             chunk.map_err(|e| Error::InvalidRequest(format!("reading the upload: {e}")))
         });
-        return match files::upload(workspace, rel.clone(), data).await {
-            Ok(_) => Json(vec![WrittenFile::at(&rel)]).into_response(),
-            Err(e) => refused(e),
-        };
+        files::upload(workspace, rel.clone(), data).await?;
+        return Ok(Json(vec![WrittenFile::at(&rel)]).into_response());
     }
-    let mut multipart = match Multipart::from_request(request, &()).await {
-        Ok(multipart) => multipart,
-        Err(e) => return e2b_error(StatusCode::BAD_REQUEST, e.body_text()),
+    let malformed = |e: axum::extract::multipart::MultipartError| {
+        E2bError(StatusCode::BAD_REQUEST, e.body_text())
     };
+    let mut multipart = Multipart::from_request(request, &())
+        .await
+        .map_err(|e| E2bError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let mut written = Vec::new();
-    loop {
-        let field = match multipart.next_field().await {
-            Ok(Some(field)) => field,
-            Ok(None) => break,
-            Err(e) => return e2b_error(StatusCode::BAD_REQUEST, e.body_text()),
-        };
+    while let Some(field) = multipart.next_field().await.map_err(malformed)? {
         let Some(path) = query
             .path
             .clone()
             .or_else(|| field.file_name().map(str::to_owned))
         else {
-            return e2b_error(
+            return refuse(
                 StatusCode::BAD_REQUEST,
                 "name the file with ?path= or a filename",
             );
         };
-        let rel = match in_home(&path) {
-            Ok(rel) => rel,
-            Err(refusal) => return refusal.into_response(),
-        };
-        let data = match field.bytes().await {
-            Ok(data) => data,
-            Err(e) => return e2b_error(StatusCode::BAD_REQUEST, e.body_text()),
-        };
+        let rel = in_home(&path)?;
+        let data = field.bytes().await.map_err(malformed)?;
         let once = futures_util::stream::once(async move { Ok(data) });
-        if let Err(e) = files::upload(workspace.clone(), rel.clone(), once).await {
-            return refused(e);
-        }
+        files::upload(workspace.clone(), rel.clone(), once).await?;
         written.push(WrittenFile::at(&rel));
     }
-    Json(written).into_response()
+    Ok(Json(written).into_response())
 }
 
 /// Whether the sandbox named by `E2b-Sandbox-Id` runs (`is_running`): 204, or 502 as E2B's
@@ -213,14 +189,12 @@ pub async fn write_files(
         (status = 204, description = "Running"),
         (status = 502, description = "Not running", body = Object),
     ))]
-pub async fn health(State(registry): State<Registry>, headers: HeaderMap) -> Response {
-    if !headers.contains_key(super::SANDBOX_HEADER) {
-        return StatusCode::NO_CONTENT.into_response();
+pub async fn health(State(registry): State<Registry>, headers: HeaderMap) -> E2bResult {
+    if headers.contains_key(super::SANDBOX_HEADER) {
+        sandbox(&registry, &headers)
+            .map_err(|E2bError(_, why)| E2bError(StatusCode::BAD_GATEWAY, why))?;
     }
-    match sandbox(&registry, &headers) {
-        Ok(_) => StatusCode::NO_CONTENT.into_response(),
-        Err(E2bError(_, message)) => e2b_error(StatusCode::BAD_GATEWAY, message),
-    }
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// A Connect error (`{"code": "not_found", "message"}`) with the HTTP status Connect gives it.

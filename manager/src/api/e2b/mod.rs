@@ -122,7 +122,7 @@ pub struct SandboxDetail {
 }
 
 /// An error in E2B's shape, `{"code": <status>, "message"}`.
-struct E2bError(StatusCode, String);
+pub struct E2bError(StatusCode, String);
 
 impl IntoResponse for E2bError {
     fn into_response(self) -> Response {
@@ -139,12 +139,12 @@ impl From<Error> for E2bError {
     }
 }
 
-fn e2b_error(status: StatusCode, message: impl Into<String>) -> Response {
-    E2bError(status, message.into()).into_response()
-}
+/// What an E2B handler answers: its response, or an error in E2B's shape.
+pub type E2bResult = Result<Response, E2bError>;
 
-fn refused(e: Error) -> Response {
-    E2bError::from(e).into_response()
+/// Refuses a request with `status` and why.
+fn refuse<T>(status: StatusCode, message: impl Into<String>) -> Result<T, E2bError> {
+    Err(E2bError(status, message.into()))
 }
 
 /// A request's JSON body, or E2B's 400.
@@ -248,17 +248,14 @@ pub async fn create(
     State(registry): State<Registry>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let new: NewSandbox = match self::body(body) {
-        Ok(new) => new,
-        Err(refusal) => return refusal.into_response(),
-    };
+) -> E2bResult {
+    let new: NewSandbox = self::body(body)?;
     let template = new
         .template_id
         .unwrap_or_else(|| PYTHON_TEMPLATES[0].to_owned());
     let runtime = runtime_of(&template).to_owned();
     if !registry.has_runtime(&runtime) {
-        return e2b_error(
+        return refuse(
             StatusCode::BAD_REQUEST,
             format!(
                 "template `{template}` is not served here: use code-interpreter-v1 (Python) \
@@ -273,10 +270,8 @@ pub async fn create(
         metadata: new.metadata,
         ..CreateRequest::default()
     };
-    match registry.create(request).await {
-        Ok(session) => (StatusCode::CREATED, Json(created(&session, &headers))).into_response(),
-        Err(e) => refused(e),
-    }
+    let session = registry.create(request).await?;
+    Ok((StatusCode::CREATED, Json(created(&session, &headers))).into_response())
 }
 
 /// Creates a sandbox as e2b 2.7's SDK asks for one (`POST /sandboxes`).
@@ -287,7 +282,7 @@ pub async fn create_v1(
     state: State<Registry>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
+) -> E2bResult {
     create(state, headers, body).await
 }
 
@@ -312,22 +307,13 @@ pub async fn connect(
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let asked: Timeout = match self::body(body) {
-        Ok(asked) => asked,
-        Err(refusal) => return refusal.into_response(),
-    };
-    let session = match registry.get(&id) {
-        Ok(session) => session,
-        Err(e) => return refused(e),
-    };
+) -> E2bResult {
+    let asked: Timeout = self::body(body)?;
+    let session = registry.get(&id)?;
     if let Some(timeout) = asked.timeout {
-        match lifetime(timeout) {
-            Ok(from_now) => session.end_in(from_now),
-            Err(refusal) => return refusal.into_response(),
-        }
+        session.end_in(lifetime(timeout)?);
     }
-    Json(created(&session, &headers)).into_response()
+    Ok(Json(created(&session, &headers)).into_response())
 }
 
 /// Connects as e2b 2.7's SDK does (`POST /sandboxes/{id}/connect`).
@@ -340,7 +326,7 @@ pub async fn connect_v1(
     id: Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
+) -> E2bResult {
     connect(state, id, headers, body).await
 }
 
@@ -357,25 +343,14 @@ pub async fn set_timeout(
     State(registry): State<Registry>,
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let asked: Timeout = match self::body(body) {
-        Ok(asked) => asked,
-        Err(refusal) => return refusal.into_response(),
-    };
+) -> E2bResult {
+    let asked: Timeout = self::body(body)?;
     let Some(timeout) = asked.timeout else {
-        return e2b_error(StatusCode::BAD_REQUEST, "name the timeout in seconds");
+        return refuse(StatusCode::BAD_REQUEST, "name the timeout in seconds");
     };
-    let from_now = match lifetime(timeout) {
-        Ok(from_now) => from_now,
-        Err(refusal) => return refusal.into_response(),
-    };
-    match registry.get(&id) {
-        Ok(session) => {
-            session.end_in(from_now);
-            StatusCode::NO_CONTENT.into_response()
-        }
-        Err(e) => refused(e),
-    }
+    let from_now = lifetime(timeout)?;
+    registry.get(&id)?.end_in(from_now);
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// One sandbox (`Sandbox.get_info`).
@@ -389,11 +364,9 @@ pub async fn info(
     State(registry): State<Registry>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Response {
-    match registry.get(&id) {
-        Ok(session) => Json(detail(session.info(), access_token(&headers))).into_response(),
-        Err(e) => refused(e),
-    }
+) -> E2bResult {
+    let session = registry.get(&id)?;
+    Ok(Json(detail(session.info(), access_token(&headers))).into_response())
 }
 
 /// What `Sandbox.list` filters and pages by.
@@ -419,22 +392,19 @@ pub struct ListQuery {
         (status = 200, description = "A page of sandboxes", body = Vec<SandboxDetail>),
         (status = 400, description = "Metadata that does not decode", body = Object),
     ))]
-pub async fn list(State(registry): State<Registry>, Query(query): Query<ListQuery>) -> Response {
+pub async fn list(State(registry): State<Registry>, Query(query): Query<ListQuery>) -> E2bResult {
     let mut sessions: Vec<Info> = registry.list();
     sessions.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
     let details = sessions
         .into_iter()
         .map(|info| detail(info, None))
         .collect();
-    match page(details, &query) {
-        Ok(page) => page,
-        Err(refusal) => refusal.into_response(),
-    }
+    page(details, &query)
 }
 
 /// The page of `sandboxes` (oldest first) that `query` asks for, with `X-Next-Token` when more
 /// follow.
-fn page(sandboxes: Vec<SandboxDetail>, query: &ListQuery) -> Result<Response, E2bError> {
+fn page(sandboxes: Vec<SandboxDetail>, query: &ListQuery) -> E2bResult {
     let wanted = match &query.metadata {
         Some(encoded) => metadata_filter(encoded)?,
         None => BTreeMap::new(),
@@ -493,11 +463,9 @@ fn metadata_filter(encoded: &str) -> Result<BTreeMap<String, String>, E2bError> 
         (status = 204, description = "Ended"),
         (status = 404, description = "No such sandbox", body = Object),
     ))]
-pub async fn kill(State(registry): State<Registry>, Path(id): Path<String>) -> Response {
-    match registry.delete(&id) {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => refused(e),
-    }
+pub async fn kill(State(registry): State<Registry>, Path(id): Path<String>) -> E2bResult {
+    registry.delete(&id)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// What the SDK's `run_code` sends.
@@ -528,23 +496,18 @@ pub async fn execute(
     State(registry): State<Registry>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let request: ExecuteCode = match super::parse(body, false) {
-        Ok(request) => request,
-        Err(e) => return e2b_error(StatusCode::BAD_REQUEST, e.message),
-    };
-    let session = match sandbox(&registry, &headers) {
-        Ok(session) => session,
-        Err(refusal) => return refusal.into_response(),
-    };
+) -> E2bResult {
+    let request: ExecuteCode =
+        super::parse(body, false).map_err(|e| E2bError(StatusCode::BAD_REQUEST, e.message))?;
+    let session = sandbox(&registry, &headers)?;
     if let Some(language) = request.language.filter(|l| l != "python") {
-        return e2b_error(
+        return refuse(
             StatusCode::BAD_REQUEST,
             format!("language `{language}` is not served here: python only"),
         );
     }
     if request.env_vars.is_some_and(|env| !env.is_empty()) {
-        return e2b_error(
+        return refuse(
             StatusCode::BAD_REQUEST,
             "env_vars for one run_code are not served: give envs to Sandbox.create",
         );
@@ -554,18 +517,18 @@ pub async fn execute(
         Some(id) if id == contexts::DEFAULT => None,
         Some(id) => match session.context(&id) {
             Some(context) => Some(context),
-            None => return e2b_error(StatusCode::NOT_FOUND, format!("no context `{id}` here")),
+            None => return refuse(StatusCode::NOT_FOUND, format!("no context `{id}` here")),
         },
     };
     let turn = session
         .clone()
         .execute_streaming_in(context, request.code, None);
     let lines = ndjson(turn, move || session.info().executions);
-    (
+    Ok((
         [(header::CONTENT_TYPE, "application/x-ndjson")],
         Body::from_stream(lines),
     )
-        .into_response()
+        .into_response())
 }
 
 /// A turn's events as the code interpreter's NDJSON lines. Dropping it stops the turn.
