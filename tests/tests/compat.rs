@@ -289,3 +289,27 @@ async fn bad_e2b_input_is_refused_in_e2b_shapes() {
         .unwrap();
     e2b_error(decode(r).await, 502, "health of a killed sandbox");
 }
+
+/// The official MCP Python SDK, pinned.
+pub const MCP: [&str; 1] = ["mcp==2.3.0"];
+
+/// An MCP client (the official Python SDK, streamable HTTP) lists ARL's tools, keeps state
+/// across two `execute`s in one session, gets a figure as image content, and gets errors it
+/// can read for bad input; with a token, as the rest of the API takes it.
+#[tokio::test]
+async fn an_mcp_client_runs_code_in_sessions_through_the_official_sdk() {
+    let options = ServeOptions {
+        auth_token: Some("s3cret".into()),
+        ..ServeOptions::default()
+    };
+    let m = TestManager::start_with(python_config(), Runtimes::python(), options);
+    let r = client()
+        .post(m.url("/mcp"))
+        .json(&serde_json::json!({ "jsonrpc": "2.0", "id": 1, "method": "tools/list" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "MCP takes the same token as the rest");
+    run_client("mcp_client.py", &[&m.url("/mcp"), "s3cret"], &MCP).await;
+    assert_eq!(m.registry.load().sessions, 0, "every session is gone");
+}

@@ -1,5 +1,6 @@
 //! The HTTP adapter over [`Registry`]: ARL's `/v1` API (sessions, streaming execute, files,
-//! load, drain), the RLM sidecar routes, `/metrics` and `/openapi.json`.
+//! load, drain), the RLM sidecar routes, the E2B and SandboxFusion routes, MCP at `/mcp`,
+//! `/metrics` and `/openapi.json`.
 //!
 //! Routes are registered through `utoipa-axum`, so the OpenAPI document is made from the same
 //! declarations that route requests. Every error is JSON `{"error": {"code", "message"}}`
@@ -8,6 +9,7 @@
 mod e2b;
 mod files;
 mod fusion;
+mod mcp;
 mod ops;
 mod rlm;
 mod sessions;
@@ -156,6 +158,9 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 pub fn router(registry: Registry, options: RouterOptions) -> Router {
     let (routes, doc) = documented(registry.import_limit()).split_for_parts();
     let auth = options.auth;
+    // MCP's streamable HTTP transport; behind a token it takes any `Host`, as the manager's
+    // other routes do.
+    let mcp = mcp::service(registry.clone(), auth.required());
     routes
         .route(
             "/v1/sessions/{id}/files/{*path}",
@@ -163,6 +168,7 @@ pub fn router(registry: Registry, options: RouterOptions) -> Router {
                 .get(files::download)
                 .delete(files::remove),
         )
+        .nest_service("/mcp", mcp)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(Extension(ops::OpenApiJson(Bytes::from(
