@@ -42,6 +42,8 @@ pub(crate) const IMPORTS: usize = 4;
 /// E2B's headers, passed on to the manager: the sandbox a call is for, and the API key the
 /// manager hands back as the sandbox's access token.
 const E2B_PASSED: [&str; 2] = ["e2b-sandbox-id", "x-api-key"];
+/// MCP's headers, passed on to the manager.
+const MCP_PASSED: [&str; 2] = ["mcp-protocol-version", "mcp-session-id"];
 /// Headers E2B's SDK authenticates with, each accepted as the gateway's token: the API key,
 /// the sandbox's access token (envd, `/execute`) and its traffic token (contexts).
 const E2B_KEYS: [&str; 3] = ["x-api-key", "x-access-token", "e2b-traffic-access-token"];
@@ -209,6 +211,8 @@ pub fn router(gateway: Gateway) -> Router {
         .route("/filesystem.Filesystem/{method}", post(forward))
         .route("/process.Process/{method}", post(forward))
         .route("/health", get(e2b_health))
+        // MCP's: routed by the session a tool call names, placed otherwise.
+        .route("/mcp", post(mcp))
         // SandboxFusion's: each program is one session on the least-utilised manager.
         .route("/run_code", post(run_fusion))
         .route("/run_jupyter", post(run_fusion))
@@ -780,22 +784,6 @@ async fn forward(State(gateway): State<Gateway>, request: Request) -> Response {
             .and_then(|v| v.to_str().ok())
     };
     let id = in_path.or_else(in_header).unwrap_or_default().to_owned();
-    let Some(pod) = owner(&id) else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "session_not_found",
-            format!(
-                "`{id}` is not a session id this gateway handed out (`<namespace>.<pod>.<hex>`)"
-            ),
-        );
-    };
-    let Some(member) = gateway.fleet.get(pod) else {
-        return error(
-            StatusCode::GONE,
-            "session_gone",
-            format!("pod {pod}, which held session {id}, is gone; its sessions are lost"),
-        );
-    };
     let path_and_query = request
         .uri()
         .path_and_query()
@@ -816,16 +804,38 @@ async fn forward(State(gateway): State<Gateway>, request: Request) -> Response {
         },
         _ => Payload::Stream(body),
     };
-    match send(
-        &gateway,
-        &member,
+    let call = (
         parts.method,
-        &path_and_query,
+        path_and_query.as_str(),
         &parts.headers,
         payload,
-    )
-    .await
-    {
+    );
+    to_owner(&gateway, &id, call).await
+}
+
+/// Passes a call (method, path and query, headers, body) to the manager that owns session `id`.
+async fn to_owner(
+    gateway: &Gateway,
+    id: &str,
+    (method, path_and_query, headers, payload): (Method, &str, &HeaderMap, Payload),
+) -> Response {
+    let Some(pod) = owner(id) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "session_not_found",
+            format!(
+                "`{id}` is not a session id this gateway handed out (`<namespace>.<pod>.<hex>`)"
+            ),
+        );
+    };
+    let Some(member) = gateway.fleet.get(pod) else {
+        return error(
+            StatusCode::GONE,
+            "session_gone",
+            format!("pod {pod}, which held session {id}, is gone; its sessions are lost"),
+        );
+    };
+    match send(gateway, &member, method, path_and_query, headers, payload).await {
         Ok(response) => relay(response).await,
         Err(e) if e.is_connect() => {
             gateway.fleet.set_load(&member.key(), None);
@@ -843,6 +853,42 @@ async fn forward(State(gateway): State<Gateway>, request: Request) -> Response {
             format!("pod {pod}: {e}"),
         ),
     }
+}
+
+/// MCP (`POST /mcp`, served statelessly by each manager): a tool call that names a
+/// `session_id` goes to the manager that owns the session; any other message (initialize,
+/// tools/list, `create_session`, `execute` without a session) to the least-utilised Python
+/// manager.
+async fn mcp(State(gateway): State<Gateway>, headers: HeaderMap, body: Body) -> Response {
+    let Ok(body) = axum::body::to_bytes(body, IMPORT_SPOOL).await else {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("an MCP message through the gateway is at most {IMPORT_SPOOL} bytes"),
+        );
+    };
+    let message: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let session = (message["method"] == "tools/call")
+        .then(|| message["params"]["arguments"]["session_id"].as_str())
+        .flatten();
+    let Some(id) = session else {
+        return place(&gateway, "python", None, "/mcp", &headers, body).await;
+    };
+    if owner(id).is_none_or(|pod| gateway.fleet.get(pod).is_none()) {
+        // The tool's error result, as a manager would give it: the model reads why.
+        let why = match owner(id) {
+            Some(pod) => {
+                format!("pod {pod}, which held session {id}, is gone; its sessions are lost")
+            }
+            None => format!("`{id}` is not a session id this gateway handed out"),
+        };
+        let content = json!([{ "type": "text", "text": why }]);
+        let result = json!({ "content": content, "isError": true });
+        let answer = json!({ "jsonrpc": "2.0", "id": message["id"], "result": result });
+        return axum::Json(answer).into_response();
+    }
+    let call = (Method::POST, "/mcp", &headers, Payload::Whole(body.clone()));
+    to_owner(&gateway, id, call).await
 }
 
 /// A request body for a manager.
@@ -874,7 +920,7 @@ async fn send(
             request = request.header(name, value);
         }
     }
-    for name in E2B_PASSED {
+    for name in E2B_PASSED.into_iter().chain(MCP_PASSED) {
         if let Some(value) = headers.get(name) {
             request = request.header(name, value);
         }

@@ -323,3 +323,37 @@ async fn the_e2b_sdk_runs_through_the_gateway() {
         .unwrap();
     assert_eq!(killed.status(), 204);
 }
+
+/// The official MCP Python SDK through a gateway over two managers: messages without a
+/// session are placed, tool calls that name one reach its manager, so state carries across
+/// calls whichever manager holds it.
+#[tokio::test]
+async fn an_mcp_client_runs_through_the_gateway() {
+    let managers: Vec<Arc<TestManager>> = ["py-0", "py-1"]
+        .iter()
+        .map(|pod| {
+            let mut config = arl_e2e::python_config();
+            config.id_prefix = format!("agents.{pod}");
+            TestManager::start(config, Runtimes::python())
+        })
+        .collect();
+    let fleet = Fleet::default();
+    for (pod, m) in ["py-0", "py-1"].iter().zip(&managers) {
+        let mut python = member(pod, "py", m);
+        python.runtime = Some("python".into());
+        fleet.upsert(python);
+    }
+    fleet.poll(&Managers::new()).await;
+    let base = gateway_with(fleet, Some("s3cret")).await;
+    arl_e2e::run_client(
+        "mcp_client.py",
+        &[&format!("{base}/mcp"), "s3cret"],
+        &["mcp==2.3.0"],
+    )
+    .await;
+    let open: usize = managers
+        .iter()
+        .map(|m| m.registry.load().sessions as usize)
+        .sum();
+    assert_eq!(open, 0, "every session is gone");
+}
