@@ -300,6 +300,10 @@ pub async fn run(bench: &Bench) -> anyhow::Result<Figures> {
     }
     figures.latency("streamed print(1): first chunk", &mut samples);
 
+    if bench.python_client {
+        crate::python_client::run(bench, &manager.base, &mut figures)?;
+    }
+
     let grpc_url = format!("http://127.0.0.1:{}", bench.port + 1);
     let mut grpc = SessionsClient::connect(grpc_url).await?;
     let mut samples = Vec::with_capacity(n);

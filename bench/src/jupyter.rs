@@ -3,7 +3,6 @@
 //! kernel's WebSocket channels for `execute_request`, done at `execute_reply` plus the iopub
 //! `idle` status.
 
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -48,40 +47,6 @@ pub struct Kernel {
     socket: Socket,
 }
 
-/// Installs the packages into `cache/pytools/jupyter` once; the folder for `PYTHONPATH`.
-fn install(cache: &Path, python: &str) -> anyhow::Result<PathBuf> {
-    let target = cache.join("pytools").join("jupyter-kg-3.0.1");
-    if target.join("READY").exists() {
-        return Ok(target);
-    }
-    let staging = target.with_extension("partial");
-    let _ = std::fs::remove_dir_all(&staging);
-    eprintln!("arl-bench: installing {} with pip", PACKAGES.join(" "));
-    let out = Command::new(python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-        ])
-        .arg("--target")
-        .arg(&staging)
-        .args(PACKAGES)
-        .output()
-        .with_context(|| format!("running {python} -m pip"))?;
-    if !out.status.success() {
-        bail!(
-            "pip install failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let _ = std::fs::remove_dir_all(&target);
-    std::fs::rename(&staging, &target)?;
-    std::fs::write(target.join("READY"), PACKAGES.join("\n"))?;
-    Ok(target)
-}
-
 /// Private folders for Jupyter's runtime, data and config, removed at the end.
 mod tempdir {
     pub struct TempDirs(pub std::path::PathBuf);
@@ -94,7 +59,7 @@ mod tempdir {
 
 async fn start(bench: &Bench) -> anyhow::Result<Gateway> {
     let python = std::env::var("ARL_PYTHON").unwrap_or_else(|_| "python3".into());
-    let site = install(&bench.cache_dir(), &python)?;
+    let site = crate::pytools(&bench.cache_dir(), &python, "jupyter-kg-3.0.1", &PACKAGES)?;
     let port = bench.port + 10;
     let dirs = std::env::temp_dir().join(format!("arl-bench-jupyter-{}", std::process::id()));
     std::fs::create_dir_all(&dirs)?;

@@ -13,12 +13,13 @@
 
 mod arl;
 mod jupyter;
+mod python_client;
 mod state;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use clap::Parser;
 
 /// Benchmarks a real arl-manager over loopback, optionally beside Jupyter Kernel Gateway.
@@ -56,6 +57,10 @@ pub struct Bench {
     /// Measure only fork, snapshot, restore and rollback against session size.
     #[arg(long)]
     state_only: bool,
+    /// Also measure what ARL's Python client (`clients/python`) adds to an execute, beside a
+    /// raw httpx POST (httpx installed with pip into the cache on first use).
+    #[arg(long)]
+    python_client: bool,
     /// Kernels held open for Jupyter's memory figure.
     #[arg(long, default_value_t = 20)]
     kernels: usize,
@@ -65,6 +70,40 @@ pub struct Bench {
     /// Passed to the manager as --cache-dir; also where Jupyter is installed.
     #[arg(long, env = "ARL_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
+}
+
+/// Installs `packages` with pip into `cache/pytools/<name>` once; the folder for `PYTHONPATH`.
+fn pytools(cache: &Path, python: &str, name: &str, packages: &[&str]) -> anyhow::Result<PathBuf> {
+    let target = cache.join("pytools").join(name);
+    if target.join("READY").exists() {
+        return Ok(target);
+    }
+    let staging = target.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&staging);
+    eprintln!("arl-bench: installing {} with pip", packages.join(" "));
+    let out = std::process::Command::new(python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .arg("--target")
+        .arg(&staging)
+        .args(packages)
+        .output()
+        .with_context(|| format!("running {python} -m pip"))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "pip install failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&target);
+    std::fs::rename(&staging, &target)?;
+    std::fs::write(target.join("READY"), packages.join("\n"))?;
+    Ok(target)
 }
 
 impl Bench {
