@@ -219,6 +219,8 @@ async fn run(registry: &Registry, r: RunCodeRequest) -> RunCodeResponse {
         Err(e) => return RunCodeResponse::sandbox_error(&e),
     };
     let _delete = Deleted(registry, session.id.clone());
+    // One program, then the session is gone: a failed run has nothing to be rolled back for.
+    session.forgo_rollback();
     if let Err(e) = write_files(&session.workspace, files).await {
         return match e {
             Error::BadPath(..) | Error::QuotaExceeded(_) => RunCodeResponse::failed(e.to_string()),

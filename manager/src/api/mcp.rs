@@ -178,7 +178,10 @@ impl Tools {
                 Err(refusal) => return Ok(refusal),
             },
             None => match self.registry.create(CreateRequest::default()).await {
-                Ok(session) => (session, true),
+                Ok(session) => {
+                    session.forgo_rollback(); // one call, then it is deleted
+                    (session, true)
+                }
                 Err(e) => return Ok(refused(&e)),
             },
         };

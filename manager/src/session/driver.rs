@@ -303,7 +303,9 @@ impl Driver {
                 }
                 Some(Job::Turn(turn)) => turn,
             };
-            if self.session.limits.rollback && self.checkpoint.is_none() {
+            if !self.session.rolls_back() {
+                self.checkpoint = None;
+            } else if self.checkpoint.is_none() {
                 self.checkpoint = Some(Checkpoint {
                     pages: Arc::default(),
                     memory_bytes: 0,

@@ -37,6 +37,8 @@ pub(super) struct Stats {
     pub lifetime: Duration,
     /// The client's labels for the session, listed with it.
     pub metadata: Arc<Metadata>,
+    /// Failed turns are rolled back: its limits' choice, until [`Session::forgo_rollback`].
+    pub rollback: bool,
 }
 
 /// A client's labels for a session: names to values.
@@ -122,6 +124,7 @@ impl Session {
                 memory_bytes: start.memory_bytes,
                 lifetime: start.limits.lifetime,
                 metadata: Arc::default(),
+                rollback: start.limits.rollback,
             }),
             history: Mutex::new(start.history),
             contexts: Mutex::default(),
@@ -150,6 +153,7 @@ impl Session {
             memory_bytes: stats.memory_bytes,
             limits: Limits {
                 lifetime: stats.lifetime,
+                rollback: stats.rollback,
                 ..self.limits
             },
             metadata: stats.metadata.clone(),
@@ -165,6 +169,18 @@ impl Session {
     pub fn end_in(&self, from_now: Duration) {
         let mut stats = self.stats();
         stats.lifetime = stats.created.elapsed().saturating_add(from_now);
+    }
+
+    /// Whether a failed turn is rolled back (rather than ending the session).
+    pub fn rolls_back(&self) -> bool {
+        self.stats().rollback
+    }
+
+    /// Turns rollback off from the next turn on: a failed turn then ends the session, and no
+    /// turn pays for the checkpoint a rollback needs. For sessions that run one program and
+    /// are deleted (SandboxFusion's `/run_code`, MCP's one-off `execute`).
+    pub fn forgo_rollback(&self) {
+        self.stats().rollback = false;
     }
 
     /// The client's labels for the session.
