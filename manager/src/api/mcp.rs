@@ -19,7 +19,6 @@ use super::files::FileView;
 use super::sessions::ExecuteResponse;
 use crate::files::{self, on_workspace};
 use crate::registry::{CreateRequest, Registry};
-use crate::session::Session;
 use crate::{Error, Outcome};
 
 /// The biggest file `read_file` answers with, and `write_file` takes.
@@ -127,6 +126,11 @@ fn executed(outcome: Outcome) -> CallToolResult {
     }
 }
 
+/// A tool's answer: ARL's refusals become error results the model reads.
+fn answer(result: crate::Result<CallToolResult>) -> Result<CallToolResult, ErrorData> {
+    Ok(result.unwrap_or_else(|e| refused(&e)))
+}
+
 #[tool_router]
 impl Tools {
     fn new(registry: Registry) -> Self {
@@ -134,10 +138,6 @@ impl Tools {
             registry,
             tool_router: Self::tool_router(),
         }
-    }
-
-    fn session(&self, id: &str) -> Result<Arc<Session>, CallToolResult> {
-        self.registry.get(id).map_err(|e| refused(&e))
     }
 
     /// Opens a session: an interpreter whose variables, imports and files last until it is
@@ -153,12 +153,10 @@ impl Tools {
             runtime: args.runtime,
             ..CreateRequest::default()
         };
-        Ok(match self.registry.create(request).await {
-            Ok(session) => CallToolResult::success(vec![json_text(&json!({
-                "session_id": session.id, "runtime": session.runtime,
-            }))]),
-            Err(e) => refused(&e),
-        })
+        answer(self.registry.create(request).await.map(|session| {
+            let created = json!({ "session_id": session.id, "runtime": session.runtime });
+            CallToolResult::success(vec![json_text(&created)])
+        }))
     }
 
     #[tool(
@@ -168,31 +166,23 @@ impl Tools {
         &self,
         Parameters(args): Parameters<ExecuteArgs>,
     ) -> Result<CallToolResult, ErrorData> {
-        let timeout = match self.registry.check_timeout(args.timeout_ms) {
-            Ok(timeout) => timeout,
-            Err(e) => return Ok(refused(&e)),
-        };
-        let (session, once) = match &args.session_id {
-            Some(id) => match self.session(id) {
-                Ok(session) => (session, false),
-                Err(refusal) => return Ok(refusal),
-            },
-            None => match self.registry.create(CreateRequest::default()).await {
-                Ok(session) => {
-                    session.forgo_rollback(); // one call, then it is deleted
-                    (session, true)
-                }
-                Err(e) => return Ok(refused(&e)),
-            },
-        };
-        let outcome = session.execute(args.code, timeout, None).await;
-        if once {
+        answer(self.run(args).await)
+    }
+
+    async fn run(&self, args: ExecuteArgs) -> crate::Result<CallToolResult> {
+        let timeout = self.registry.check_timeout(args.timeout_ms)?;
+        let Some(id) = &args.session_id else {
+            let session = self.registry.create(CreateRequest::default()).await?;
+            session.forgo_rollback(); // one call, then it is deleted
+            let outcome = session.execute(args.code, timeout, None).await;
             let _ = self.registry.delete(&session.id);
-        }
-        Ok(match outcome {
-            Ok(outcome) => executed(outcome),
-            Err(e) => refused(&e),
-        })
+            return outcome.map(executed);
+        };
+        let session = self.registry.get(id)?;
+        session
+            .execute(args.code, timeout, None)
+            .await
+            .map(executed)
     }
 
     #[tool(
@@ -202,19 +192,14 @@ impl Tools {
         &self,
         Parameters(args): Parameters<ListArgs>,
     ) -> Result<CallToolResult, ErrorData> {
-        let session = match self.session(&args.session_id) {
-            Ok(session) => session,
-            Err(refusal) => return Ok(refusal),
+        let listed = async {
+            let session = self.registry.get(&args.session_id)?;
+            let path = args.path.unwrap_or_default();
+            let entries = on_workspace(session.workspace.clone(), move |w| w.list(&path)).await?;
+            let views: Vec<FileView> = entries.into_iter().map(Into::into).collect();
+            Ok(CallToolResult::success(vec![json_text(&views)]))
         };
-        let path = args.path.unwrap_or_default();
-        let listed = on_workspace(session.workspace.clone(), move |w| w.list(&path)).await;
-        Ok(match listed {
-            Ok(entries) => {
-                let views: Vec<FileView> = entries.into_iter().map(Into::into).collect();
-                CallToolResult::success(vec![json_text(&views)])
-            }
-            Err(e) => refused(&e),
-        })
+        answer(listed.await)
     }
 
     #[tool(description = "Read a text file from a session's /workspace (at most 8 MiB).")]
@@ -222,29 +207,28 @@ impl Tools {
         &self,
         Parameters(args): Parameters<FileArgs>,
     ) -> Result<CallToolResult, ErrorData> {
-        let session = match self.session(&args.session_id) {
-            Ok(session) => session,
-            Err(refusal) => return Ok(refusal),
+        let read = async {
+            let session = self.registry.get(&args.session_id)?;
+            let path = args.path.clone();
+            let bytes = on_workspace(session.workspace.clone(), move |w| {
+                let (_, len) = w.open_file(&path)?;
+                if len > MAX_FILE_BYTES as u64 {
+                    return Err(Error::InvalidRequest(format!(
+                        "{path} is {len} bytes, over the {MAX_FILE_BYTES} read_file answers with"
+                    )));
+                }
+                w.read(&path)
+            })
+            .await?;
+            Ok(match String::from_utf8(bytes) {
+                Ok(text) => CallToolResult::success(vec![ContentBlock::text(text)]),
+                Err(_) => CallToolResult::error(vec![ContentBlock::text(format!(
+                    "{} is not UTF-8 text: fetch it through the files API",
+                    args.path
+                ))]),
+            })
         };
-        let path = args.path.clone();
-        let read = on_workspace(session.workspace.clone(), move |w| {
-            let (_, len) = w.open_file(&path)?;
-            if len > MAX_FILE_BYTES as u64 {
-                return Err(Error::InvalidRequest(format!(
-                    "{path} is {len} bytes, over the {MAX_FILE_BYTES} read_file answers with"
-                )));
-            }
-            w.read(&path)
-        })
-        .await;
-        Ok(match read.map(String::from_utf8) {
-            Ok(Ok(text)) => CallToolResult::success(vec![ContentBlock::text(text)]),
-            Ok(Err(_)) => CallToolResult::error(vec![ContentBlock::text(format!(
-                "{} is not UTF-8 text: fetch it through the files API",
-                args.path
-            ))]),
-            Err(e) => refused(&e),
-        })
+        answer(read.await)
     }
 
     #[tool(
@@ -260,18 +244,16 @@ impl Tools {
                 None,
             ));
         }
-        let session = match self.session(&args.session_id) {
-            Ok(session) => session,
-            Err(refusal) => return Ok(refusal),
+        let written = async {
+            let session = self.registry.get(&args.session_id)?;
+            let data = bytes::Bytes::from(args.content.into_bytes());
+            let once = futures_util::stream::once(async move { Ok(data) });
+            let (entry, _) = files::upload(session.workspace.clone(), args.path, once).await?;
+            Ok(CallToolResult::success(vec![json_text(&FileView::from(
+                entry,
+            ))]))
         };
-        let data = bytes::Bytes::from(args.content.into_bytes());
-        let once = futures_util::stream::once(async move { Ok(data) });
-        Ok(
-            match files::upload(session.workspace.clone(), args.path, once).await {
-                Ok((entry, _)) => CallToolResult::success(vec![json_text(&FileView::from(entry))]),
-                Err(e) => refused(&e),
-            },
-        )
+        answer(written.await)
     }
 
     #[tool(description = "Delete a session, ending its interpreter and removing its files.")]
@@ -279,13 +261,10 @@ impl Tools {
         &self,
         Parameters(args): Parameters<SessionArgs>,
     ) -> Result<CallToolResult, ErrorData> {
-        Ok(match self.registry.delete(&args.session_id) {
-            Ok(()) => CallToolResult::success(vec![ContentBlock::text(format!(
-                "session {} deleted",
-                args.session_id
-            ))]),
-            Err(e) => refused(&e),
-        })
+        answer(self.registry.delete(&args.session_id).map(|()| {
+            let said = format!("session {} deleted", args.session_id);
+            CallToolResult::success(vec![ContentBlock::text(said)])
+        }))
     }
 }
 
