@@ -48,6 +48,21 @@ assert not other.is_running()
 sbx.run_code("x = 41")
 assert sbx.run_code("x + 1").text == "42"
 
+# Fork: new sandboxes with this one's state and files; the original goes on unchanged.
+# (Before any figure: matplotlib keeps font files open, and open files cannot be forked.)
+sbx.files.write("seed.txt", "seed")
+forks = sbx.fork(count=2)
+assert len(forks) == 2 and all(isinstance(f, Sandbox) for f in forks), forks
+for f in forks:
+    assert f.sandbox_id != sbx.sandbox_id
+    assert f.run_code("x + 1").text == "42"
+    assert f.files.read("seed.txt") == "seed"
+forks[0].run_code("x = 0")
+assert forks[1].run_code("x").text == "41" and sbx.run_code("x").text == "41"
+assert forks[0].get_info().metadata == {"run": tag}
+for f in forks:
+    f.kill()
+
 # Output, as it is printed, with timestamps.
 lines = []
 ex = sbx.run_code("print('hi')\nprint('there')", on_stdout=lambda m: lines.append(m.line))

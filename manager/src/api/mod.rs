@@ -138,6 +138,7 @@ fn documented(import_limit: usize) -> OpenApiRouter<Registry> {
         .routes(routes!(e2b::connect))
         .routes(routes!(e2b::connect_v1))
         .routes(routes!(e2b::set_timeout))
+        .routes(routes!(e2b::fork))
         .routes(routes!(e2b::info, e2b::kill))
         .routes(routes!(e2b::execute))
         .routes(routes!(e2b::create_context, e2b::list_contexts))

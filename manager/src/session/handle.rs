@@ -165,6 +165,12 @@ impl Session {
         self.stats().lifetime
     }
 
+    /// How long until the session's end.
+    pub fn time_left(&self) -> Duration {
+        let stats = self.stats();
+        stats.lifetime.saturating_sub(stats.created.elapsed())
+    }
+
     /// Moves the session's end to `from_now` from now (which may be sooner than it was).
     pub fn end_in(&self, from_now: Duration) {
         let mut stats = self.stats();

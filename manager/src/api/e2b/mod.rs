@@ -455,6 +455,62 @@ fn metadata_filter(encoded: &str) -> Result<BTreeMap<String, String>, E2bError> 
         .collect()
 }
 
+/// What `Sandbox.fork` sends.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+pub struct ForkRequest {
+    /// Seconds each fork lives; until the sandbox itself ends when absent.
+    pub timeout: Option<u64>,
+    /// Forks to make, 1 to 20 (1 when absent).
+    pub count: Option<u32>,
+}
+
+/// The most forks one call makes, as E2B bounds it.
+const MAX_FORKS: u32 = 20;
+
+/// Forks a sandbox `count` times (`Sandbox.fork`): each fork is a new sandbox with this one's
+/// interpreter state and files, which go on unchanged. Each fork succeeds or fails on its own:
+/// `{"sandbox"}` or `{"error": {"code", "message"}}`, in order.
+#[utoipa::path(post, path = "/sandboxes/{id}/fork", operation_id = "e2b_fork", tag = "e2b",
+    params(("id" = String, Path, description = "The sandbox's id")),
+    request_body(content = ForkRequest, content_type = "application/json"),
+    responses(
+        (status = 201, description = "One entry per fork", body = Vec<Object>),
+        (status = 400, description = "A count out of 1-20, or a timeout out of bounds", body = Object),
+        (status = 404, description = "No such sandbox", body = Object),
+    ))]
+pub async fn fork(
+    State(registry): State<Registry>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> E2bResult {
+    let asked: ForkRequest = self::body(body)?;
+    let count = asked.count.unwrap_or(1);
+    if !(1..=MAX_FORKS).contains(&count) {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            format!("count must be between 1 and {MAX_FORKS}"),
+        );
+    }
+    let lifetime = asked.timeout.map(lifetime).transpose()?;
+    let parent = registry.get(&id)?;
+    let mut forks = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        forks.push(match registry.fork(&id).await {
+            Ok(fork) => {
+                fork.set_metadata((*parent.metadata()).clone());
+                fork.end_in(lifetime.unwrap_or_else(|| parent.time_left()));
+                json!({ "sandbox": created(&fork, &headers) })
+            }
+            Err(e) => {
+                let E2bError(status, message) = E2bError::from(e);
+                json!({ "error": { "code": status.as_u16(), "message": message } })
+            }
+        });
+    }
+    Ok((StatusCode::CREATED, Json(forks)).into_response())
+}
+
 /// Ends a sandbox: 204, or 404 when there is no such sandbox (the SDK's `kill()` is then
 /// `False`).
 #[utoipa::path(delete, path = "/sandboxes/{id}", operation_id = "e2b_kill_sandbox", tag = "e2b",
