@@ -887,7 +887,7 @@ async fn mcp(State(gateway): State<Gateway>, headers: HeaderMap, body: Body) -> 
         let answer = json!({ "jsonrpc": "2.0", "id": message["id"], "result": result });
         return axum::Json(answer).into_response();
     }
-    let call = (Method::POST, "/mcp", &headers, Payload::Whole(body.clone()));
+    let call = (Method::POST, "/mcp", &headers, Payload::Whole(body));
     to_owner(&gateway, id, call).await
 }
 

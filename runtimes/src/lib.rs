@@ -122,7 +122,16 @@ impl Protocol {
 
     /// Whether a session of this runtime can hold contexts, namespaces beside its own.
     pub fn has_contexts(self) -> bool {
-        matches!(self, Protocol::Python)
+        self.forget_context(None).is_some()
+    }
+
+    /// The code of the turn that starts `context`'s namespace over (`None`: the session's
+    /// own), when the runtime has contexts.
+    pub fn forget_context(self, context: Option<&str>) -> Option<String> {
+        match self {
+            Protocol::Raw => None,
+            Protocol::Python => Some(python::forget_source(context)),
+        }
     }
 }
 

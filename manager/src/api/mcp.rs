@@ -211,13 +211,16 @@ impl Tools {
             let session = self.registry.get(&args.session_id)?;
             let path = args.path.clone();
             let bytes = on_workspace(session.workspace.clone(), move |w| {
-                let (_, len) = w.open_file(&path)?;
+                let (mut file, len) = w.open_file(&path)?;
                 if len > MAX_FILE_BYTES as u64 {
                     return Err(Error::InvalidRequest(format!(
                         "{path} is {len} bytes, over the {MAX_FILE_BYTES} read_file answers with"
                     )));
                 }
-                w.read(&path)
+                let mut bytes = Vec::with_capacity(len as usize);
+                std::io::Read::read_to_end(&mut file, &mut bytes)
+                    .map_err(|e| Error::Io("reading a file".into(), e))?;
+                Ok(bytes)
             })
             .await?;
             Ok(match String::from_utf8(bytes) {

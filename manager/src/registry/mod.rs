@@ -34,7 +34,7 @@ use crate::{Error, Result};
 
 use images::Provenance;
 pub use reaper::available_memory;
-pub use request::CreateRequest;
+pub use request::{CreateRequest, MAX_TTL_SECS};
 use request::{check_env, check_metadata};
 use warm::WarmPool;
 

@@ -49,7 +49,7 @@ const MAX_METADATA: usize = 64;
 const MAX_METADATA_BYTES: usize = 1 << 10;
 
 /// The longest idle TTL or lifetime a request may ask for: 30 days.
-const MAX_TTL_SECS: u64 = 30 * 24 * 3600;
+pub const MAX_TTL_SECS: u64 = 30 * 24 * 3600;
 
 impl CreateRequest {
     /// Whether a warm session started ahead can serve it: it asks for nothing but the defaults,

@@ -6,6 +6,7 @@ use arl_runtimes::Progress;
 
 use super::{Registry, read, write};
 use crate::runtime::{Runtime, RuntimeSpec};
+use crate::session::Session;
 use crate::{Error, Result};
 
 impl Registry {
@@ -46,6 +47,26 @@ impl Registry {
         read(&self.inner.runtimes)
             .get(name)
             .is_some_and(|r| r.protocol.has_contexts())
+    }
+
+    /// Starts a context of `session` over (`None`: its own namespace), as a turn of its own:
+    /// its variables are dropped.
+    pub async fn forget_context(&self, session: &Session, context: Option<&str>) -> Result<()> {
+        let protocol = self.runtime(&session.runtime)?.protocol;
+        let Some(code) = protocol.forget_context(context) else {
+            return Err(Error::InvalidRequest(format!(
+                "the {} runtime has no contexts",
+                session.runtime
+            )));
+        };
+        let outcome = session.execute(code, None, None).await?;
+        match outcome.error {
+            Some(e) => Err(Error::InvalidRequest(format!(
+                "restarting the context failed: {}: {}",
+                e.kind, e.message
+            ))),
+            None => Ok(()),
+        }
     }
 
     pub(super) fn runtime(&self, name: &str) -> Result<Arc<Runtime>> {

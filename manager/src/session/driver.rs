@@ -457,8 +457,7 @@ impl Driver {
             stats.executions
         };
         let limits = self.session.limits;
-        let age = self.session.stats().created.elapsed();
-        let lifetime_left = self.session.lifetime().saturating_sub(age);
+        let lifetime_left = self.session.time_left();
         let capped = job.timeout >= lifetime_left;
         let deadline = job.timeout.min(lifetime_left);
         let input = self.protocol.encode_turn(

@@ -160,11 +160,6 @@ impl Session {
         }
     }
 
-    /// How long after its creation the session ends.
-    pub fn lifetime(&self) -> Duration {
-        self.stats().lifetime
-    }
-
     /// How long until the session's end.
     pub fn time_left(&self) -> Duration {
         let stats = self.stats();
@@ -381,31 +376,14 @@ impl Session {
         self.contexts().into_iter().find(|c| c.id == id)
     }
 
-    /// Closes the context `id`: its namespace goes with the next turn. Whether it was there.
-    pub async fn remove_context(&self, id: &str) -> Result<bool> {
-        let removed = {
-            let mut contexts = self.contexts.lock().unwrap_or_else(PoisonError::into_inner);
-            let before = contexts.len();
-            contexts.retain(|c| c.id != id);
-            contexts.len() < before
-        };
-        if removed {
-            self.restart(Some(id)).await?;
-        }
-        Ok(removed)
-    }
-
-    /// Starts a context's namespace over (`None`: the session's own), as a turn of its own.
-    pub async fn restart(&self, context: Option<&str>) -> Result<()> {
-        let code = arl_runtimes::python::forget_source(context);
-        let outcome = self.execute_in(None, code, None, None).await?;
-        match outcome.error {
-            Some(e) => Err(Error::InvalidRequest(format!(
-                "restarting the context failed: {}: {}",
-                e.kind, e.message
-            ))),
-            None => Ok(()),
-        }
+    /// Forgets the context `id` (its namespace is dropped by
+    /// [`Registry::forget_context`](crate::registry::Registry::forget_context)). Whether it was
+    /// there.
+    pub fn remove_context(&self, id: &str) -> bool {
+        let mut contexts = self.contexts.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = contexts.len();
+        contexts.retain(|c| c.id != id);
+        contexts.len() < before
     }
 
     fn gone(&self) -> Error {

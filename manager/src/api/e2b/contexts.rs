@@ -138,9 +138,10 @@ pub async fn remove_context(
             "the default context lives as long as the sandbox: restart it instead",
         );
     }
-    if !session.remove_context(&id).await? {
+    if !session.remove_context(&id) {
         return no_context(&id);
     }
+    registry.forget_context(&session, Some(&id)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -168,7 +169,7 @@ pub async fn restart_context(
     } else {
         return no_context(&id);
     };
-    session.restart(which).await?;
+    registry.forget_context(&session, which).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -36,7 +36,7 @@ pub use envd::{
 
 use super::sessions::{Piece, pieces};
 use crate::output::Stream;
-use crate::registry::{CreateRequest, Registry};
+use crate::registry::{CreateRequest, MAX_TTL_SECS, Registry};
 use crate::session::{Info, Session, TurnStream};
 use crate::{Error, Outcome, rfc3339};
 
@@ -196,11 +196,10 @@ fn template_of(runtime: &str) -> String {
 
 /// The sandbox's lifetime from now (`timeout` in seconds), as a create's would be checked.
 fn lifetime(timeout: u64) -> Result<Duration, E2bError> {
-    const MAX: u64 = 30 * 24 * 3600;
-    if timeout == 0 || timeout > MAX {
+    if timeout == 0 || timeout > MAX_TTL_SECS {
         return Err(E2bError(
             StatusCode::BAD_REQUEST,
-            format!("timeout must be between 1 and {MAX} seconds"),
+            format!("timeout must be between 1 and {MAX_TTL_SECS} seconds"),
         ));
     }
     Ok(Duration::from_secs(timeout))
