@@ -35,7 +35,19 @@ pub struct ManagerConfig {
     /// Put before every session id as `<prefix>.<hex>`, so that a gateway in front of many
     /// managers routes by id alone; pods set it to their own name. Empty: bare hex ids.
     pub id_prefix: String,
+    /// Every session's network bounds: the default allow-list and ceiling (`--network-allow`)
+    /// and the budgets.
+    pub network: crate::egress::NetworkLimits,
+    /// A folder of wheels `pip install` takes from for every session, whatever its network.
+    pub wheelhouse: Option<PathBuf>,
+    /// The package index (PEP 691 JSON) `pip install` searches, for sessions whose network
+    /// allows its host. `None`: none.
+    pub pip_index: Option<url::Url>,
 }
+
+/// The index `pip install` searches by default (where a session's network allows
+/// `pypi.org` and `files.pythonhosted.org`).
+pub const DEFAULT_PIP_INDEX: &str = "https://pypi.org/simple/";
 
 impl ManagerConfig {
     /// Defaults as documented in the README, with the cache in the user's cache folder.
@@ -60,6 +72,9 @@ impl ManagerConfig {
             warm_sessions: 4,
             min_free_bytes: 256 << 20,
             id_prefix: String::new(),
+            network: crate::egress::NetworkLimits::default(),
+            wheelhouse: None,
+            pip_index: url::Url::parse(DEFAULT_PIP_INDEX).ok(),
         }
     }
 

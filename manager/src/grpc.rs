@@ -247,6 +247,26 @@ impl Sessions for SessionService {
             rollback: r.rollback,
             from_snapshot: (!r.from_snapshot.is_empty()).then_some(r.from_snapshot),
             metadata: (!r.metadata.is_empty()).then(|| r.metadata.into_iter().collect()),
+            network: r.network.map(|n| crate::egress::NetworkRequest {
+                allow: n.allow,
+                max_bytes: n.max_bytes,
+                max_requests: n.max_requests,
+            }),
+            tools: (!r.tools.is_empty()).then(|| {
+                r.tools
+                    .into_iter()
+                    .map(|(name, t)| {
+                        let headers = t.headers.into_iter().collect();
+                        (
+                            name,
+                            crate::egress::ToolSpec {
+                                url: t.url,
+                                headers,
+                            },
+                        )
+                    })
+                    .collect()
+            }),
         };
         let created = self.registry.create(request).await.map_err(status)?;
         Ok(Response::new(session(created.info())))

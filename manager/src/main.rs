@@ -114,6 +114,25 @@ struct Serve {
     /// pods of a WarmPool get their own name here.
     #[arg(long, env = "ARL_ID_PREFIX", default_value = "")]
     id_prefix: String,
+    /// Hosts sessions' guests may reach over brokered HTTP(S), comma-separated
+    /// (`api.github.com,*.pypi.org,10.0.0.5:8080`): what a session gets when its create names
+    /// no `network`, and the most one may name [default: none, and no bound on what a create
+    /// names]
+    #[arg(long, env = "ARL_NETWORK_ALLOW")]
+    network_allow: Option<String>,
+    /// Body bytes a session's brokered requests may move in all (a create may ask for less)
+    #[arg(long, env = "ARL_NETWORK_MAX_BYTES", default_value_t = 64 << 20)]
+    network_max_bytes: u64,
+    /// Requests (HTTP, tool calls) a session may make in all (a create may ask for fewer)
+    #[arg(long, env = "ARL_NETWORK_MAX_REQUESTS", default_value_t = 1000)]
+    network_max_requests: u64,
+    /// A folder of wheels that `pip install` in any session takes from, whatever its network
+    #[arg(long, env = "ARL_WHEELHOUSE")]
+    wheelhouse: Option<PathBuf>,
+    /// The package index (PEP 691 JSON, as PyPI's `/simple/`) that `pip install` searches for
+    /// sessions whose network allows its host; `none` for none
+    #[arg(long, env = "ARL_PIP_INDEX", default_value = arl_manager::config::DEFAULT_PIP_INDEX)]
+    pip_index: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -173,6 +192,19 @@ fn config(serve: &Serve) -> anyhow::Result<ManagerConfig> {
     config.max_timeout = Duration::from_millis(serve.max_timeout_ms);
     config.data_dir = serve.data_dir.clone();
     config.snapshot_dir = serve.snapshot_dir.clone();
+    config.network = arl_manager::egress::NetworkLimits {
+        ceiling: match &serve.network_allow {
+            Some(list) => Some(arl_manager::egress::NetworkLimits::parse_ceiling(list)?),
+            None => None,
+        },
+        max_bytes: serve.network_max_bytes,
+        max_requests: serve.network_max_requests,
+    };
+    config.wheelhouse = serve.wheelhouse.clone();
+    config.pip_index = match serve.pip_index.as_str() {
+        "" | "none" => None,
+        url => Some(url::Url::parse(url).with_context(|| format!("--pip-index {url:?}"))?),
+    };
     config.validate()?;
     Ok(config)
 }

@@ -49,9 +49,14 @@ pub const HTTP_REQUESTS: &str = "arl_http_requests_total";
 /// Captures that copied a whole memory because `/proc/self/pagemap` could not say which
 /// pages were written: above 0, fork, snapshot and rollback cost far more than they should.
 pub const WHOLE_MEMORY_CAPTURES: &str = "arl_whole_memory_captures_total";
+/// Calls guests made out of their sandbox through the host, by `kind` (`http`, `tool`,
+/// `pip`) and `outcome` (`ok`, `refused`, `error`).
+pub const EGRESS_REQUESTS: &str = "arl_egress_requests_total";
+/// Body bytes guests' brokered calls moved, by `direction` (`sent`, `received`).
+pub const EGRESS_BYTES: &str = "arl_egress_bytes_total";
 
 /// Every name above, for documentation and tests.
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 12] = [
     SESSIONS_ACTIVE,
     SESSIONS_CAPACITY,
     MEMORY_BYTES,
@@ -62,6 +67,8 @@ pub const ALL: [&str; 10] = [
     EXECUTION_DURATION,
     HTTP_REQUESTS,
     WHOLE_MEMORY_CAPTURES,
+    EGRESS_REQUESTS,
+    EGRESS_BYTES,
 ];
 
 /// The `Content-Type` of [`Metrics::render`]'s text.
@@ -80,6 +87,17 @@ struct ReasonLabel {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EgressLabels {
+    kind: String,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -121,6 +139,8 @@ pub struct Metrics {
     duration: Histogram,
     http: Family<HttpLabels, Counter>,
     whole_memory: Counter,
+    egress: Family<EgressLabels, Counter>,
+    egress_bytes: Family<DirectionLabel, Counter>,
     active: Gauge,
     capacity: Gauge,
     memory: Gauge,
@@ -143,6 +163,8 @@ impl Metrics {
             duration: Histogram::new(exponential_buckets(0.000_25, 2.0, 20)),
             http: Family::default(),
             whole_memory: Counter::default(),
+            egress: Family::default(),
+            egress_bytes: Family::default(),
             active: Gauge::default(),
             capacity: Gauge::default(),
             memory: Gauge::default(),
@@ -197,7 +219,31 @@ impl Metrics {
             "Captures that copied a whole memory for want of /proc/self/pagemap",
             this.whole_memory.clone(),
         );
+        registry.register(
+            counter(EGRESS_REQUESTS),
+            "Calls guests made out of their sandbox, by kind and outcome",
+            this.egress.clone(),
+        );
+        registry.register(
+            counter(EGRESS_BYTES),
+            "Body bytes of guests' brokered calls, by direction",
+            this.egress_bytes.clone(),
+        );
         Self { registry, ..this }
+    }
+
+    /// A guest's call out of its sandbox (`kind`: http, tool, pip) and how it went
+    /// (`outcome`: ok, refused, error), with the body bytes it moved.
+    pub fn egress(&self, kind: &str, outcome: &'static str, sent: u64, received: u64) {
+        let kind = kind.to_owned();
+        self.egress
+            .get_or_create(&EgressLabels { kind, outcome })
+            .inc();
+        for (direction, bytes) in [("sent", sent), ("received", received)] {
+            self.egress_bytes
+                .get_or_create(&DirectionLabel { direction })
+                .inc_by(bytes);
+        }
     }
 
     pub fn session_created(&self, runtime: &str) {

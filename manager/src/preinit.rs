@@ -29,7 +29,7 @@ use crate::{Error, Result};
 pub const PRELOAD: &[&str] = &["numpy", "pandas"];
 
 /// Bumped when the way the snapshot is made changes, so that caches rebuild it.
-const RECIPE: &str = "arl-snapshot-6 wasmtime-wizer-48";
+const RECIPE: &str = "arl-snapshot-7 wasmtime-wizer-48";
 
 struct InitState {
     wasi: WasiP1Ctx,

@@ -87,7 +87,13 @@ impl Runtime {
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |s: &mut SessionState| &mut s.wasi)
             .map_err(Error::Engine)?;
         linker
-            .func_wrap("host", "call", host_call::<SessionState>)
+            .func_wrap_async(
+                "host",
+                "call",
+                |caller: Caller<'_, SessionState>, (ptr, len, out_ptr_ptr, out_len_ptr)| {
+                    Box::new(session_call(caller, ptr, len, out_ptr_ptr, out_len_ptr))
+                },
+            )
             .map_err(Error::Engine)?;
         let pre = linker.instantiate_pre(&module).map_err(Error::Engine)?;
         Ok(Self {
@@ -162,6 +168,71 @@ pub(crate) fn frame_limit(output_bytes: usize) -> usize {
         .saturating_mul(24)
         .saturating_add(64 << 10)
         .min(MAX_FRAME)
+}
+
+/// Frames that start so are calls for the host to answer (see [`crate::egress`]); any other
+/// frame is the turn's report.
+const CALL_PREFIX: &[u8] = b"{\"call\":";
+
+/// `host::call` of a session: a call frame is answered by the session's door (brokered HTTP,
+/// a host tool, `pip install`), awaited within the turn, so the turn's deadline bounds it and
+/// cancels it; its answer is written into memory the guest's `host_alloc` gives. Any other
+/// frame is the turn's report, kept as [`host_call`] keeps it.
+async fn session_call(
+    mut caller: Caller<'_, SessionState>,
+    ptr: i32,
+    len: i32,
+    out_ptr_ptr: i32,
+    out_len_ptr: i32,
+) -> wasmtime::Result<i32> {
+    const FAULT: i32 = -2;
+    let Some(Extern::Memory(memory)) = caller.get_export("memory") else {
+        return Ok(FAULT);
+    };
+    let (at, size) = (ptr as u32 as usize, len as u32 as usize);
+    let Some(frame) = at
+        .checked_add(size)
+        .and_then(|end| memory.data(&caller).get(at..end))
+    else {
+        return Ok(FAULT);
+    };
+    if !frame.starts_with(CALL_PREFIX) {
+        return Ok(host_call(caller, ptr, len, out_ptr_ptr, out_len_ptr));
+    }
+    if size > MAX_FRAME {
+        return Ok(FAULT);
+    }
+    let frame = frame.to_vec();
+    let door = caller.data().door.clone();
+    let answer = door.answer(&frame).await;
+    let Some(alloc) = caller
+        .get_export("host_alloc")
+        .and_then(Extern::into_func)
+        .and_then(|f| f.typed::<i32, i32>(&caller).ok())
+    else {
+        return Ok(FAULT);
+    };
+    let Ok(answer_len) = i32::try_from(answer.len()) else {
+        return Ok(FAULT);
+    };
+    let to = alloc.call_async(&mut caller, answer_len).await? as u32 as usize;
+    let written = to != 0
+        && memory.write(&mut caller, to, &answer).is_ok()
+        && memory
+            .write(
+                &mut caller,
+                out_ptr_ptr as u32 as usize,
+                &(to as u32).to_le_bytes(),
+            )
+            .is_ok()
+        && memory
+            .write(
+                &mut caller,
+                out_len_ptr as u32 as usize,
+                &(answer_len as u32).to_le_bytes(),
+            )
+            .is_ok();
+    Ok(if written { 0 } else { FAULT })
 }
 
 /// `host::call(ptr, len, out_ptr_ptr, out_len_ptr) -> 0 | -2`: the guest hands the host one

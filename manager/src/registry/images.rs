@@ -58,8 +58,12 @@ impl Registry {
         let source = self.get(id)?;
         let image = source.capture().await?;
         let request = CreateRequest::default();
-        self.restore(image, &request, Provenance::Fork(source.dir.clone()))
-            .await
+        let fork = self
+            .restore(image, &request, Provenance::Fork(source.dir.clone()))
+            .await?;
+        // What the parent's guest may reach, its fork may too.
+        fork.door.grant(source.door.grants().as_ref().clone());
+        Ok(fork)
     }
 
     /// Stores the state and files of session `id` as a snapshot.
@@ -142,6 +146,7 @@ impl Registry {
         let limits = self.limits(request, &runtime, base)?;
         let metadata = request.metadata.clone().unwrap_or_default();
         super::request::check_metadata(&metadata)?;
+        let grants = self.grants(request)?;
         if limits.memory_bytes < image.memory_bytes {
             return Err(Error::InvalidRequest(format!(
                 "the snapshot's memory is {} MiB, above the memory_mib asked for",
@@ -164,6 +169,7 @@ impl Registry {
             )
             .await?;
         session.set_metadata(metadata);
+        session.door.grant(grants);
         self.adopt(&session);
         Ok(session)
     }

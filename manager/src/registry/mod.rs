@@ -67,6 +67,7 @@ struct ManagerState {
     draining: AtomicBool,
     stopping: AtomicBool,
     snapshots: SnapshotStore,
+    egress: crate::egress::Egress,
     data_dir: PathBuf,
     _private_dir: Option<tempfile::TempDir>,
 }
@@ -129,8 +130,15 @@ impl Registry {
         let sessions_dir = data_dir.join("sessions");
         std::fs::create_dir_all(&sessions_dir)
             .map_err(|e| Error::Io(format!("creating {}", sessions_dir.display()), e))?;
+        let wheels = crate::egress::wheels::Installer::new(
+            config.wheelhouse.clone(),
+            config.pip_index.clone(),
+            config.cache_dir.join("wheels"),
+        );
+        let egress = crate::egress::Egress::new(config.network.clone(), wheels)?;
         Ok(Self {
             inner: Arc::new(ManagerState {
+                egress,
                 cache: arl_runtimes::ModuleCache::new(config.cache_dir.join("modules")),
                 slots: Arc::new(Semaphore::new(config.max_sessions as usize)),
                 snapshots: SnapshotStore::new(config.snapshot_dir()),
@@ -205,6 +213,7 @@ impl Registry {
         let limits = self.limits(&request, &runtime, self.inner.config.defaults)?;
         let metadata = request.metadata.clone().unwrap_or_default();
         check_metadata(&metadata)?;
+        let grants = self.grants(&request)?;
         let warm = request
             .is_plain(&self.inner.config.defaults)
             .then(|| self.claim_warm(&runtime.name))
@@ -222,9 +231,17 @@ impl Registry {
             }
         };
         session.set_metadata(metadata);
+        session.door.grant(grants);
         self.adopt(&session);
         self.top_up_soon();
         Ok(session)
+    }
+
+    /// What a create's `network` and `tools` grant its session, checked.
+    pub(super) fn grants(&self, request: &CreateRequest) -> Result<crate::egress::Grants> {
+        self.inner
+            .egress
+            .grants(request.network.as_ref(), request.tools.as_ref())
     }
 
     pub(super) fn check_open(&self) -> Result<()> {
@@ -353,7 +370,14 @@ impl Registry {
                 inner.forget(session, reason);
             }
         };
+        let door = Arc::new(crate::egress::Door::new(
+            &self.inner.egress,
+            self.inner.metrics.clone(),
+            id.clone(),
+            dir.join("workspace"),
+        ));
         let new = NewSession {
+            door,
             id,
             runtime,
             limits,

@@ -42,6 +42,12 @@ pub struct CreateRequest {
     pub from_snapshot: Option<String>,
     /// Labels for the session, names to values, listed with it (at most 64, 1 KiB each).
     pub metadata: Option<BTreeMap<String, String>>,
+    /// What the guest may reach over brokered HTTP(S); no network when absent (unless the
+    /// manager runs with `--network-allow`, whose rules are then the default).
+    pub network: Option<crate::egress::NetworkRequest>,
+    /// Tools of the caller the guest may call, by name (`llm_query(...)`): each call is POSTed
+    /// to its `url`.
+    pub tools: Option<BTreeMap<String, crate::egress::ToolSpec>>,
 }
 
 /// Labels a session may have, and bytes each name or value may hold.
@@ -53,7 +59,8 @@ pub const MAX_TTL_SECS: u64 = 30 * 24 * 3600;
 
 impl CreateRequest {
     /// Whether a warm session started ahead can serve it: it asks for nothing but the defaults,
-    /// a runtime, a lifetime and labels aside (a claimed session takes those on).
+    /// a runtime, a lifetime, labels, network and tools aside (a claimed session takes those
+    /// on).
     pub(super) fn is_plain(&self, defaults: &Limits) -> bool {
         self.from_snapshot.is_none()
             && self.rollback.is_none_or(|r| r == defaults.rollback)

@@ -19,6 +19,7 @@ impl Registry {
             spec,
             progress,
         )?;
+        self.inner.egress.wheels.add_runtime(&runtime.mounts);
         write(&self.inner.runtimes).insert(runtime.name.clone(), Arc::new(runtime));
         Ok(())
     }

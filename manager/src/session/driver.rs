@@ -17,6 +17,7 @@ use super::types::{
     EndReason, Lifecycle, Limits, Outcome, Rollback, ended_error, floor_char_boundary,
     rolled_back_error,
 };
+use crate::egress::Door;
 use crate::files::Workspace;
 use crate::image::{GuestClock, Image, Pages};
 use crate::metrics::{ExecutionOutcome, Metrics};
@@ -40,6 +41,8 @@ pub struct NewSession {
     pub dir: PathBuf,
     pub permit: OwnedSemaphorePermit,
     pub metrics: Arc<Metrics>,
+    /// Where the guest's calls out of the sandbox go.
+    pub door: Arc<Door>,
     /// Started ahead of demand, for no client yet (see [`Session::claim`]).
     pub warm: bool,
     /// The state to start from instead of a new interpreter (fork, restore, import).
@@ -64,6 +67,7 @@ struct Recipe {
     memory_bytes: u64,
     /// The largest report frame kept (from the session's output cap).
     report_limit: usize,
+    door: Arc<Door>,
 }
 
 impl Recipe {
@@ -77,7 +81,13 @@ impl Recipe {
             .envs(&self.env)
             .monotonic_clock(clock);
         preopen(&mut wasi, &self.runtime.mounts, &self.workspace, &self.tmp)?;
-        let state = SessionState::new(wasi.build_p1(), self.memory_bytes, clock, self.report_limit);
+        let state = SessionState::new(
+            wasi.build_p1(),
+            self.memory_bytes,
+            clock,
+            self.report_limit,
+            self.door.clone(),
+        );
         Ok(new_store(self.runtime.pre.module().engine(), state))
     }
 
@@ -107,6 +117,7 @@ pub async fn start(
         dir,
         permit,
         metrics,
+        door,
         warm,
         origin,
     } = new;
@@ -137,6 +148,7 @@ pub async fn start(
         stderr: stderr.clone(),
         memory_bytes: limits.memory_bytes,
         report_limit: crate::runtime::frame_limit(limits.output_bytes),
+        door: door.clone(),
     };
     let image = origin.as_ref().map(|o| o.image.as_ref());
     let clock = image.map_or_else(GuestClock::new, |i| GuestClock::continuing(i.clock_ns));
@@ -156,6 +168,7 @@ pub async fn start(
         executions: image.map_or(0, |i| i.executions),
         history: image.map_or_else(History::default, |i| History::from_lines(&i.history)),
         memory_bytes: exports.memory.data_size(&store) as u64,
+        door,
     });
     // Brought up to date when the session is first at rest; an image's pages are a start
     // (shared, not copied).
@@ -475,6 +488,7 @@ impl Driver {
             .turn(&input, deadline, stopped, job.reply.closed())
             .await;
         let duration = started.elapsed();
+        let requests = self.recipe.door.take_records();
         let (stdout, out_cut) = self.stdout.take();
         let (stderr, err_cut) = self.stderr.take();
         let report = report.as_deref().and_then(Report::parse);
@@ -572,6 +586,7 @@ impl Driver {
             ended,
             rolled_back,
             results,
+            requests,
         }
     }
 

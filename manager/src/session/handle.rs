@@ -12,6 +12,7 @@ use super::stream::TurnStream;
 use super::types::{EndReason, Info, Lifecycle, Limits, Outcome};
 use arl_runtimes::Context;
 
+use crate::egress::Door;
 use crate::files::Workspace;
 use crate::image::Image;
 use crate::output::Sink;
@@ -75,6 +76,8 @@ pub struct Session {
     contexts: Mutex<Vec<Context>>,
     /// The session's own folder (`workspace/`, `tmp/`).
     pub dir: PathBuf,
+    /// What its guest may reach outside the sandbox, and what it has spent.
+    pub door: Arc<Door>,
 }
 
 /// The receiving ends of a session's handle: what its task reads.
@@ -95,6 +98,7 @@ pub(super) struct Start {
     pub executions: u64,
     pub history: History,
     pub memory_bytes: u64,
+    pub door: Arc<Door>,
 }
 
 impl Session {
@@ -129,6 +133,7 @@ impl Session {
             history: Mutex::new(start.history),
             contexts: Mutex::default(),
             dir: start.dir,
+            door: start.door,
         });
         let inbox = Inbox {
             jobs: queue,

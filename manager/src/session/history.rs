@@ -65,6 +65,9 @@ pub struct HistoryEntry {
     pub end_reason: Option<String>,
     /// A field was longer than the history keeps (16 KiB) and was cut.
     pub clipped: bool,
+    /// The turn's calls out of the sandbox: brokered HTTP, host tools, `pip install`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requests: Vec<crate::egress::Record>,
 }
 
 fn clip(s: &str, clipped: &mut bool) -> String {
@@ -97,6 +100,7 @@ impl HistoryEntry {
             rollback_reason: outcome.rolled_back.as_ref().map(ToString::to_string),
             end_reason: outcome.ended.as_ref().map(ToString::to_string),
             clipped,
+            requests: outcome.requests.clone(),
         }
     }
 }

@@ -24,6 +24,8 @@ pub struct SessionState {
     /// The size of a frame this turn sent over `report_limit`, left in the guest.
     pub(crate) report_refused: Option<usize>,
     clock: GuestClock,
+    /// Where the guest's calls out of the sandbox are answered.
+    pub(crate) door: std::sync::Arc<crate::egress::Door>,
 }
 
 impl SessionState {
@@ -35,6 +37,7 @@ impl SessionState {
         memory_bytes: u64,
         clock: GuestClock,
         report_limit: usize,
+        door: std::sync::Arc<crate::egress::Door>,
     ) -> Self {
         Self {
             wasi,
@@ -51,6 +54,7 @@ impl SessionState {
             report_limit,
             report_refused: None,
             clock,
+            door,
         }
     }
 

@@ -168,7 +168,7 @@ impl Lifecycle {
 }
 
 /// What one execution produced.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
     pub stdout: String,
     pub stderr: String,
@@ -185,6 +185,8 @@ pub struct Outcome {
     pub rolled_back: Option<Rollback>,
     /// What it displayed, as MIME bundles, the final expression's last.
     pub results: Vec<arl_runtimes::Bundle>,
+    /// Its calls out of the sandbox (HTTP, tools, pip), as the history keeps them.
+    pub requests: Vec<crate::egress::Record>,
 }
 
 /// A snapshot of a session's bookkeeping.

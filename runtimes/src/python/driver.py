@@ -203,6 +203,348 @@ def _install():
 
     sys.meta_path.append(Shim())
 
+    # Calls out of the sandbox. The guest has no sockets: each request is one JSON frame
+    # through the door, `{"call": "http" | "tool" | "pip", ...}`, which the host checks against
+    # the session's policy and makes itself (manager/src/egress/). Its answer is the call's
+    # value or `{"error": {"kind", "message"}}`, raised here.
+    import base64
+
+    arl = types.ModuleType("arl")
+    arl.__doc__ = "ARL's side of the sandbox: brokered HTTP, host tools, pip install."
+
+    class NetworkRefused(PermissionError):
+        """The session's network policy (or budget) does not allow the request."""
+
+    class ToolError(RuntimeError):
+        """A host tool failed, or the session has no tool of that name."""
+
+    class InstallError(RuntimeError):
+        """pip install could not install what was asked."""
+
+    raised = {
+        "refused": NetworkRefused,
+        "too_large": NetworkRefused,
+        "timeout": TimeoutError,
+        "connect": ConnectionError,
+        "tool": ToolError,
+        "install": InstallError,
+    }
+
+    def ask(request):
+        answer = json.loads(call(json.dumps(request).encode("utf-8", "surrogatepass")))
+        error = answer.get("error") if isinstance(answer, dict) else None
+        if error is not None:
+            raise raised.get(error.get("kind"), RuntimeError)(error.get("message", "the host refused"))
+        return answer
+
+    def request(method, url, headers=(), body=None, timeout=None):
+        """One brokered HTTP request: (status, reason, [(name, value)], body bytes, url)."""
+        a = ask({
+            "call": "http",
+            "method": method,
+            "url": url,
+            "headers": [[str(k), str(v)] for k, v in (headers.items() if hasattr(headers, "items") else headers)],
+            "body": base64.b64encode(bytes(body)).decode() if body else None,
+            "timeout": timeout,
+        })
+        return a["status"], a["reason"], [tuple(h) for h in a["headers"]], base64.b64decode(a["body"]), a["url"]
+
+    SITE = "/workspace/.arl/site-packages"
+
+    def install(*requirements, upgrade=False, no_deps=False, quiet=True):
+        """Installs pure-Python wheels into this session (importable at once); returns what
+        was installed as [{"name", "version"}]."""
+        got = ask({"call": "pip", "requirements": [str(r) for r in requirements], "upgrade": bool(upgrade), "no_deps": bool(no_deps)})
+        if SITE not in sys.path:
+            sys.path.insert(0, SITE)
+        import importlib
+
+        importlib.invalidate_caches()
+        done = got.get("installed", [])
+        if not quiet:
+            if done:
+                print("Successfully installed " + " ".join("%s-%s" % (p["name"], p["version"]) for p in done))
+            else:
+                print("Requirement already satisfied: " + " ".join(str(r) for r in requirements))
+        return done
+
+    def magic_pip(line):
+        import shlex
+
+        words = shlex.split(line)
+        if not words or words[0] != "install":
+            raise InstallError("only `pip install` runs here (asked: `pip %s`)" % line)
+        options = {"upgrade": False, "no_deps": False}
+        names = []
+        for w in words[1:]:
+            if w in ("-U", "--upgrade"):
+                options["upgrade"] = True
+            elif w == "--no-deps":
+                options["no_deps"] = True
+            elif w in ("-q", "--quiet", "-qq", "--no-cache-dir", "--disable-pip-version-check"):
+                pass
+            elif w.startswith("-"):
+                raise InstallError("pip option %s is not supported here" % w)
+            else:
+                names.append(w)
+        install(*names, quiet=False, **options)
+
+    class Tools:
+        """The caller's tools this session was created with: `arl.tools.llm_query(...)`."""
+
+        def __getattr__(self, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+
+            def tool(*args, **kwargs):
+                return ask({"call": "tool", "name": name, "args": list(args), "kwargs": kwargs})["value"]
+
+            tool.__name__ = name
+            return tool
+
+    for cls in (NetworkRefused, ToolError, InstallError):
+        cls.__module__, cls.__qualname__ = "arl", cls.__name__
+        setattr(arl, cls.__name__, cls)
+    arl.request, arl.install, arl.tools, arl._magic_pip = request, install, Tools(), magic_pip
+    sys.modules["arl"] = arl
+
+    def llm_query(*args, **kwargs):
+        """The RLM pattern's call back to the model: the session's `llm_query` tool."""
+        return arl.tools.llm_query(*args, **kwargs)
+
+    builtins.llm_query = llm_query
+
+    # http.client (and so urllib.request and what is built on them) over the door: the request
+    # http.client writes is gathered, sent as one call, and the answer read back as a
+    # response. No socket is ever opened; https:// is verified by the host.
+    import http.client, io
+
+    class NoSocket:
+        def __init__(self, data):
+            self.data = data
+
+        def makefile(self, *args, **kwargs):
+            return io.BytesIO(self.data)
+
+        def close(self):
+            pass
+
+    def unchunk(body):
+        out, rest = bytearray(), body
+        while rest:
+            size, _, rest = rest.partition(b"\r\n")
+            n = int(size.split(b";")[0] or b"0", 16)
+            if n == 0:
+                break
+            out += rest[:n]
+            rest = rest[n + 2:]
+        return bytes(out)
+
+    class HTTPConnection(http.client.HTTPConnection):
+        scheme = "http"
+
+        def connect(self):
+            pass  # the host connects, per request
+
+        def send(self, data):
+            out = self.__dict__.setdefault("_arl_out", bytearray())
+            if hasattr(data, "read"):
+                while chunk := data.read(self.blocksize):
+                    out += chunk.encode("iso-8859-1") if isinstance(chunk, str) else chunk
+            elif isinstance(data, (bytes, bytearray, memoryview)):
+                out += data
+            else:
+                for chunk in data:
+                    out += chunk.encode("iso-8859-1") if isinstance(chunk, str) else chunk
+
+        def getresponse(self):
+            raw = bytes(self.__dict__.pop("_arl_out", b""))
+            head, _, body = raw.partition(b"\r\n\r\n")
+            lines = head.decode("iso-8859-1").split("\r\n")
+            method, target = lines[0].split(" ")[:2]
+            headers, chunked = [], False
+            for line in lines[1:]:
+                name, _, value = line.partition(":")
+                if name.strip().lower() == "transfer-encoding":
+                    chunked = "chunked" in value.lower()
+                    continue
+                headers.append((name.strip(), value.strip()))
+            if chunked:
+                body = unchunk(body)
+            if "://" in target:
+                url = target
+            else:
+                host = "[%s]" % self.host if ":" in self.host else self.host
+                if self.port != self.default_port:
+                    host += ":%d" % self.port
+                url = "%s://%s%s" % (self.scheme, host, target)
+            timeout = self.timeout if isinstance(self.timeout, (int, float)) else None
+            status, reason, got, data, _ = request(method, url, headers, body, timeout)
+            lines = ["HTTP/1.1 %d %s" % (status, reason)]
+            lines += ["%s: %s" % (k, v) for k, v in got if k.lower() not in ("content-length", "connection")]
+            lines.append("Content-Length: %d" % len(data))
+            wire = ("\r\n".join(lines) + "\r\n\r\n").encode("iso-8859-1", "replace") + data
+            response = http.client.HTTPResponse(NoSocket(wire), self.debuglevel, method=method)
+            response.begin()
+            self._HTTPConnection__state = http.client._CS_IDLE
+            self._HTTPConnection__response = None
+            return response
+
+    class HTTPSConnection(HTTPConnection):
+        scheme = "https"
+        default_port = http.client.HTTPS_PORT
+
+        def __init__(self, host, port=None, *args, context=None, **kwargs):
+            super().__init__(host, port, *args, **kwargs)
+
+    http.client.HTTPConnection = HTTPConnection
+    http.client.HTTPSConnection = HTTPSConnection
+    http.client._create_https_context = lambda *args: None  # no ssl module: the host verifies
+
+    # `requests`, as far as most code uses it, over urllib.request (and so the door).
+    def requests_module():
+        import types, urllib.error, urllib.parse, urllib.request
+
+        requests = types.ModuleType("requests")
+        exceptions = types.ModuleType("requests.exceptions")
+
+        class RequestException(IOError):
+            pass
+
+        class HTTPError(RequestException):
+            pass
+
+        class ConnectionError_(RequestException):
+            pass
+
+        class Timeout(RequestException):
+            pass
+
+        for cls, name in ((RequestException, "RequestException"), (HTTPError, "HTTPError"),
+                          (ConnectionError_, "ConnectionError"), (Timeout, "Timeout")):
+            cls.__name__ = cls.__qualname__ = name
+            cls.__module__ = "requests.exceptions"
+            setattr(exceptions, name, cls)
+            setattr(requests, name, cls)
+        exceptions.ConnectTimeout = exceptions.ReadTimeout = Timeout
+
+        class Headers(dict):
+            def __getitem__(self, key):
+                return dict.__getitem__(self, key.lower())
+
+            def get(self, key, default=None):
+                return dict.get(self, key.lower(), default)
+
+            def __contains__(self, key):
+                return dict.__contains__(self, key.lower())
+
+        class Response:
+            def __init__(self, status, reason, headers, content, url):
+                self.status_code, self.reason, self.content, self.url = status, reason, content, url
+                self.headers = Headers((k.lower(), v) for k, v in headers)
+                self.encoding = "utf-8"
+                ctype = self.headers.get("content-type", "")
+                if "charset=" in ctype:
+                    self.encoding = ctype.split("charset=")[-1].split(";")[0].strip()
+
+            ok = property(lambda self: self.status_code < 400)
+            text = property(lambda self: self.content.decode(self.encoding or "utf-8", "replace"))
+
+            def json(self, **kwargs):
+                return json.loads(self.content, **kwargs)
+
+            def raise_for_status(self):
+                if self.status_code >= 400:
+                    raise HTTPError("%d %s for url: %s" % (self.status_code, self.reason, self.url))
+
+            def __repr__(self):
+                return "<Response [%d]>" % self.status_code
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args, **kwargs):
+                return None
+
+        def request(method, url, params=None, data=None, json=None, headers=None, timeout=None,
+                    allow_redirects=True, **ignored):
+            if params:
+                url += ("&" if "?" in url else "?") + urllib.parse.urlencode(params, doseq=True)
+            headers = dict(headers or {})
+            body = None
+            if json is not None:
+                body = globals_json.dumps(json).encode()
+                headers.setdefault("Content-Type", "application/json")
+            elif isinstance(data, dict):
+                body = urllib.parse.urlencode(data, doseq=True).encode()
+                headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
+            elif isinstance(data, str):
+                body = data.encode()
+            elif data is not None:
+                body = bytes(data)
+            handlers = [] if allow_redirects else [NoRedirect()]
+            opener = urllib.request.build_opener(*handlers)
+            req = urllib.request.Request(url, data=body, headers=headers, method=method.upper())
+            try:
+                with opener.open(req, timeout=timeout) as r:
+                    return Response(r.status, r.reason, r.getheaders(), r.read(), r.geturl())
+            except urllib.error.HTTPError as e:
+                return Response(e.code, e.reason, e.headers.items() if e.headers else [], e.read(), url)
+            except urllib.error.URLError as e:
+                reason = e.reason
+                if isinstance(reason, TimeoutError):
+                    raise Timeout(str(reason)) from e
+                if isinstance(reason, PermissionError):
+                    raise reason
+                raise ConnectionError_(str(reason)) from e
+
+        globals_json = json
+        requests.request = request
+        for verb in ("get", "post", "put", "patch", "delete", "head", "options"):
+            setattr(requests, verb, (lambda v: lambda url, **kw: request(v, url, **kw))(verb))
+
+        class Session:
+            def __init__(self):
+                self.headers = {}
+
+            def request(self, method, url, headers=None, **kw):
+                return request(method, url, headers={**self.headers, **(headers or {})}, **kw)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+            def close(self):
+                pass
+
+        for verb in ("get", "post", "put", "patch", "delete", "head", "options"):
+            setattr(Session, verb, (lambda v: lambda self, url, **kw: self.request(v, url, **kw))(verb))
+        requests.Session = requests.session = Session
+        requests.Response = Response
+        requests.exceptions = exceptions
+        requests.__version__ = "2.32.0+arl"
+        return {"requests": requests, "requests.exceptions": exceptions}
+
+    class Requests(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        # First on the path: a `requests` installed with pip would open sockets, which a guest
+        # has none of.
+        modules = None
+
+        def find_spec(self, name, path=None, target=None):
+            if name in ("requests", "requests.exceptions"):
+                return importlib.util.spec_from_loader(name, self, is_package=name == "requests")
+            return None
+
+        def create_module(self, spec):
+            if Requests.modules is None:
+                Requests.modules = requests_module()
+            return Requests.modules[spec.name]
+
+        def exec_module(self, module):
+            pass
+
+    sys.meta_path.insert(0, Requests())
+
     def error_of(e, tb):
         import traceback
 
@@ -223,7 +565,21 @@ def _install():
         for key in [k for k in main if not (k.startswith("__") and k.endswith("__"))]:
             del main[key]
 
+    def magics(src):
+        # `%pip install ...` (or `!pip`) on a line of its own, as notebooks write it.
+        if "pip" not in src:
+            return src
+        import re
+
+        return re.sub(
+            r"^([ \t]*)[%!]pip[ \t]+(.*?)[ \t]*$",
+            lambda m: "%s__import__('arl')._magic_pip(%r)" % (m.group(1), m.group(2)),
+            src,
+            flags=re.M,
+        )
+
     def run(src, n, cap=None, ctx=None, cwd=None):
+        src = magics(src)
         name = "<cell %d>" % n
         main_result = None
         linecache.cache[name] = (len(src), None, src.splitlines(True), name)
