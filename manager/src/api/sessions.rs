@@ -42,6 +42,9 @@ pub struct SessionView {
     pub limits: LimitsView,
     /// The labels given at create.
     pub metadata: BTreeMap<String, String>,
+    /// What its guest may reach over brokered HTTP (the allow-list and budgets), what it
+    /// has spent, and its host tools.
+    pub network: crate::egress::Summary,
 }
 
 /// Limits as `/v1` shows them.
@@ -83,6 +86,7 @@ impl From<Info> for SessionView {
             memory_bytes: i.memory_bytes,
             limits: i.limits.into(),
             metadata: (*i.metadata).clone(),
+            network: i.network,
         }
     }
 }

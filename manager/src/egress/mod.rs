@@ -119,6 +119,12 @@ impl Usage {
                 policy.max_requests
             )));
         }
+        if spent.1 >= policy.max_bytes {
+            return Err(Failure::Refused(format!(
+                "this session has moved its {} bytes (network.max_bytes)",
+                policy.max_bytes
+            )));
+        }
         if spent.1.saturating_add(bytes) > policy.max_bytes {
             return Err(Failure::Refused(format!(
                 "this request's {bytes} bytes would pass the session's {} (network.max_bytes)",
@@ -238,6 +244,21 @@ impl Record {
     }
 }
 
+/// A session's egress as its view shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct Summary {
+    /// The rules of its allow-list; empty: no network.
+    pub allow: Vec<String>,
+    pub max_bytes: u64,
+    pub max_requests: u64,
+    /// Requests made so far (HTTP and tool calls, refused ones not counted).
+    pub requests: u64,
+    /// Body bytes moved so far.
+    pub bytes: u64,
+    /// The names of its host tools.
+    pub tools: Vec<String>,
+}
+
 /// Calls a turn may record; past this the rest are counted in metrics only.
 const RECORDS_PER_TURN: usize = 256;
 
@@ -288,8 +309,18 @@ impl Door {
             .clone()
     }
 
-    pub fn usage(&self) -> (u64, u64) {
-        self.usage.spent()
+    /// What the session may reach and has spent, as its view shows it.
+    pub fn summary(&self) -> Summary {
+        let grants = self.grants();
+        let (requests, bytes) = self.usage.spent();
+        Summary {
+            allow: grants.policy.allow_list(),
+            max_bytes: grants.policy.max_bytes,
+            max_requests: grants.policy.max_requests,
+            requests,
+            bytes,
+            tools: grants.tools.names(),
+        }
     }
 
     /// The calls made since the last take.

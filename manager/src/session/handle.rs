@@ -162,6 +162,7 @@ impl Session {
                 ..self.limits
             },
             metadata: stats.metadata.clone(),
+            network: self.door.summary(),
         }
     }
 

@@ -201,6 +201,8 @@ pub struct Info {
     pub memory_bytes: u64,
     pub limits: Limits,
     pub metadata: std::sync::Arc<super::handle::Metadata>,
+    /// What its guest may reach outside the sandbox, and has spent.
+    pub network: crate::egress::Summary,
 }
 
 impl EndReason {

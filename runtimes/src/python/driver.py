@@ -400,6 +400,7 @@ def _install():
     http.client.HTTPConnection = HTTPConnection
     http.client.HTTPSConnection = HTTPSConnection
     http.client._create_https_context = lambda *args: None  # no ssl module: the host verifies
+    import urllib.request  # after the patch, so that it has an HTTPS handler; in the snapshot
 
     # `requests`, as far as most code uses it, over urllib.request (and so the door).
     def requests_module():
@@ -495,6 +496,10 @@ def _install():
                 if isinstance(reason, PermissionError):
                     raise reason
                 raise ConnectionError_(str(reason)) from e
+            except TimeoutError as e:
+                raise Timeout(str(e)) from e
+            except ConnectionError as e:
+                raise ConnectionError_(str(e)) from e
 
         globals_json = json
         requests.request = request
