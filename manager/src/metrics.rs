@@ -229,6 +229,18 @@ impl Metrics {
             "Body bytes of guests' brokered calls, by direction",
             this.egress_bytes.clone(),
         );
+        // Series at 0 from the start, so that a rate over them is defined before the first call.
+        for kind in ["http", "tool", "pip"] {
+            for outcome in ["ok", "refused", "error"] {
+                let kind = kind.to_owned();
+                let _ = this.egress.get_or_create(&EgressLabels { kind, outcome });
+            }
+        }
+        for direction in ["sent", "received"] {
+            let _ = this
+                .egress_bytes
+                .get_or_create(&DirectionLabel { direction });
+        }
         Self { registry, ..this }
     }
 

@@ -40,6 +40,11 @@ fn every_serve_flag_has_an_env_twin_in_help() {
         ("--id-prefix", "ARL_ID_PREFIX"),
         ("--snapshot-dir", "ARL_SNAPSHOT_DIR"),
         ("--no-rollback", "ARL_NO_ROLLBACK"),
+        ("--network-allow", "ARL_NETWORK_ALLOW"),
+        ("--network-max-bytes", "ARL_NETWORK_MAX_BYTES"),
+        ("--network-max-requests", "ARL_NETWORK_MAX_REQUESTS"),
+        ("--wheelhouse", "ARL_WHEELHOUSE"),
+        ("--pip-index", "ARL_PIP_INDEX"),
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");
         assert!(
@@ -49,7 +54,7 @@ fn every_serve_flag_has_an_env_twin_in_help() {
     }
     assert_eq!(
         help.matches("[env: ARL_").count(),
-        23,
+        28,
         "a flag without a documented twin:\n{help}"
     );
 }
@@ -77,6 +82,18 @@ fn bad_settings_are_refused_before_binding() {
         .output()
         .unwrap();
     assert!(!out.status.success(), "an env twin is parsed like its flag");
+    for (flag, value) in [
+        ("--network-allow", "ok.example.com,*.com"),
+        ("--pip-index", "not a url"),
+    ] {
+        let out = Command::new(BIN)
+            .args(["serve", flag, value, "--listen", "127.0.0.1:1"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{flag} {value}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(flag), "{stderr}");
+    }
 }
 
 #[test]

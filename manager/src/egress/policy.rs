@@ -387,7 +387,7 @@ mod tests {
         for (bad, says) in [
             ("", "empty"),
             ("*.com", "top-level"),
-            ("*", "host name"),
+            ("*", "wildcard"),
             ("a.*.com", "first label"),
             ("example.com:0", "port"),
             ("example.com:70000", "port"),
