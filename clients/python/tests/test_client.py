@@ -1,5 +1,8 @@
 """The blocking client against a real manager."""
 
+import http.server
+import threading
+
 import httpx
 import pytest
 
@@ -99,3 +102,33 @@ def test_creates_are_retried_on_429_then_give_up() -> None:
     with pytest.raises(arl.CapacityExhausted) as full:
         patient.create_session()
     assert full.value.retry_after == 0 and full.value.status == 429 and len(seen) == 6
+
+
+def test_a_session_reaches_what_its_network_allows(url: str, token: str | None) -> None:
+    class Hello(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("content-length", "5")
+            self.end_headers()
+            self.wfile.write(b"hello")
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    fetch = f"import urllib.request\nurllib.request.urlopen('http://127.0.0.1:{port}/').read()"
+    try:
+        with arl.Client(url, token) as client:
+            with client.create_session(network={"allow": [f"127.0.0.1:{port}"]}) as open_:
+                assert open_.execute(fetch).result == "b'hello'"
+                assert open_.info().network["allow"] == [f"127.0.0.1:{port}"]
+                assert open_.info().network["requests"] == 1
+            with client.create_session() as closed:
+                refused = closed.execute(fetch).error
+                assert refused is not None and refused.type == "NetworkRefused"
+            with pytest.raises(arl.InvalidRequest):
+                client.create_session(network={"allow": ["*.com"]})
+    finally:
+        server.shutdown()

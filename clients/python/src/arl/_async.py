@@ -76,8 +76,15 @@ class AsyncClient:
         lifetime_secs: int | None = None,
         rollback: bool | None = None,
         metadata: dict[str, str] | None = None,
+        network: dict[str, Any] | None = None,
+        tools: dict[str, dict[str, Any]] | None = None,
     ) -> AsyncSession:
-        """A new session with these limits (the manager's defaults for those not given)."""
+        """A new session with these limits (the manager's defaults for those not given).
+
+        `network` (`{"allow": ["api.github.com", "127.0.0.1:9000"], "max_bytes"?,
+        "max_requests"?}`) is what its code may reach over brokered HTTP; `tools`
+        (`{"llm_query": {"url": ..., "headers"?: {...}}}`) the caller's endpoints it may call.
+        """
         body = _core.create_body(
             dict(
                 runtime=runtime,
@@ -88,6 +95,8 @@ class AsyncClient:
                 lifetime_secs=lifetime_secs,
                 rollback=rollback,
                 metadata=metadata,
+                network=network,
+                tools=tools,
             )
         )
         return await self._create(body)

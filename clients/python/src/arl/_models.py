@@ -91,6 +91,9 @@ class SessionInfo:
     memory_bytes: int
     limits: dict[str, Any]
     metadata: dict[str, str]
+    #: What its code may reach (`allow`, budgets), has spent (`requests`, `bytes`), and its
+    #: host `tools`.
+    network: dict[str, Any]
 
     @classmethod
     def from_json(cls, v: dict[str, Any]) -> SessionInfo:
@@ -104,6 +107,7 @@ class SessionInfo:
             memory_bytes=int(v.get("memory_bytes", 0)),
             limits=dict(v.get("limits", {})),
             metadata=dict(v.get("metadata", {})),
+            network=dict(v.get("network", {})),
         )
 
 

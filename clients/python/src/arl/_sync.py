@@ -75,8 +75,15 @@ class Client:
         lifetime_secs: int | None = None,
         rollback: bool | None = None,
         metadata: dict[str, str] | None = None,
+        network: dict[str, Any] | None = None,
+        tools: dict[str, dict[str, Any]] | None = None,
     ) -> Session:
-        """A new session with these limits (the manager's defaults for those not given)."""
+        """A new session with these limits (the manager's defaults for those not given).
+
+        `network` (`{"allow": ["api.github.com", "127.0.0.1:9000"], "max_bytes"?,
+        "max_requests"?}`) is what its code may reach over brokered HTTP; `tools`
+        (`{"llm_query": {"url": ..., "headers"?: {...}}}`) the caller's endpoints it may call.
+        """
         body = _core.create_body(
             dict(
                 runtime=runtime,
@@ -87,6 +94,8 @@ class Client:
                 lifetime_secs=lifetime_secs,
                 rollback=rollback,
                 metadata=metadata,
+                network=network,
+                tools=tools,
             )
         )
         return self._create(body)

@@ -10,17 +10,24 @@ REPL loop): the REPL code an RLM writes runs in an ARL session. Install with the
 
 The REPL holds `context` (the prompt the RLM was given), `answer` (set `answer["content"]`
 and `answer["ready"] = True` to finish, as with rlms' own environments) and `SHOW_VARS()`.
-`llm_query` and the other sub-calls need the sandbox to call back the caller's model, which
-ARL's guests cannot do yet: they raise, saying so.
+`llm_query(prompt, model=None)` and `llm_query_batched(prompts, model=None)` call back the
+RLM's model: the environment serves them on a local HTTP endpoint (`callback_host`, 127.0.0.1
+by default, on a free port) that it names as the session's host tools, and forwards each to
+rlms' LM handler. The manager must reach that endpoint (a manager on the same machine, or
+beside the caller in its pod, does). `rlm_query` falls back to `llm_query`, as rlms' local
+REPL does without a sub-call function. Without an LM handler the sub-calls raise, saying so.
 """
 
 from __future__ import annotations
 
 import ast
+import http.server
 import json
+import threading
 import time
 from typing import Any
 
+from rlm.core.comms_utils import LMRequest, send_lm_request, send_lm_request_batched  # type: ignore[import-untyped]
 from rlm.core.types import REPLResult  # type: ignore[import-untyped]
 from rlm.environments.base_env import IsolatedEnv  # type: ignore[import-untyped]
 
@@ -32,8 +39,8 @@ answer = {"content": "", "ready": False}
 
 def _arl_no_callback(*args, **kwargs):
     raise RuntimeError(
-        "llm_query and rlm_query are not available in ARL sessions: the sandbox cannot call "
-        "back the model yet; compute the answer in code and set answer['content']"
+        "llm_query and rlm_query are not available here: this environment has no LM handler "
+        "to call back; compute the answer in code and set answer['content']"
     )
 
 llm_query = llm_query_batched = rlm_query = rlm_query_batched = _arl_no_callback
@@ -43,6 +50,85 @@ def SHOW_VARS():
               "rlm_query", "rlm_query_batched"}
     return sorted(k for k in globals() if not k.startswith("_") and k not in hidden)
 '''
+
+#: What replaces the stubs when the RLM's model can be called back (the session's tools).
+CALLBACKS = """
+import arl as _arl
+
+def llm_query(prompt, model=None):
+    return _arl.tools.llm_query(prompt, model)
+
+def llm_query_batched(prompts, model=None):
+    return _arl.tools.llm_query_batched(list(prompts), model)
+
+rlm_query, rlm_query_batched = llm_query, llm_query_batched
+"""
+
+
+class _Callbacks(http.server.ThreadingHTTPServer):
+    """The endpoint the session's `llm_query` tools POST to: each call goes to rlms' LM handler
+    at `address`; the completions are kept for the REPL result."""
+
+    daemon_threads = True
+
+    def __init__(self, host: str, address: tuple[str, int], depth: int) -> None:
+        super().__init__((host, 0), _CallbackHandler)
+        self.lm_address, self.depth = address, depth
+        self.completions: list[Any] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def url(self, tool: str) -> str:
+        host, port = str(self.server_address[0]), int(self.server_address[1])
+        return f"http://{host}:{port}/{tool}"
+
+    def answer(self, tool: str, args: list[Any]) -> Any:
+        model = args[1] if len(args) > 1 else None
+        if tool == "llm_query":
+            request = LMRequest(prompt=args[0], model=model, depth=self.depth)
+            response = send_lm_request(self.lm_address, request)
+            if not response.success:
+                return f"Error: {response.error}"
+            with self.lock:
+                self.completions.append(response.chat_completion)
+            return response.chat_completion.response
+        responses = send_lm_request_batched(self.lm_address, args[0], model=model, depth=self.depth)
+        out = []
+        for response in responses:
+            if not response.success:
+                out.append(f"Error: {response.error}")
+                continue
+            with self.lock:
+                self.completions.append(response.chat_completion)
+            out.append(response.chat_completion.response)
+        return out
+
+    def take(self) -> list[Any]:
+        with self.lock:
+            taken, self.completions = self.completions, []
+        return taken
+
+
+class _CallbackHandler(http.server.BaseHTTPRequestHandler):
+    server: _Callbacks
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        call = json.loads(self.rfile.read(int(self.headers.get("content-length", "0"))))
+        try:
+            body = json.dumps(self.server.answer(call["tool"], list(call.get("args", []))))
+            status = 200
+        except Exception as e:  # the guest sees it as a ToolError
+            body, status = json.dumps(f"{type(e).__name__}: {e}"), 500
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
 
 #: The cell that reads a finished answer (and marks it taken), or `None`.
 TAKE_ANSWER = (
@@ -63,6 +149,8 @@ class ARLREPL(IsolatedEnv):  # type: ignore[misc]
         setup_code: str | None = None,
         persistent: bool = False,
         custom_tools: dict[str, Any] | None = None,
+        callback_host: str = "127.0.0.1",
+        depth: int = 1,
         **kwargs: Any,
     ) -> None:
         if persistent:
@@ -74,6 +162,9 @@ class ARLREPL(IsolatedEnv):  # type: ignore[misc]
         self.client = Client(base_url, token)
         self.session: Session | None = None
         self.custom_tools = dict(custom_tools or {})
+        self.callbacks = (
+            _Callbacks(callback_host, lm_handler_address, depth) if lm_handler_address else None
+        )
         self.setup()
         if context_payload is not None:
             self.load_context(context_payload)
@@ -86,8 +177,13 @@ class ARLREPL(IsolatedEnv):  # type: ignore[misc]
         return self.session
 
     def setup(self) -> None:
-        self.session = self.client.create_session()
+        tools = None
+        if self.callbacks is not None:
+            tools = {t: {"url": self.callbacks.url(t)} for t in ("llm_query", "llm_query_batched")}
+        self.session = self.client.create_session(tools=tools)
         self.session.execute(SCAFFOLD)
+        if tools is not None:
+            self.session.execute(CALLBACKS)
         values = {}
         for name, tool in self.custom_tools.items():
             value = tool["tool"] if isinstance(tool, dict) and "tool" in tool else tool
@@ -132,6 +228,7 @@ class ARLREPL(IsolatedEnv):  # type: ignore[misc]
             stderr=stderr,
             locals={},
             execution_time=time.perf_counter() - started,
+            rlm_calls=self.callbacks.take() if self.callbacks is not None else [],
             final_answer=final,
         )
 
@@ -139,6 +236,10 @@ class ARLREPL(IsolatedEnv):  # type: ignore[misc]
         if self.session is not None:
             self.session.delete()
             self.session = None
+        if self.callbacks is not None:
+            self.callbacks.shutdown()
+            self.callbacks.server_close()
+            self.callbacks = None
         self.client.close()
 
 
