@@ -150,6 +150,10 @@ async fn start(bench: &Bench) -> anyhow::Result<Manager> {
                 .into_iter()
                 .flatten(),
         )
+        .arg("--wheelhouse")
+        .arg(crate::egress::wheelhouse(
+            &bench.cache_dir().join("bench-wheelhouse"),
+        )?)
         .args(&bench.manager_args)
         .stdout(Stdio::null());
     let child = command.spawn().with_context(|| {
@@ -303,6 +307,8 @@ pub async fn run(bench: &Bench) -> anyhow::Result<Figures> {
     if bench.python_client {
         crate::python_client::run(bench, &manager.base, &mut figures)?;
     }
+
+    crate::egress::run(&manager, &mut figures, n.min(500)).await?;
 
     let grpc_url = format!("http://127.0.0.1:{}", bench.port + 1);
     let mut grpc = SessionsClient::connect(grpc_url).await?;

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 mod arl;
+mod egress;
 mod jupyter;
 mod python_client;
 mod state;

@@ -139,6 +139,32 @@ assert not sbx.files.exists("/home/user/proj/data.txt")
 home = [e.name for e in sbx.files.list("/home/user")]
 assert "proj" not in home and "out" in home, home
 
+# Egress: `network.allow_out` is the sandbox's allow-list; without it, no network.
+import http.server  # noqa: E402
+import threading  # noqa: E402
+
+
+class Hello(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+        self.send_response(200)
+        self.send_header("content-length", "5")
+        self.end_headers()
+        self.wfile.write(b"hello")
+
+    def log_message(self, *args):
+        pass
+
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+fetch = f"import urllib.request\nurllib.request.urlopen('http://127.0.0.1:{server.server_address[1]}/').read()"
+netted = Sandbox.create(network={"allow_out": [f"127.0.0.1:{server.server_address[1]}"]})
+assert netted.run_code(fetch).text == "b'hello'"
+refused = sbx.run_code(fetch).error
+assert refused is not None and refused.name == "NetworkRefused", refused
+netted.kill()
+server.shutdown()
+
 # Connect: the same sandbox, its state, from its id.
 again = Sandbox.connect(sbx.sandbox_id)
 assert again.run_code("x + 1").text == "42"

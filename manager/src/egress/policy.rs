@@ -84,8 +84,14 @@ impl Rule {
         if raw.is_empty() {
             return Err("is empty".into());
         }
-        if raw.contains("://") || raw.contains('/') {
+        if raw.contains("://") {
             return Err("must be a host with an optional port, not a URL".into());
+        }
+        if raw.contains('/') {
+            return Err(
+                "names a range or a path: a rule is a host or one address, with an optional port"
+                    .into(),
+            );
         }
         let (host, port) = split_port(&raw)?;
         let host = if let Ok(ip) = host
@@ -392,6 +398,7 @@ mod tests {
             ("example.com:0", "port"),
             ("example.com:70000", "port"),
             ("https://example.com", "not a URL"),
+            ("10.0.0.0/8", "range"),
             ("exa mple.com", "host name"),
             ("[::1", "without closing"),
         ] {

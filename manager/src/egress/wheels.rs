@@ -9,7 +9,6 @@ use std::collections::{BTreeMap, VecDeque};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::OnceLock;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -48,10 +47,8 @@ pub struct Installer {
     wheelhouse: Option<PathBuf>,
     index: Option<url::Url>,
     cache: PathBuf,
-    /// Zips on the runtimes' import paths (the stdlib zip), whose distributions count as
-    /// installed.
-    runtime_zips: std::sync::Mutex<Vec<PathBuf>>,
-    bundled: OnceLock<BTreeMap<PackageName, Version>>,
+    /// The distributions in the runtimes' stdlib zips, which count as installed.
+    bundled: std::sync::RwLock<BTreeMap<PackageName, Version>>,
 }
 
 /// What an install reaches through.
@@ -91,27 +88,41 @@ impl Installer {
             wheelhouse,
             index,
             cache,
-            runtime_zips: std::sync::Mutex::default(),
-            bundled: OnceLock::new(),
+            bundled: std::sync::RwLock::default(),
         }
     }
 
-    /// Counts the distributions in a runtime's read-only mounts (its stdlib zip) as installed.
+    /// Counts the distributions in a runtime's read-only mounts (the `.dist-info` folders of
+    /// its stdlib zip) as installed. Blocking: the zips' directories are read (~10 ms).
     pub fn add_runtime(&self, mounts: &[arl_runtimes::Mount]) {
-        let mut zips = self
-            .runtime_zips
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for mount in mounts {
-            if let Ok(entries) = std::fs::read_dir(&mount.host) {
-                zips.extend(
-                    entries
-                        .flatten()
-                        .map(|e| e.path())
-                        .filter(|p| p.extension().is_some_and(|x| x == "zip")),
-                );
+        let zips = mounts
+            .iter()
+            .filter_map(|m| std::fs::read_dir(&m.host).ok())
+            .flat_map(|entries| entries.flatten().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "zip"));
+        let mut found = BTreeMap::new();
+        for path in zips {
+            let Ok(zip) = std::fs::File::open(&path).map(zip::ZipArchive::new) else {
+                continue;
+            };
+            let Ok(zip) = zip else { continue };
+            for entry in zip.file_names() {
+                if let Some(dir) = entry
+                    .split('/')
+                    .next()
+                    .and_then(|d| d.strip_suffix(".dist-info"))
+                    && let Some((name, version)) = dir.split_once('-')
+                    && let (Ok(name), Ok(version)) =
+                        (PackageName::from_str(name), Version::from_str(version))
+                {
+                    found.insert(name, version);
+                }
             }
         }
+        self.bundled
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(found);
     }
 
     /// Installs `call`'s requirements and what they require; answers what was installed.
@@ -249,40 +260,12 @@ impl Installer {
 
     /// The version of `name` the session has, in its own site folder or bundled.
     fn present(&self, site: &Dir, name: &PackageName) -> Option<Version> {
-        installed(site)
-            .remove(name)
-            .or_else(|| self.bundled().get(name).cloned())
-    }
-
-    fn bundled(&self) -> &BTreeMap<PackageName, Version> {
-        self.bundled.get_or_init(|| {
-            let mut all = BTreeMap::new();
-            let zips = self
-                .runtime_zips
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone();
-            for path in &zips {
-                let Ok(file) = std::fs::File::open(path) else {
-                    continue;
-                };
-                let Ok(zip) = zip::ZipArchive::new(file) else {
-                    continue;
-                };
-                for entry in zip.file_names() {
-                    if let Some(dir) = entry
-                        .split('/')
-                        .next()
-                        .and_then(|d| d.strip_suffix(".dist-info"))
-                        && let Some((name, version)) = dir.split_once('-')
-                        && let (Ok(name), Ok(version)) =
-                            (PackageName::from_str(name), Version::from_str(version))
-                    {
-                        all.insert(name, version);
-                    }
-                }
-            }
-            all
+        installed(site).remove(name).or_else(|| {
+            let bundled = self
+                .bundled
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            bundled.get(name).cloned()
         })
     }
 

@@ -55,8 +55,8 @@ const ENVD_VERSION: &str = "0.4.0";
 /// E2B templates that mean ARL's Python runtime; the first is the one sandboxes list with.
 const PYTHON_TEMPLATES: [&str; 3] = ["code-interpreter-v1", "code-interpreter", "base"];
 
-/// What the SDK sends to create a sandbox; other fields (`autoPause`, `secure`, `network`,
-/// ...) are accepted and unused.
+/// What the SDK sends to create a sandbox; other fields (`autoPause`, `secure`,
+/// `allow_internet_access`, ...) are accepted and unused.
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NewSandbox {
@@ -70,6 +70,37 @@ pub struct NewSandbox {
     pub env_vars: Option<BTreeMap<String, String>>,
     /// Labels, listed with the sandbox and filtered on by `GET /v2/sandboxes?metadata=`.
     pub metadata: Option<BTreeMap<String, String>>,
+    /// `network={"allow_out": [...]}`: the hosts the sandbox's code may reach.
+    pub network: Option<NetworkOut>,
+}
+
+/// E2B's egress rules as ARL keeps them: `allowOut` is the session's allow-list (a host, a
+/// `*.` domain, an address, with an optional port; an address may carry `/32` or `/128`).
+/// Everything not allowed is denied, so `denyOut` adds nothing; without `allowOut` the
+/// sandbox has no network (ARL's default, where E2B's is the open internet).
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkOut {
+    pub allow_out: Option<Vec<String>>,
+}
+
+impl NetworkOut {
+    fn policy(self) -> Option<crate::egress::NetworkRequest> {
+        let allow = self.allow_out?;
+        let allow = allow
+            .into_iter()
+            .map(|rule| {
+                let bare = rule
+                    .strip_suffix("/32")
+                    .or_else(|| rule.strip_suffix("/128"));
+                bare.map_or(rule.clone(), str::to_owned)
+            })
+            .collect();
+        Some(crate::egress::NetworkRequest {
+            allow,
+            ..Default::default()
+        })
+    }
 }
 
 /// What the SDK reads back from a create or a connect.
@@ -267,6 +298,7 @@ pub async fn create(
         lifetime_secs: new.timeout,
         env: new.env_vars,
         metadata: new.metadata,
+        network: new.network.and_then(NetworkOut::policy),
         ..CreateRequest::default()
     };
     let session = registry.create(request).await?;
