@@ -116,8 +116,8 @@ struct Serve {
     id_prefix: String,
     /// Hosts sessions' guests may reach over brokered HTTP(S), comma-separated
     /// (`api.github.com,*.pypi.org,10.0.0.5:8080`): what a session gets when its create names
-    /// no `network`, and the most one may name [default: none, and no bound on what a create
-    /// names]
+    /// no `network`, and the most one may name; `none`: no network for any session [default:
+    /// no network by default, and no bound on what a create names]
     #[arg(long, env = "ARL_NETWORK_ALLOW")]
     network_allow: Option<String>,
     /// Body bytes a session's brokered requests may move in all (a create may ask for less)

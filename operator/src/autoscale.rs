@@ -139,6 +139,7 @@ mod tests {
             scale_down_delay_seconds: 300,
             drain_timeout_seconds: 600,
             template: None,
+            network: None,
         }
     }
 

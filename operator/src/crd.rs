@@ -95,6 +95,27 @@ pub struct WarmPoolSpec {
     /// Overrides for the pods' template.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<PodOverrides>,
+    /// What the pool's sessions may reach over brokered HTTP: the managers' `--network-allow`
+    /// (every session's default and the most one may ask), and the egress the pods'
+    /// NetworkPolicy opens for it. Absent: the pods reach nothing and sessions have no network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<PoolNetwork>,
+}
+
+/// A pool's egress.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolNetwork {
+    /// Hosts: `api.github.com`, `*.pypi.org` (names below it), `10.0.0.5` (an address, which
+    /// may be private), each with an optional `:port` (else 80 and 443).
+    #[x_kube(validation = Rule::new("self.all(r, r != '' && !r.contains('/'))").message("network.allow entries are hosts or addresses with an optional port"))]
+    pub allow: Vec<String>,
+    /// Body bytes a session's brokered calls may move in all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
+    /// Calls a session may make in all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u64>,
 }
 
 /// A WASM runtime served by `arl-manager`, or a container image for one that cannot be
@@ -231,6 +252,9 @@ pub struct SandboxSpec {
     /// Linear memory limit of the session.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_mib: Option<u64>,
+    /// What the session may reach (within its pool's `network`): hosts as the pool's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<PoolNetwork>,
 }
 
 /// A Sandbox's deadlines.

@@ -8,8 +8,8 @@ use k8s_openapi::api::core::v1::{
     Secret, SecretKeySelector, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::api::networking::v1::{
-    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
-    NetworkPolicySpec,
+    IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
+    NetworkPolicyPort, NetworkPolicySpec,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
@@ -52,7 +52,10 @@ pub const CONTROL_PLANE: [&str; 2] = ["arl-operator", "arl-gateway"];
 
 /// The NetworkPolicy of a pool's pods, owned by the pool: their managers' ports are reached
 /// only from the control plane's pods in `system_namespace`, and they reach nothing (a guest
-/// has no socket; the manager needs no network but its clients).
+/// has no socket; the manager needs no network but its clients) unless the pool has a
+/// `network`: then DNS, and the ports its rules name (80 and 443 by default) on public
+/// addresses, and on the private addresses a rule names. The manager checks host names
+/// itself; a NetworkPolicy cannot.
 pub fn network_policy(pool: &WarmPool, system_namespace: &str) -> NetworkPolicy {
     let name = pool.metadata.name.clone().unwrap_or_default();
     let port = |port: i32| NetworkPolicyPort {
@@ -95,8 +98,90 @@ pub fn network_policy(pool: &WarmPool, system_namespace: &str) -> NetworkPolicy 
                 }]),
                 ports: Some(vec![port(HTTP_PORT), port(GRPC_PORT)]),
             }]),
-            egress: Some(vec![]),
+            egress: Some(
+                pool.spec
+                    .network
+                    .as_ref()
+                    .map_or_else(Vec::new, |n| egress(&n.allow)),
+            ),
         }),
+    }
+}
+
+/// Private, loopback, link-local (cloud metadata) and shared ranges: what a name's addresses
+/// may not be, so the NetworkPolicy keeps them closed too.
+const PRIVATE_V4: [&str; 6] = [
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "169.254.0.0/16",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+];
+const PRIVATE_V6: [&str; 3] = ["fc00::/7", "fe80::/10", "::1/128"];
+
+/// The egress a pool's rules need: DNS; each named host's ports on public addresses; each
+/// named address on its ports.
+fn egress(allow: &[String]) -> Vec<NetworkPolicyEgressRule> {
+    let port = |port: u16, protocol: &str| NetworkPolicyPort {
+        port: Some(IntOrString::Int(i32::from(port))),
+        protocol: Some(protocol.into()),
+        ..NetworkPolicyPort::default()
+    };
+    let block = |cidr: String, except: &[&str]| NetworkPolicyPeer {
+        ip_block: Some(IPBlock {
+            cidr,
+            except: (!except.is_empty()).then(|| except.iter().map(|s| (*s).to_owned()).collect()),
+        }),
+        ..NetworkPolicyPeer::default()
+    };
+    let mut rules = vec![NetworkPolicyEgressRule {
+        to: None,
+        ports: Some(vec![port(53, "UDP"), port(53, "TCP")]),
+    }];
+    let mut public_ports = std::collections::BTreeSet::new();
+    for rule in allow {
+        let (host, ports) = split_rule(rule);
+        match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => {
+                let bits = if ip.is_ipv4() { 32 } else { 128 };
+                rules.push(NetworkPolicyEgressRule {
+                    to: Some(vec![block(format!("{ip}/{bits}"), &[])]),
+                    ports: Some(ports.iter().map(|p| port(*p, "TCP")).collect()),
+                });
+            }
+            Err(_) => public_ports.extend(ports),
+        }
+    }
+    if !public_ports.is_empty() {
+        rules.push(NetworkPolicyEgressRule {
+            to: Some(vec![
+                block("0.0.0.0/0".into(), &PRIVATE_V4),
+                block("::/0".into(), &PRIVATE_V6),
+            ]),
+            ports: Some(public_ports.into_iter().map(|p| port(p, "TCP")).collect()),
+        });
+    }
+    rules
+}
+
+/// A rule's host (brackets dropped) and its ports: the one it names, else 80 and 443.
+fn split_rule(rule: &str) -> (&str, Vec<u16>) {
+    let rule = rule.trim();
+    let (host, port) = match rule.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((ip, tail)) => (ip, tail.strip_prefix(':')),
+            None => (rest, None),
+        },
+        None if rule.matches(':').count() == 1 => match rule.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (rule, None),
+        },
+        None => (rule, None),
+    };
+    match port.and_then(|p| p.parse::<u16>().ok()) {
+        Some(p) => (host, vec![p]),
+        None => (host, vec![80, 443]),
     }
 }
 
@@ -204,7 +289,7 @@ pub fn manager_pod(pool: &WarmPool, default_image: &str) -> Pod {
         .get_or_insert_with(BTreeMap::new)
         .entry("ephemeral-storage".into())
         .or_insert_with(|| data_size.clone());
-    let manager = Container {
+    let mut manager = Container {
         name: MANAGER_CONTAINER.into(),
         image: Some(
             overrides
@@ -218,6 +303,13 @@ pub fn manager_pod(pool: &WarmPool, default_image: &str) -> Pod {
             env("ARL_GRPC_LISTEN", format!("0.0.0.0:{GRPC_PORT}")),
             env("ARL_MAX_SESSIONS", spec.sessions_per_pod.to_string()),
             env("ARL_DATA_DIR", "/var/lib/arl"),
+            // The pool's egress is every session's default and bound; none: no network.
+            env(
+                "ARL_NETWORK_ALLOW",
+                spec.network
+                    .as_ref()
+                    .map_or_else(|| "none".to_owned(), |n| n.allow.join(",")),
+            ),
             field("POD_NAMESPACE", "metadata.namespace"),
             field("POD_NAME", "metadata.name"),
             // The fleet's key for this pod (`fleet::member_key`), expanded by the kubelet.
@@ -254,6 +346,17 @@ pub fn manager_pod(pool: &WarmPool, default_image: &str) -> Pod {
         volume_mounts: Some(vec![workspace.clone()]),
         ..Container::default()
     };
+    if let (Some(network), Some(env_vars)) = (&spec.network, manager.env.as_mut()) {
+        let budgets = [
+            ("ARL_NETWORK_MAX_BYTES", network.max_bytes),
+            ("ARL_NETWORK_MAX_REQUESTS", network.max_requests),
+        ];
+        env_vars.extend(
+            budgets
+                .into_iter()
+                .filter_map(|(k, v)| Some(env(k, v?.to_string()))),
+        );
+    }
     let mut containers = Vec::new();
     if let Some(runtime) = &spec.runtime.container {
         // The non-WASM runtime runs beside the manager and shares its data folder.
@@ -335,6 +438,72 @@ mod tests {
             "spec": spec,
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_pool_without_network_reaches_nothing_and_its_sessions_get_none() {
+        let p = pool(json!({ "runtime": { "wasm": "python" } }));
+        let policy = network_policy(&p, "arl-system").spec.unwrap();
+        assert_eq!(policy.egress, Some(vec![]));
+        let pod = manager_pod(&p, "img");
+        let env = pod.spec.unwrap().containers[0].env.clone().unwrap();
+        let allow = env.iter().find(|e| e.name == "ARL_NETWORK_ALLOW").unwrap();
+        assert_eq!(allow.value.as_deref(), Some("none"));
+    }
+
+    #[test]
+    fn a_pools_network_opens_dns_its_ports_on_public_addresses_and_its_named_addresses() {
+        let p = pool(json!({
+            "runtime": { "wasm": "python" },
+            "network": { "allow": ["*.pypi.org", "api.example.com:8443", "10.0.0.5:9000"], "maxRequests": 50 },
+        }));
+        let egress = network_policy(&p, "arl-system")
+            .spec
+            .unwrap()
+            .egress
+            .unwrap();
+        let rules = serde_json::to_value(&egress).unwrap();
+        assert_eq!(
+            rules[0],
+            json!({"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]})
+        );
+        assert_eq!(
+            rules[1],
+            json!({"to": [{"ipBlock": {"cidr": "10.0.0.5/32"}}], "ports": [{"port": 9000, "protocol": "TCP"}]})
+        );
+        assert_eq!(
+            rules[2]["ports"],
+            json!([
+                {"port": 80, "protocol": "TCP"}, {"port": 443, "protocol": "TCP"}, {"port": 8443, "protocol": "TCP"}
+            ])
+        );
+        let public = &rules[2]["to"][0]["ipBlock"];
+        assert_eq!(public["cidr"], "0.0.0.0/0");
+        let except: Vec<&str> = public["except"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        assert!(
+            except.contains(&"10.0.0.0/8") && except.contains(&"169.254.0.0/16"),
+            "{except:?}"
+        );
+        let env = manager_pod(&p, "img").spec.unwrap().containers[0]
+            .env
+            .clone()
+            .unwrap();
+        let get = |name: &str| {
+            env.iter()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value.clone())
+        };
+        assert_eq!(
+            get("ARL_NETWORK_ALLOW").as_deref(),
+            Some("*.pypi.org,api.example.com:8443,10.0.0.5:9000")
+        );
+        assert_eq!(get("ARL_NETWORK_MAX_REQUESTS").as_deref(), Some("50"));
+        assert_eq!(get("ARL_NETWORK_MAX_BYTES"), None);
     }
 
     fn key() -> TokenKey {

@@ -81,6 +81,19 @@ pub fn create_request(spec: &SandboxSpec, runtime: &str) -> Value {
     set("idle_ttl_secs", idle.map(Value::from));
     set("lifetime_secs", timeouts.lifetime_seconds.map(Value::from));
     set("env", spec.env.as_ref().map(|e| json!(e)));
+    set(
+        "network",
+        spec.network.as_ref().map(|n| {
+            let mut network = json!({ "allow": n.allow });
+            if let Some(bytes) = n.max_bytes {
+                network["max_bytes"] = bytes.into();
+            }
+            if let Some(requests) = n.max_requests {
+                network["max_requests"] = requests.into();
+            }
+            network
+        }),
+    );
     body
 }
 

@@ -677,7 +677,8 @@ fn a_sandbox(finalizers: &[&str], status: Option<Value>, deleting: bool) -> Sand
         "apiVersion": "arl.infra.io/v1alpha1",
         "kind": "Sandbox",
         "metadata": { "name": "box", "namespace": NS, "uid": "box-uid", "generation": 1, "finalizers": finalizers },
-        "spec": { "poolRef": "counter", "keepAlive": false, "timeouts": { "idleSeconds": 120 }, "env": { "TASK": "t1" } },
+        "spec": { "poolRef": "counter", "keepAlive": false, "timeouts": { "idleSeconds": 120 }, "env": { "TASK": "t1" },
+                  "network": { "allow": ["api.example.com", "10.0.0.5:9000"], "maxRequests": 7 } },
     });
     if let Some(status) = status {
         object["status"] = status;
@@ -757,6 +758,14 @@ async fn a_sandbox_is_placed_on_the_least_loaded_ready_pod_of_its_pool() {
     let (code, session) = manager.get(&format!("/v1/sessions/{id}")).await;
     assert_eq!(code, 200, "{session}");
     assert_eq!(session["runtime"], "counter");
+    assert_eq!(
+        (
+            &session["network"]["allow"],
+            &session["network"]["max_requests"]
+        ),
+        (&json!(["api.example.com", "10.0.0.5:9000"]), &json!(7)),
+        "the Sandbox's network is its session's: {session}"
+    );
     // And counted at once, so that the next placement spreads.
     assert_eq!(
         fleet.pod(NS, "pod-idle").unwrap().load.unwrap().0.sessions,

@@ -296,8 +296,12 @@ impl Default for NetworkLimits {
 }
 
 impl NetworkLimits {
-    /// Parses `--network-allow`'s comma-separated rules.
+    /// Parses `--network-allow`'s comma-separated rules (`none`: no rule at all, so sessions
+    /// have no network whatever they ask).
     pub fn parse_ceiling(list: &str) -> Result<Vec<Rule>> {
+        if list.trim() == "none" {
+            return Ok(Vec::new());
+        }
         list.split(',')
             .filter(|s| !s.trim().is_empty())
             .map(|s| {
