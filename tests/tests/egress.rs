@@ -23,8 +23,10 @@ struct Seen {
     abandoned: AtomicUsize,
     /// The last tool call's JSON body and Authorization header.
     tool_call: Mutex<Option<(Value, Option<String>)>>,
-    /// Wheels the index served.
+    /// Wheels the index serves.
     wheels: Mutex<Vec<(String, Vec<u8>)>>,
+    /// Wheel files downloaded from the index.
+    downloads: AtomicUsize,
 }
 
 struct Server {
@@ -117,11 +119,14 @@ fn server() -> &'static Server {
     static S: OnceLock<Server> = OnceLock::new();
     S.get_or_init(|| {
         let seen = Arc::new(Seen::default());
+        // A version of this process's own, so that the manager's wheel cache (shared between
+        // runs) has never seen it.
+        let version = index_version();
         seen.wheels.lock().unwrap().push((
-            "indexed_pkg-2.0-py3-none-any.whl".into(),
+            format!("indexed_pkg-{version}-py3-none-any.whl"),
             wheel(
                 "indexed-pkg",
-                "2.0",
+                &version,
                 &[("indexed_pkg.py", "WHERE = 'from the index'\n")],
                 &[],
                 false,
@@ -171,6 +176,10 @@ fn server() -> &'static Server {
             other_port,
         }
     })
+}
+
+fn index_version() -> String {
+    format!("2.0.{}", std::process::id())
 }
 
 async fn slow(State(seen): State<Arc<Seen>>) -> &'static str {
@@ -241,6 +250,7 @@ async fn index_file(
     State(seen): State<Arc<Seen>>,
     UrlPath(file): UrlPath<String>,
 ) -> impl IntoResponse {
+    seen.downloads.fetch_add(1, Ordering::SeqCst);
     let wheels = seen.wheels.lock().unwrap();
     match wheels.iter().find(|(f, _)| *f == file) {
         Some((_, bytes)) => bytes.clone().into_response(),
@@ -667,6 +677,22 @@ async fn pip_installs_pure_wheels_that_travel_with_the_session() {
         )
         .await;
     assert_eq!(v["result"], "'hello fork!'", "{v}");
+
+    // So does a snapshot restored into a new session: the module in memory, its files on disk.
+    let (status, snapshot) = m
+        .post(&format!("/v1/sessions/{id}/snapshot"), json!({}))
+        .await;
+    assert_eq!(status, 201, "{snapshot}");
+    let restored = m
+        .create(json!({"from_snapshot": snapshot["id"].as_str().unwrap()}))
+        .await;
+    let v = m
+        .exec(
+            &restored,
+            "import greeter, os\ngreeter.greet('restored'), os.path.isfile('.arl/site-packages/punct.py')",
+        )
+        .await;
+    assert_eq!(v["result"], "('hello restored!', True)", "{v}");
 }
 
 #[tokio::test]
@@ -680,6 +706,24 @@ async fn pip_uses_the_index_only_where_the_policy_allows_its_host() {
         )
         .await;
     assert_eq!(v["result"], "'from the index'", "{v}");
+    assert_eq!(
+        v["stdout"],
+        format!("Successfully installed indexed-pkg-{}\n", index_version())
+    );
+    // A second session installs the same wheel from the manager's cache: one download.
+    let again = allowed(json!({})).await;
+    let v = m
+        .exec(
+            &again,
+            "%pip install indexed-pkg\nimport indexed_pkg\nindexed_pkg.WHERE",
+        )
+        .await;
+    assert_eq!(v["result"], "'from the index'", "{v}");
+    assert_eq!(
+        server().seen.downloads.load(Ordering::SeqCst),
+        1,
+        "the wheel is kept once"
+    );
     let closed = m.create(json!({})).await;
     let refused = raised(&m.exec(&closed, "%pip install indexed-pkg").await);
     assert!(
