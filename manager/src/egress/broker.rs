@@ -17,8 +17,7 @@ use super::{Failure, Record, Usage};
 /// The largest body one response may bring back, whatever the session's budget: it crosses
 /// into the guest's memory at once.
 pub const MAX_BODY: u64 = 32 << 20;
-/// Redirects are the guest's to follow (each hop is a new request, checked again); the
-/// broker never follows one itself.
+/// What the broker's requests say they are, unless the guest names itself.
 const USER_AGENT: &str = concat!("arl-manager/", env!("CARGO_PKG_VERSION"));
 
 /// One HTTP request as the guest asks it.
@@ -91,6 +90,7 @@ impl Broker {
     pub fn new() -> crate::Result<Self> {
         let client = reqwest::Client::builder()
             .dns_resolver(std::sync::Arc::new(PublicOnly))
+            // Redirects are the guest's to follow: each hop is a new request, checked again.
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .user_agent(USER_AGENT)

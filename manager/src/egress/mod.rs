@@ -40,7 +40,7 @@ pub struct ToolSpec {
     pub headers: BTreeMap<String, String>,
 }
 
-/// Tools a session may have, and the longest name.
+/// Tools a session may have.
 const MAX_TOOLS: usize = 32;
 
 /// A session's tools, checked.

@@ -332,10 +332,10 @@ impl Installer {
                     yanked: serde_json::Value,
                 }
                 let body = STANDARD.decode(&answer.body).unwrap_or_default();
-                let page: Page = serde_json::from_slice(&body).map_err(|e| {
+                let listed: Page = serde_json::from_slice(&body).map_err(|e| {
                     install_error(format!("{page} is not a PEP 691 JSON index page: {e}"))
                 })?;
-                for file in page.files {
+                for file in listed.files {
                     let yanked = !matches!(
                         file.yanked,
                         serde_json::Value::Null | serde_json::Value::Bool(false)
@@ -343,7 +343,7 @@ impl Installer {
                     if let Some((n, version, pure)) = parse_filename(&file.filename)
                         && &n == name
                         && !yanked
-                        && let Ok(url) = page_url(&answer.url).join(&file.url)
+                        && let Ok(url) = page.join(&file.url)
                     {
                         let sha256 = file.hashes.get("sha256").cloned();
                         all.push(Candidate {
@@ -411,12 +411,6 @@ impl Installer {
         }
         Ok(bytes)
     }
-}
-
-/// An index page's URL as a base to join relative file URLs on.
-fn page_url(url: &str) -> url::Url {
-    url::Url::parse(url)
-        .unwrap_or_else(|_| url::Url::parse("http://invalid/").unwrap_or_else(|_| unreachable!()))
 }
 
 /// `name-version(-build)?-python-abi-platform.whl`: the name, the version, and whether it is

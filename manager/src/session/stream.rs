@@ -11,6 +11,10 @@ use crate::output::Chunk;
 
 /// What a streamed turn yields.
 #[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one Done per turn, moved once; boxing it would allocate on every turn"
+)]
 pub enum TurnEvent {
     /// Output, in the order the guest wrote it.
     Output(Chunk),
