@@ -682,6 +682,41 @@ async fn grpc_mirrors_the_http_api() {
     let id = created.id;
     let (status, _) = m.get(&format!("/v1/sessions/{id}")).await;
     assert_eq!(status, 200, "one registry behind both APIs");
+    let netted = grpc
+        .create_session(pb::CreateSessionRequest {
+            network: Some(pb::NetworkPolicy {
+                allow: vec!["api.example.com:8443".into()],
+                max_bytes: Some(1 << 20),
+                max_requests: None,
+            }),
+            tools: [(
+                "llm_query".to_owned(),
+                pb::ToolSpec {
+                    url: "http://127.0.0.1:9/llm".into(),
+                    headers: Default::default(),
+                },
+            )]
+            .into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (_, view) = m.get(&format!("/v1/sessions/{}", netted.id)).await;
+    assert_eq!(
+        (
+            &view["network"]["allow"],
+            &view["network"]["max_bytes"],
+            &view["network"]["tools"]
+        ),
+        (
+            &json!(["api.example.com:8443"]),
+            &json!(1 << 20),
+            &json!(["llm_query"])
+        ),
+        "{view}"
+    );
+    m.delete(&format!("/v1/sessions/{}", netted.id)).await;
     let listed = grpc
         .list_sessions(pb::ListSessionsRequest {})
         .await
@@ -822,6 +857,22 @@ async fn grpc_mirrors_the_http_api() {
         .await
         .unwrap_err();
     assert_eq!(code(invalid), Code::InvalidArgument);
+    let refused = grpc
+        .create_session(pb::CreateSessionRequest {
+            network: Some(pb::NetworkPolicy {
+                allow: vec!["*.com".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains("network.allow[0]"),
+        "{}",
+        refused.message()
+    );
     let mut exit = grpc
         .execute(run("import os; os._exit(3)"))
         .await
