@@ -197,7 +197,14 @@ async fn session_call(
         return Ok(FAULT);
     };
     if !frame.starts_with(CALL_PREFIX) {
-        return Ok(host_call(caller, ptr, len, out_ptr_ptr, out_len_ptr));
+        return Ok(keep_report(
+            caller,
+            memory,
+            at,
+            size,
+            out_ptr_ptr,
+            out_len_ptr,
+        ));
     }
     if size > MAX_FRAME {
         return Ok(FAULT);
@@ -255,6 +262,20 @@ pub(crate) fn host_call<T: Reports + 'static>(
     {
         return FAULT;
     }
+    keep_report(caller, memory, ptr, len, out_ptr_ptr, out_len_ptr)
+}
+
+/// Keeps the report frame at `ptr..ptr + len` of `memory` (checked to be inside it) and
+/// answers it with nothing.
+fn keep_report<T: Reports + 'static>(
+    mut caller: Caller<'_, T>,
+    memory: wasmtime::Memory,
+    ptr: usize,
+    len: usize,
+    out_ptr_ptr: i32,
+    out_len_ptr: i32,
+) -> i32 {
+    const FAULT: i32 = -2;
     let frame = if len > caller.data().frame_limit() {
         None // over what the host keeps: never copied out of the guest
     } else {

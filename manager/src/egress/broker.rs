@@ -261,21 +261,24 @@ impl Broker {
 /// A client error as the guest reads it: refused (by our resolver), timed out, or a
 /// connection failure.
 fn failure(e: reqwest::Error) -> Failure {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-    while let Some(err) = source {
-        if let Some(private) = err.downcast_ref::<PrivateName>() {
-            return Failure::Refused(private.to_string());
-        }
-        source = err.source();
+    let chain: Vec<&(dyn std::error::Error + 'static)> =
+        std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |err| {
+            err.source()
+        })
+        .collect();
+    if let Some(private) = chain
+        .iter()
+        .find_map(|err| err.downcast_ref::<PrivateName>())
+    {
+        return Failure::Refused(private.to_string());
     }
     if e.is_timeout() {
         return Failure::Timeout(format!("the request timed out: {e}"));
     }
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(err) = source {
-        text = format!("{text}: {err}");
-        source = err.source();
-    }
+    let text = chain
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ");
     Failure::Connect(text)
 }

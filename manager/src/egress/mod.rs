@@ -98,9 +98,6 @@ impl Tools {
 pub struct Grants {
     pub policy: Policy,
     pub tools: Tools,
-    /// The create's `network`, as asked (shown in the session's view and carried by forks).
-    pub network: Option<NetworkRequest>,
-    pub tool_specs: BTreeMap<String, ToolSpec>,
 }
 
 /// Requests and bytes a session has spent, over its life.
@@ -454,12 +451,9 @@ impl Egress {
             Some(asked) => Policy::from_request(asked, &self.limits)?,
             None => self.limits.default_policy(),
         };
-        let tool_specs = tools.cloned().unwrap_or_default();
         Ok(Grants {
             policy,
-            tools: Tools::from_request(&tool_specs)?,
-            network: network.cloned(),
-            tool_specs,
+            tools: Tools::from_request(tools.unwrap_or(&BTreeMap::new()))?,
         })
     }
 }
