@@ -8,6 +8,8 @@ use crate::session::types::EndReason;
 pub enum Error {
     #[error("no runtime named {0:?} is loaded (this manager has: {1})")]
     UnknownRuntime(String, String),
+    #[error("the {0} runtime does not run {1:?}: it runs {2}")]
+    UnknownLanguage(String, String, String),
     #[error("{0}")]
     InvalidRequest(String),
     #[error("the manager is full: {0} sessions are open; retry after one ends")]

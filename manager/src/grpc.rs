@@ -32,7 +32,7 @@ pub fn status(e: Error) -> Status {
             tracing::error!(error = %e, "out of resources");
             Code::Unavailable
         }
-        Error::UnknownRuntime(..) | Error::InvalidRequest(_) | Error::BadPath(..) => {
+        Error::UnknownRuntime(..) | Error::UnknownLanguage(..) | Error::InvalidRequest(_) | Error::BadPath(..) => {
             Code::InvalidArgument
         }
         Error::BadSnapshot(_) | Error::ModuleMismatch(..) => Code::InvalidArgument,
@@ -239,6 +239,7 @@ impl Sessions for SessionService {
         let r = request.into_inner();
         let request = CreateRequest {
             runtime: (!r.runtime.is_empty()).then_some(r.runtime),
+            language: (!r.language.is_empty()).then_some(r.language),
             timeout_ms: r.timeout_ms,
             memory_mib: r.memory_mib,
             env: (!r.env.is_empty()).then(|| r.env.into_iter().collect()),

@@ -20,9 +20,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve the session API (loads the Python runtime first; /readyz says when it is ready).
+    /// Serve the session API (loads the runtimes first; /readyz says when they are ready).
     Serve(Box<Serve>),
-    /// Fetch, verify, snapshot and precompile the Python runtime into the cache, then exit.
+    /// Fetch, verify, snapshot and precompile the runtimes into the cache, then exit.
     Prepare(Common),
 }
 
@@ -35,6 +35,11 @@ struct Common {
     /// Log filter (tracing-subscriber syntax).
     #[arg(long, env = "ARL_LOG", default_value = "info")]
     log: String,
+    /// The runtimes to serve, comma-separated: python (CPython 3.15 with numpy and pandas),
+    /// javascript (ARL's Boa engine; TypeScript too).
+    #[arg(long, env = "ARL_RUNTIMES", value_delimiter = ',', default_value = "python,javascript",
+          value_parser = clap::builder::PossibleValuesParser::new(arl_manager::registry::runtimes::RUNTIMES))]
+    runtimes: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -153,8 +158,10 @@ fn main() -> anyhow::Result<()> {
         Command::Prepare(common) => {
             let config = ManagerConfig::new(cache_dir(common.cache_dir)?);
             let registry = runtime.block_on(async { Registry::new(config) })?;
-            registry.load_python(&progress)?;
-            eprintln!("arl-manager: the Python runtime is ready");
+            for name in &common.runtimes {
+                registry.load_named(name, &progress)?;
+                eprintln!("arl-manager: the {name} runtime is ready");
+            }
             Ok(())
         }
     }
@@ -288,10 +295,22 @@ async fn run(serve: Serve) -> anyhow::Result<()> {
         http = %http.local_addr()?,
         grpc = %grpc.local_addr()?,
         auth = serve.auth_token.is_some(),
-        "arl-manager listening; loading the Python runtime"
+        "arl-manager listening; loading the runtimes"
     );
     let loader = registry.clone();
-    let load = tokio::task::spawn_blocking(move || loader.load_python(&progress));
+    // The quickest first: JavaScript is ready in milliseconds (seconds on a cold cache).
+    let mut runtimes = serve.common.runtimes.clone();
+    runtimes.sort_by_key(|name| name != "javascript");
+    registry.expect_runtimes(&runtimes);
+    let load = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        for name in &runtimes {
+            loader
+                .load_named(name, &progress)
+                .with_context(|| format!("loading the {name} runtime"))?;
+            tracing::info!(runtime = %name, "runtime ready");
+        }
+        Ok(())
+    });
     registry.spawn_reaper();
     let options = ServeOptions {
         body_limit: serve.body_limit_bytes,
@@ -308,10 +327,7 @@ async fn run(serve: Serve) -> anyhow::Result<()> {
         options,
         arl_serve::stop_signal(),
     ));
-    match load.await? {
-        Ok(()) => tracing::info!("the Python runtime is ready"),
-        Err(e) => return Err(anyhow::Error::new(e).context("loading the Python runtime")),
-    }
+    load.await??;
     served.await??;
     tracing::info!("stopped");
     Ok(())

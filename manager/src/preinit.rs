@@ -1,12 +1,14 @@
-//! CPython pre-initialised into ARL's own snapshot: the package's plain `python.wasm`, initialised and with the
-//! scientific stack imported, captured with wasmtime-wizer. Every session then starts with
-//! numpy and pandas already in memory (copy-on-write), instead of paying about a second to
-//! import them.
+//! Runtimes pre-initialised into ARL's own snapshots, captured with wasmtime-wizer:
+//! - CPython: the package's plain `python.wasm`, initialised and with the scientific stack
+//!   imported. Every session then starts with numpy and pandas already in memory
+//!   (copy-on-write), instead of paying about a second to import them.
+//! - JavaScript: ARL's Boa reactor with its engine built and its prelude run.
 //!
-//! The snapshot is built once per cache (about two minutes: the instrumented module is
-//! compiled, run, and its memory written out) and reused by every later start.
+//! A snapshot is built once per cache (about two minutes for Python, seconds for JavaScript:
+//! the instrumented module is compiled, run, and its memory written out) and reused by every
+//! later start.
 //!
-//! What it freezes: the interpreter's string hash seed (as the package's snapshot did), and
+//! What Python's freezes: the interpreter's string hash seed (as the package's snapshot did), and
 //! the state of every module it imported, ARL's driver among them. Each session's bootstrap
 //! turn (`_arl.start`) gives it its own environment and reseeds `random` and `numpy.random`.
 
@@ -42,6 +44,21 @@ impl Reports for InitState {
     }
 }
 
+/// What a snapshot is made of: a reactor module, what it is given while it initialises, and the
+/// turns run in it before its memory is captured.
+struct Recipe<'a> {
+    /// The runtime's name, for file names and progress lines.
+    name: &'a str,
+    wasm: &'a [u8],
+    argv0: &'a str,
+    env: &'a [(&'a str, &'a str)],
+    mounts: &'a [arl_runtimes::Mount],
+    /// `(what, input)`: turns that must each report `ok`.
+    steps: Vec<(&'a str, String)>,
+    /// Everything above that the module's bytes do not say, for the cache key.
+    salt: Vec<&'a str>,
+}
+
 /// The snapshot module for `artifacts` and its sha256, built into `cache_dir/snapshots` first
 /// if missing. Blocking.
 pub fn python(
@@ -49,23 +66,87 @@ pub fn python(
     cache_dir: &Path,
     progress: Progress<'_>,
 ) -> Result<(PathBuf, String)> {
+    progress(&format!(
+        "ARL's Python snapshot has {} imported (built once, about two minutes)",
+        PRELOAD.join(", ")
+    ));
+    let wasm = std::fs::read(&artifacts.plain)
+        .map_err(|e| Error::Io(format!("reading {}", artifacts.plain.display()), e))?;
+    // The preload, then ARL's driver, then everything alive is moved out of the collector's
+    // reach (`gc.freeze`): a collection in a session then never walks, and so never
+    // dirties, the snapshot's pages.
+    let preload = format!("import {}", PRELOAD.join(", "));
+    let steps = [
+        ("importing", preload.as_str()),
+        ("installing the driver", arl_runtimes::python::DRIVER),
+        ("freezing", "import gc\ngc.collect()\ngc.freeze()\ndel gc"),
+    ];
+    let steps = steps
+        .into_iter()
+        .map(|(what, code)| {
+            let code = format!(
+                "try:\n    exec({})\n    _r = b'ok'\nexcept BaseException as e:\n    _r = repr(e).encode()\n\
+                 __import__('_host').call(_r)\ndel _r\n",
+                serde_json::to_string(code).unwrap_or_default()
+            );
+            (what, code)
+        })
+        .collect();
+    let mut salt = vec![arl_runtimes::python::PLAIN_SHA256, arl_runtimes::python::DRIVER];
+    salt.extend(PRELOAD);
+    salt.extend(artifacts.mounts.iter().map(|m| m.guest.as_str()));
+    snapshot(
+        Recipe {
+            name: "python",
+            wasm: &wasm,
+            argv0: "/usr/local/bin/python.wasm",
+            env: arl_runtimes::python::BASE_ENV,
+            mounts: &artifacts.mounts,
+            steps,
+            salt,
+        },
+        cache_dir,
+        progress,
+    )
+}
+
+/// ARL's JavaScript runtime with its engine built and its prelude run, and its sha256, built
+/// into `cache_dir/snapshots` first if missing (a few seconds). Blocking.
+pub fn javascript(cache_dir: &Path, progress: Progress<'_>) -> Result<(PathBuf, String)> {
+    snapshot(
+        Recipe {
+            name: "javascript",
+            wasm: arl_runtimes::javascript::WASM,
+            argv0: "/usr/local/bin/arl-javascript.wasm",
+            env: arl_runtimes::javascript::BASE_ENV,
+            mounts: &[],
+            steps: Vec::new(),
+            salt: Vec::new(),
+        },
+        cache_dir,
+        progress,
+    )
+}
+
+fn snapshot(recipe: Recipe<'_>, cache_dir: &Path, progress: Progress<'_>) -> Result<(PathBuf, String)> {
+    let name = recipe.name;
     let key = {
         let mut h = Sha256::new();
-        h.update(arl_runtimes::python::PLAIN_SHA256);
+        h.update(Sha256::digest(recipe.wasm));
         h.update(RECIPE);
-        h.update(arl_runtimes::python::DRIVER);
-        for m in PRELOAD {
-            h.update(m);
+        for part in recipe.salt.iter().chain(std::iter::once(&recipe.argv0)) {
+            h.update(part);
             h.update([0]);
         }
-        for m in &artifacts.mounts {
-            h.update(&m.guest);
+        for (what, input) in &recipe.steps {
+            h.update(what);
+            h.update(input);
             h.update([0]);
         }
         hex::encode(&h.finalize()[..12])
     };
     let dir = cache_dir.join("snapshots");
-    let path = dir.join(format!("python-{key}.wasm"));
+    let path = dir.join(format!("{name}-{key}.wasm"));
     let digest_path = path.with_extension("wasm.sha256");
     let io = |what: String| move |e| Error::Io(what, e);
     let built = || {
@@ -77,23 +158,20 @@ pub fn python(
         return Ok((path, digest));
     }
     std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
-    let lock_path = dir.join(format!("python-{key}.lock"));
+    let lock_path = dir.join(format!("{name}-{key}.lock"));
     let lock = File::create(&lock_path).map_err(io(format!("opening {}", lock_path.display())))?;
     lock.lock()
         .map_err(io(format!("locking {}", lock_path.display())))?;
     if let Some(digest) = built() {
         return Ok((path, digest)); // another process built it while we waited
     }
-    progress(&format!(
-        "building ARL's Python snapshot with {} imported (once, about two minutes)",
-        PRELOAD.join(", ")
-    ));
+    progress(&format!("building ARL's {name} snapshot"));
     let started = std::time::Instant::now();
     // On a thread of its own: WASI's blocking calls during the build run their own tokio
     // runtime, which cannot start inside a caller's (a test, `serve`), whoever asks first.
     let wasm = std::thread::scope(|scope| {
         scope
-            .spawn(|| build(artifacts, &dir))
+            .spawn(|| build(&recipe, &dir))
             .join()
             .unwrap_or_else(|_| {
                 Err(Error::Instantiate(wasmtime::format_err!(
@@ -108,19 +186,17 @@ pub fn python(
     std::fs::write(&digest_path, &digest)
         .map_err(io(format!("writing {}", digest_path.display())))?;
     progress(&format!(
-        "snapshot built in {:.0} s ({} MB)",
+        "{name} snapshot built in {:.0} s ({} MB)",
         started.elapsed().as_secs_f64(),
         wasm.len() >> 20
     ));
     Ok((path, digest))
 }
 
-fn build(artifacts: &Artifacts, scratch: &Path) -> Result<Vec<u8>> {
-    let wasm = std::fs::read(&artifacts.plain)
-        .map_err(|e| Error::Io(format!("reading {}", artifacts.plain.display()), e))?;
+fn build(recipe: &Recipe<'_>, scratch: &Path) -> Result<Vec<u8>> {
     let mut wizer = wasmtime_wizer::Wizer::new();
     wizer.init_func("wizer.initialize");
-    let (cx, instrumented) = wizer.instrument(&wasm).map_err(Error::Engine)?;
+    let (cx, instrumented) = wizer.instrument(recipe.wasm).map_err(Error::Engine)?;
 
     let mut config = Config::new();
     config.wasm_exceptions(true).wasm_gc(true);
@@ -148,9 +224,9 @@ fn build(artifacts: &Artifacts, scratch: &Path) -> Result<Vec<u8>> {
     stderr.reset(64 << 10, None);
     let mut wasi = WasiCtxBuilder::new();
     wasi.stderr(stderr.clone())
-        .arg("/usr/local/bin/python.wasm")
-        .envs(arl_runtimes::python::BASE_ENV);
-    crate::session::store::preopen(&mut wasi, &artifacts.mounts, &workspace, &tmp)?;
+        .arg(recipe.argv0)
+        .envs(recipe.env);
+    crate::session::store::preopen(&mut wasi, recipe.mounts, &workspace, &tmp)?;
     let mut store = Store::new(
         &engine,
         InitState {
@@ -173,22 +249,8 @@ fn build(artifacts: &Artifacts, scratch: &Path) -> Result<Vec<u8>> {
             f.call(&mut store, ()).map_err(|e| failed(init, e))?;
         }
     }
-    // The preload, then ARL's driver, then everything alive is moved out of the collector's
-    // reach (`gc.freeze`): a collection in a session then never walks, and so never
-    // dirties, the snapshot's pages.
-    let preload = format!("import {}", PRELOAD.join(", "));
-    let steps = [
-        ("importing", preload.as_str()),
-        ("installing the driver", arl_runtimes::python::DRIVER),
-        ("freezing", "import gc\ngc.collect()\ngc.freeze()\ndel gc"),
-    ];
-    for (what, code) in steps {
-        let code = format!(
-            "try:\n    exec({})\n    _r = b'ok'\nexcept BaseException as e:\n    _r = repr(e).encode()\n\
-             __import__('_host').call(_r)\ndel _r\n",
-            serde_json::to_string(code).unwrap_or_default()
-        );
-        turn(&mut store, &instance, code.as_bytes()).map_err(|e| failed(what, e))?;
+    for (what, input) in &recipe.steps {
+        turn(&mut store, &instance, input.as_bytes()).map_err(|e| failed(what, e))?;
         match store.data_mut().report.take() {
             Some(frame) if frame == b"ok" => {}
             other => {

@@ -46,6 +46,24 @@ impl RuntimeSpec {
     }
 }
 
+impl RuntimeSpec {
+    /// ARL's JavaScript runtime from its snapshot (see [`crate::preinit::javascript`]): the
+    /// `typescript` runtime when `typescript`.
+    pub fn javascript(snapshot: PathBuf, digest: String, typescript: bool) -> Self {
+        Self {
+            name: if typescript { "typescript" } else { "javascript" }.into(),
+            wasm: snapshot,
+            digest: Some(digest),
+            protocol: Protocol::JavaScript { typescript },
+            mounts: Vec::new(),
+            base_env: arl_runtimes::javascript::BASE_ENV
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        }
+    }
+}
+
 /// A guest runtime as the manager runs it.
 pub struct Runtime {
     pub name: String,

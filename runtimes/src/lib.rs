@@ -6,9 +6,11 @@
 //!   a turn reports its outcome as one JSON frame ([`Report`]);
 //! - is otherwise a plain `wasm32-wasip1` module.
 //!
-//! Python ([`python`]) is the first; the test guests of `wasm-guests/` are others.
+//! Python ([`python`]) and JavaScript ([`javascript`]) are ARL's own; the test guests of
+//! `wasm-guests/` are others.
 
 pub mod cache;
+pub mod javascript;
 pub mod python;
 
 use std::path::PathBuf;
@@ -78,6 +80,9 @@ pub enum Protocol {
     Raw,
     /// CPython with ARL's driver: a bootstrap turn installs it, then each turn calls it.
     Python,
+    /// ARL's JavaScript engine: each turn is a JSON request, a bootstrap turn gives it its
+    /// environment. `typescript`: cells are TypeScript, their types stripped by the host.
+    JavaScript { typescript: bool },
 }
 
 impl Protocol {
@@ -87,12 +92,13 @@ impl Protocol {
         match self {
             Protocol::Raw => None,
             Protocol::Python => Some(python::bootstrap_source(env)),
+            Protocol::JavaScript { .. } => Some(javascript::bootstrap_input(env)),
         }
     }
 
     /// Whether new sessions run a bootstrap turn (and so gain from being started ahead).
     pub fn has_bootstrap(self) -> bool {
-        matches!(self, Protocol::Python)
+        matches!(self, Protocol::Python | Protocol::JavaScript { .. })
     }
 
     /// The bytes handed to `turn` for the user's `code`, the session's `n`th execution, whose
@@ -117,6 +123,9 @@ impl Protocol {
                 format!("{}\n{turn}", python::RESEED).into_bytes()
             }
             Protocol::Python => python::turn_source(code, n, cap, context).into_bytes(),
+            Protocol::JavaScript { typescript } => {
+                javascript::turn_input(code, typescript, n, cap, reseed, context)
+            }
         }
     }
 
@@ -131,6 +140,7 @@ impl Protocol {
         match self {
             Protocol::Raw => None,
             Protocol::Python => Some(python::forget_source(context)),
+            Protocol::JavaScript { .. } => Some(javascript::forget_source(context)),
         }
     }
 }

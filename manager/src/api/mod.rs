@@ -318,6 +318,7 @@ impl From<Error> for ApiError {
                 (StatusCode::SERVICE_UNAVAILABLE, "resources_exhausted")
             }
             Error::UnknownRuntime(..) => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_runtime"),
+            Error::UnknownLanguage(..) => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_language"),
             Error::InvalidRequest(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
             Error::Full(_) => (StatusCode::TOO_MANY_REQUESTS, "capacity_exhausted"),
             Error::NotFound(_) => (StatusCode::NOT_FOUND, "session_not_found"),

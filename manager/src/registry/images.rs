@@ -132,7 +132,7 @@ impl Registry {
                 "env cannot be given with from_snapshot: the interpreter keeps its own".into(),
             ));
         }
-        let runtime = self.runtime(request.runtime.as_deref().unwrap_or(&image.runtime))?;
+        let runtime = self.runtime(&request.runtime_name(&image.runtime)?)?;
         if runtime.name != image.runtime || runtime.digest != image.module {
             return Err(Error::ModuleMismatch(
                 short_digest(&image.module),

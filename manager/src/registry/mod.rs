@@ -57,6 +57,8 @@ struct ManagerState {
     engine: SandboxEngine,
     cache: arl_runtimes::ModuleCache,
     runtimes: RwLock<HashMap<String, Arc<Runtime>>>,
+    /// Runtimes being loaded: a create for one of them answers "not ready", not "unknown".
+    loading: RwLock<Vec<String>>,
     sessions: RwLock<HashMap<String, Arc<Session>>>,
     tombstones: Mutex<Tombstones>,
     slots: Arc<Semaphore>,
@@ -145,6 +147,7 @@ impl Registry {
                 config,
                 engine,
                 runtimes: RwLock::default(),
+                loading: RwLock::default(),
                 sessions: RwLock::default(),
                 tombstones: Mutex::default(),
                 decoding: Semaphore::new(DECODING),
@@ -209,7 +212,7 @@ impl Registry {
             let image = blocking(move || snapshots.load(&id, max_memory, max_files)).await?;
             return self.restore(image, &request, Provenance::Elsewhere).await;
         }
-        let runtime = self.runtime(request.runtime.as_deref().unwrap_or("python"))?;
+        let runtime = self.runtime(&request.runtime_name("python")?)?;
         let limits = self.limits(&request, &runtime, self.inner.config.defaults)?;
         let metadata = request.metadata.clone().unwrap_or_default();
         check_metadata(&metadata)?;

@@ -18,9 +18,14 @@ const MAX_ENV_BYTES: usize = 32 << 10;
 #[derive(Debug, Clone, Default, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRequest {
-    /// The runtime's name; `"python"` when absent.
+    /// The runtime's name (`"python"`, `"javascript"`); `"python"` when absent.
     #[schema(example = "python")]
     pub runtime: Option<String>,
+    /// The language of the cells, when the runtime runs more than one: `"typescript"` (or
+    /// `"ts"`) on the `javascript` runtime strips types before each cell runs (the same as
+    /// the runtime `"typescript"`).
+    #[schema(example = "typescript")]
+    pub language: Option<String>,
     /// Deadline of one execution; the manager's default when absent.
     pub timeout_ms: Option<u64>,
     /// Memory limit; the manager's default when absent.
@@ -58,6 +63,34 @@ const MAX_METADATA_BYTES: usize = 1 << 10;
 pub const MAX_TTL_SECS: u64 = 30 * 24 * 3600;
 
 impl CreateRequest {
+    /// The runtime this request asks for, its `language` read: `javascript` with
+    /// `typescript` is the `typescript` runtime.
+    pub fn runtime_name(&self, default: &str) -> Result<String> {
+        let runtime = self.runtime.as_deref().unwrap_or(default);
+        let Some(language) = self.language.as_deref() else {
+            return Ok(runtime.to_owned());
+        };
+        let name = match (runtime, language) {
+            ("javascript" | "typescript", "typescript" | "ts") => "typescript",
+            ("javascript", "javascript" | "js") => "javascript",
+            ("python", "python" | "python3") => "python",
+            (runtime, language) => {
+                let runs = match runtime {
+                    "javascript" => "javascript (js), typescript (ts)",
+                    "typescript" => "typescript (ts)",
+                    "python" => "python",
+                    _ => "its own language only",
+                };
+                return Err(Error::UnknownLanguage(
+                    runtime.to_owned(),
+                    language.to_owned(),
+                    runs.to_owned(),
+                ));
+            }
+        };
+        Ok(name.to_owned())
+    }
+
     /// Whether a warm session started ahead can serve it: it asks for nothing but the defaults,
     /// a runtime, a lifetime, labels, network and tools aside (a claimed session takes those
     /// on).

@@ -9,6 +9,9 @@ use crate::runtime::{Runtime, RuntimeSpec};
 use crate::session::Session;
 use crate::{Error, Result};
 
+/// The runtimes a manager can serve, by the name sessions ask for.
+pub const RUNTIMES: &[&str] = &["python", "javascript"];
+
 impl Registry {
     /// Loads a runtime (compiling it on first use) and makes it available to new sessions.
     /// Blocking: call it from a blocking thread.
@@ -33,9 +36,39 @@ impl Registry {
         self.load_runtime(RuntimeSpec::python(artifacts, snapshot, digest), progress)
     }
 
-    /// Whether any runtime is loaded.
+    /// Builds (once, seconds) and loads ARL's JavaScript runtime, as `javascript` and as
+    /// `typescript` (the same module; its cells' types stripped first). Blocking.
+    pub fn load_javascript(&self, progress: Progress<'_>) -> Result<()> {
+        let (snapshot, digest) = crate::preinit::javascript(&self.inner.config.cache_dir, progress)?;
+        for typescript in [false, true] {
+            let spec = RuntimeSpec::javascript(snapshot.clone(), digest.clone(), typescript);
+            self.load_runtime(spec, progress)?;
+        }
+        Ok(())
+    }
+
+    /// Loads the runtime `name`, one of [`RUNTIMES`]. Blocking.
+    pub fn load_named(&self, name: &str, progress: Progress<'_>) -> Result<()> {
+        match name {
+            "python" => self.load_python(progress),
+            "javascript" => self.load_javascript(progress),
+            other => Err(Error::UnknownRuntime(other.to_owned(), RUNTIMES.join(", "))),
+        }
+    }
+
+    /// Says which runtimes are on their way, so that until each is loaded a create for it
+    /// answers "not ready" and the manager is not ready.
+    pub fn expect_runtimes(&self, names: &[String]) {
+        *write(&self.inner.loading) = names.to_vec();
+    }
+
+    /// Whether a runtime is loaded and none is still on its way.
     pub fn ready(&self) -> bool {
-        !read(&self.inner.runtimes).is_empty()
+        let runtimes = read(&self.inner.runtimes);
+        !runtimes.is_empty()
+            && read(&self.inner.loading)
+                .iter()
+                .all(|name| runtimes.contains_key(name))
     }
 
     /// Whether a runtime of this name is loaded.
@@ -72,7 +105,8 @@ impl Registry {
 
     pub(super) fn runtime(&self, name: &str) -> Result<Arc<Runtime>> {
         let runtimes = read(&self.inner.runtimes);
-        if runtimes.is_empty() {
+        let coming = || read(&self.inner.loading).iter().any(|n| n == name);
+        if runtimes.is_empty() || (!runtimes.contains_key(name) && coming()) {
             return Err(Error::NotReady);
         }
         runtimes.get(name).cloned().ok_or_else(|| {
