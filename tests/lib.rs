@@ -152,10 +152,13 @@ pub fn python_config() -> ManagerConfig {
     c
 }
 
-/// What a test manager runs: the Python runtime, guests by name, or both.
+/// What a test manager runs: ARL's runtimes (Python, JavaScript), guests by name, or some of
+/// each.
 #[derive(Debug, Clone, Default)]
 pub struct Runtimes {
     pub python: bool,
+    /// `javascript` and `typescript`.
+    pub javascript: bool,
     pub guests: Vec<(&'static str, &'static str)>,
 }
 
@@ -163,20 +166,36 @@ impl Runtimes {
     pub fn python() -> Self {
         Self {
             python: true,
-            guests: vec![],
+            ..Self::default()
+        }
+    }
+
+    pub fn javascript() -> Self {
+        Self {
+            javascript: true,
+            ..Self::default()
+        }
+    }
+
+    /// Python and JavaScript.
+    pub fn ours() -> Self {
+        Self {
+            python: true,
+            javascript: true,
+            ..Self::default()
         }
     }
 
     /// Every guest, each as a runtime named after it.
     pub fn guests() -> Self {
         Self {
-            python: false,
             guests: vec![
                 ("counter", guests::COUNTER),
                 ("spinner", guests::SPINNER),
                 ("hog", guests::HOG),
                 ("prober", guests::PROBER),
             ],
+            ..Self::default()
         }
     }
 }
@@ -222,6 +241,11 @@ impl TestManager {
         };
         let registry = Registry::new(config).expect("registry");
         let progress = |step: &str| eprintln!("test manager: {step}");
+        if runtimes.javascript {
+            registry
+                .load_javascript(&progress)
+                .expect("loading javascript");
+        }
         if runtimes.python {
             registry.load_python(&progress).expect("loading python");
         }
@@ -330,6 +354,20 @@ impl TestManager {
         let (status, v) = self.post("/v1/sessions", body).await;
         assert_eq!(status, 201, "create: {v}");
         v["id"].as_str().expect("id").to_owned()
+    }
+
+    /// Executes `code` in `id` and returns the body of the whole stream of events
+    /// (`text/event-stream`).
+    pub async fn exec_streamed(&self, id: &str, code: &str) -> String {
+        let r = client()
+            .post(self.url(&format!("/v1/sessions/{id}/execute")))
+            .header("accept", "text/event-stream")
+            .json(&serde_json::json!({ "code": code }))
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(r.status(), 200);
+        r.text().await.expect("body")
     }
 
     /// Executes `code` in `id`; panics unless 200.

@@ -3,7 +3,10 @@
 //! `wasm32-wasip1`, and a fresh rustup install lacks that target's standard library.
 //!
 //! Build scripts report failure by panicking, so these functions do too, with what to do.
-#![allow(clippy::expect_used, reason = "build scripts report failure by panicking")]
+#![allow(
+    clippy::expect_used,
+    reason = "build scripts report failure by panicking"
+)]
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -59,7 +62,14 @@ pub fn build_guests(root: &Path) -> PathBuf {
     let mut command = Command::new(cargo);
     command
         .current_dir(root)
-        .args(["build", "--release", "--locked", "--target", TARGET, "--target-dir"])
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            TARGET,
+            "--target-dir",
+        ])
         .arg(&target_dir);
     // The outer build's flags are for the host, not for the guests.
     for var in [

@@ -32,9 +32,10 @@ pub fn status(e: Error) -> Status {
             tracing::error!(error = %e, "out of resources");
             Code::Unavailable
         }
-        Error::UnknownRuntime(..) | Error::UnknownLanguage(..) | Error::InvalidRequest(_) | Error::BadPath(..) => {
-            Code::InvalidArgument
-        }
+        Error::UnknownRuntime(..)
+        | Error::UnknownLanguage(..)
+        | Error::InvalidRequest(_)
+        | Error::BadPath(..) => Code::InvalidArgument,
         Error::BadSnapshot(_) | Error::ModuleMismatch(..) => Code::InvalidArgument,
         Error::Full(_) | Error::QuotaExceeded(_) | Error::DiskFull(_) => Code::ResourceExhausted,
         Error::NotFound(_) | Error::FileNotFound(_) | Error::SnapshotNotFound(_) => Code::NotFound,

@@ -92,7 +92,10 @@ pub fn python(
             (what, code)
         })
         .collect();
-    let mut salt = vec![arl_runtimes::python::PLAIN_SHA256, arl_runtimes::python::DRIVER];
+    let mut salt = vec![
+        arl_runtimes::python::PLAIN_SHA256,
+        arl_runtimes::python::DRIVER,
+    ];
     salt.extend(PRELOAD);
     salt.extend(artifacts.mounts.iter().map(|m| m.guest.as_str()));
     snapshot(
@@ -128,7 +131,11 @@ pub fn javascript(cache_dir: &Path, progress: Progress<'_>) -> Result<(PathBuf, 
     )
 }
 
-fn snapshot(recipe: Recipe<'_>, cache_dir: &Path, progress: Progress<'_>) -> Result<(PathBuf, String)> {
+fn snapshot(
+    recipe: Recipe<'_>,
+    cache_dir: &Path,
+    progress: Progress<'_>,
+) -> Result<(PathBuf, String)> {
     let name = recipe.name;
     let key = {
         let mut h = Sha256::new();

@@ -51,7 +51,12 @@ impl RuntimeSpec {
     /// `typescript` runtime when `typescript`.
     pub fn javascript(snapshot: PathBuf, digest: String, typescript: bool) -> Self {
         Self {
-            name: if typescript { "typescript" } else { "javascript" }.into(),
+            name: if typescript {
+                "typescript"
+            } else {
+                "javascript"
+            }
+            .into(),
             wasm: snapshot,
             digest: Some(digest),
             protocol: Protocol::JavaScript { typescript },

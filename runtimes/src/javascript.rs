@@ -217,7 +217,8 @@ fn rewrite_await_cell(code: &str, program: &oxc::ast::ast::Program<'_>) -> Prepa
                             text(init.span())
                         )),
                         None if kind == "let" => {
-                            assignments.push(format!("({} = undefined)", text(declarator.id.span())));
+                            assignments
+                                .push(format!("({} = undefined)", text(declarator.id.span())));
                         }
                         None => {}
                     }

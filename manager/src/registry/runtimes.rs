@@ -39,7 +39,8 @@ impl Registry {
     /// Builds (once, seconds) and loads ARL's JavaScript runtime, as `javascript` and as
     /// `typescript` (the same module; its cells' types stripped first). Blocking.
     pub fn load_javascript(&self, progress: Progress<'_>) -> Result<()> {
-        let (snapshot, digest) = crate::preinit::javascript(&self.inner.config.cache_dir, progress)?;
+        let (snapshot, digest) =
+            crate::preinit::javascript(&self.inner.config.cache_dir, progress)?;
         for typescript in [false, true] {
             let spec = RuntimeSpec::javascript(snapshot.clone(), digest.clone(), typescript);
             self.load_runtime(spec, progress)?;

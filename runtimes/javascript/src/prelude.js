@@ -24,10 +24,17 @@
   const IDENT = /^[A-Za-z_$][A-Za-z0-9_$]*$/;
   const key = (k) => (typeof k === 'symbol' ? `[${k.toString()}]` : IDENT.test(k) ? k : quote(k));
   const fnSource = Function.prototype.toString;
-  function fnBase(f) {
+  function isClass(f) {
     let src = '';
     try { src = fnSource.call(f); } catch (_) { /* a revoked proxy */ }
-    if (src.startsWith('class')) {
+    if (src.startsWith('class')) return true;
+    // The engine prints classes as native code: a class is what has a read-only `prototype`
+    // and is not one of the engine's own constructors.
+    const d = Object.getOwnPropertyDescriptor(f, 'prototype');
+    return !!d && d.writable === false && G[f.name] !== f;
+  }
+  function fnBase(f) {
+    if (isClass(f)) {
       const parent = Object.getPrototypeOf(f);
       const ext = parent && parent !== Function.prototype && parent.name ? ` extends ${parent.name}` : '';
       return `[class ${f.name || '(anonymous)'}${ext}]`;
@@ -58,42 +65,50 @@
     for (const o of out) { total += o.length; if (total > 80) return false; }
     return true;
   }
-  function group(out) {
+  function group(out, value, indent) {
     // Node's groupArrayElements: many short entries in aligned columns.
+    const more = out.length > 0 && out[out.length - 1].startsWith('... ') ? 1 : 0;
+    const n = out.length - more;
+    const sep = 2, lens = out.slice(0, n).map((o) => o.length);
     let total = 0, max = 0;
-    const sep = 2, lens = out.map((o) => o.length);
     for (const l of lens) { total += l + sep; if (l > max) max = l; }
-    const maxLen = max + sep;
-    if (maxLen * 3 + 0 >= 80 || !(total / maxLen > 5 || max <= 6)) return out;
-    const approx = 2.5, averageBias = Math.sqrt(maxLen - total / out.length), biasedMax = Math.max(maxLen - 3 - averageBias, 1);
-    const columns = Math.min(Math.round(Math.sqrt(approx * biasedMax * out.length) / biasedMax), Math.floor((80 - 0) / maxLen), 4 * 3, 15);
+    const actualMax = max + sep;
+    if (!(actualMax * 3 + indent < 80 && (total / actualMax > 5 || max <= 6))) return out;
+    const averageBias = Math.sqrt(actualMax - total / out.length);
+    const biasedMax = Math.max(actualMax - 3 - averageBias, 1);
+    const columns = Math.min(Math.round(Math.sqrt(2.5 * biasedMax * n) / biasedMax),
+      Math.floor((80 - indent) / actualMax), 3 * 4, 15);
     if (columns <= 1) return out;
     const widths = [];
     for (let i = 0; i < columns; i++) {
       let w = 0;
-      for (let j = i; j < out.length; j += columns) if (lens[j] > w) w = lens[j];
+      for (let j = i; j < n; j += columns) if (lens[j] > w) w = lens[j];
       widths.push(w + sep);
     }
-    const numeric = out.every((o) => /^-?[\d.e+n]+$/.test(o) || o === 'NaN' || o === 'Infinity' || o === '-Infinity');
+    let numeric = true;
+    for (let i = 0; i < out.length; i++) {
+      if (typeof value[i] !== 'number' && typeof value[i] !== 'bigint') { numeric = false; break; }
+    }
     const rows = [];
-    for (let i = 0; i < out.length; i += columns) {
-      const end = Math.min(i + columns, out.length);
+    for (let i = 0; i < n; i += columns) {
+      const end = Math.min(i + columns, n);
       let row = '';
       let j = i;
       for (; j < end - 1; j++) {
-        const cell = out[j] + ',';
+        const cell = `${out[j]}, `;
         row += numeric ? cell.padStart(widths[j - i]) : cell.padEnd(widths[j - i]);
       }
       row += numeric ? out[j].padStart(widths[j - i] - sep) : out[j];
       rows.push(row);
     }
+    if (more) rows.push(out[n]);
     return rows;
   }
   function inspect(value, opts) {
     const depthLimit = opts && opts.depth !== undefined ? (opts.depth === null ? Infinity : opts.depth) : 2;
     const seen = [];
     const circular = new Map();
-    let deepest = 0;
+    let current = 0;
     function fmt(v, depth, indent) {
       switch (typeof v) {
         case 'string': return quote(v);
@@ -108,7 +123,6 @@
         if (!circular.has(v)) circular.set(v, circular.size + 1);
         return `[Circular *${circular.get(v)}]`;
       }
-      if (depth > deepest) deepest = depth;
       const isFn = typeof v === 'function';
       const tag = Object.prototype.toString.call(v).slice(8, -1);
       const name = ctorName(v);
@@ -150,6 +164,8 @@
         if (keys.length === 0) return base;
       } else if (tag === 'Module') {
         braces = ['[Module: null prototype] {', '}'];
+      } else if (name === 'Object' && tag !== 'Object') {
+        braces = [`Object [${tag}] {`, '}'];
       } else if (name !== 'Object') {
         const prefix = name === null ? '[Object: null prototype]' : (name + (tag !== 'Object' && tag !== name ? ` [${tag}]` : ''));
         braces = [`${prefix} {`, '}'];
@@ -159,6 +175,7 @@
         return `[${name || tag}]`;
       }
       seen.push(v);
+      current = depth;
       const next = indent + 2;
       if (Array.isArray(v) || (ArrayBuffer.isView(v) && !(v instanceof DataView))) {
         const shown = Math.min(v.length, 100);
@@ -200,9 +217,9 @@
         return `${ref}${braces[0] === '{' ? '' : braces[0].slice(0, -1)}{}`;
       }
       let lines = items;
-      if (Array.isArray(v) && items.length > 6) lines = group(items);
+      if ((Array.isArray(v) || ArrayBuffer.isView(v)) && items.length > 6) lines = group(items, v, indent);
       const head = ref + (base ? base + ' ' : '');
-      if (deepest - depth < 3 && lines.length === items.length) {
+      if (current - depth < 3 && lines.length === items.length) {
         const start = items.length + indent + braces[0].length + head.length + 10;
         if (single(items, start)) {
           const joined = items.join(', ');
