@@ -57,6 +57,8 @@ struct Recipe<'a> {
     steps: Vec<(&'a str, String)>,
     /// Everything above that the module's bytes do not say, for the cache key.
     salt: Vec<&'a str>,
+    /// What the progress line says while it is built.
+    building: String,
 }
 
 /// The snapshot module for `artifacts` and its sha256, built into `cache_dir/snapshots` first
@@ -66,10 +68,6 @@ pub fn python(
     cache_dir: &Path,
     progress: Progress<'_>,
 ) -> Result<(PathBuf, String)> {
-    progress(&format!(
-        "ARL's Python snapshot has {} imported (built once, about two minutes)",
-        PRELOAD.join(", ")
-    ));
     let wasm = std::fs::read(&artifacts.plain)
         .map_err(|e| Error::Io(format!("reading {}", artifacts.plain.display()), e))?;
     // The preload, then ARL's driver, then everything alive is moved out of the collector's
@@ -107,6 +105,10 @@ pub fn python(
             mounts: &artifacts.mounts,
             steps,
             salt,
+            building: format!(
+                "building ARL's Python snapshot with {} imported (once, about two minutes)",
+                PRELOAD.join(", ")
+            ),
         },
         cache_dir,
         progress,
@@ -125,6 +127,7 @@ pub fn javascript(cache_dir: &Path, progress: Progress<'_>) -> Result<(PathBuf, 
             mounts: &[],
             steps: Vec::new(),
             salt: Vec::new(),
+            building: "building ARL's JavaScript snapshot (once, seconds)".into(),
         },
         cache_dir,
         progress,
@@ -172,7 +175,7 @@ fn snapshot(
     if let Some(digest) = built() {
         return Ok((path, digest)); // another process built it while we waited
     }
-    progress(&format!("building ARL's {name} snapshot"));
+    progress(&recipe.building);
     let started = std::time::Instant::now();
     // On a thread of its own: WASI's blocking calls during the build run their own tokio
     // runtime, which cannot start inside a caller's (a test, `serve`), whoever asks first.

@@ -45,6 +45,7 @@ fn every_serve_flag_has_an_env_twin_in_help() {
         ("--network-max-requests", "ARL_NETWORK_MAX_REQUESTS"),
         ("--wheelhouse", "ARL_WHEELHOUSE"),
         ("--pip-index", "ARL_PIP_INDEX"),
+        ("--runtimes", "ARL_RUNTIMES"),
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");
         assert!(
@@ -54,7 +55,7 @@ fn every_serve_flag_has_an_env_twin_in_help() {
     }
     assert_eq!(
         help.matches("[env: ARL_").count(),
-        28,
+        29,
         "a flag without a documented twin:\n{help}"
     );
 }
@@ -325,4 +326,80 @@ fn sigterm_ends_what_outlasts_the_grace_period() {
         "the stop did not wait for the 600 s sleep"
     );
     assert_eq!(left_in(tmp.path()), Vec::<std::path::PathBuf>::new());
+}
+
+/// `--runtimes javascript` serves JavaScript alone, and a snapshot one manager process takes
+/// is restored by another on the same snapshot folder, its globals and files with it.
+#[test]
+fn a_javascript_snapshot_is_restored_by_a_second_process() {
+    let rt = runtime();
+    let tmp = tempfile::tempdir().unwrap();
+    let snapshots = tmp.path().join("snapshots");
+    let args = [
+        "--runtimes",
+        "javascript",
+        "--snapshot-dir",
+        snapshots.to_str().unwrap(),
+    ];
+    let (mut first, base) = serve(&args, tmp.path(), &rt);
+    let client = reqwest::Client::new();
+    let post = |url: String, body: serde_json::Value| {
+        let client = client.clone();
+        async move {
+            let r = client.post(url).json(&body).send().await.unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    };
+    let snap = rt.block_on(async {
+        let (status, v) = post(format!("{base}/v1/sessions"), serde_json::json!({})).await;
+        assert_eq!(status, 422, "python is not served here: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("javascript"),
+            "{v}"
+        );
+        let (_, v) = post(
+            format!("{base}/v1/sessions"),
+            serde_json::json!({ "runtime": "javascript" }),
+        )
+        .await;
+        let id = v["id"].as_str().unwrap().to_owned();
+        let cell = "let x = 41; require('fs').writeFileSync('kept.txt', 'yes')";
+        execute(&client, &base, &id, cell).await;
+        let (status, v) = post(
+            format!("{base}/v1/sessions/{id}/snapshot"),
+            serde_json::json!({}),
+        )
+        .await;
+        assert_eq!(status, 201, "{v}");
+        v["id"].as_str().unwrap().to_owned()
+    });
+    sigterm(&first);
+    assert!(first.wait().unwrap().success());
+
+    let (mut second, base) = serve(&args, tmp.path(), &rt);
+    let v = rt.block_on(async {
+        let (status, v) = post(
+            format!("{base}/v1/sessions"),
+            serde_json::json!({ "from_snapshot": snap }),
+        )
+        .await;
+        assert_eq!(status, 201, "{v}");
+        let id = v["id"].as_str().unwrap().to_owned();
+        execute(
+            &client,
+            &base,
+            &id,
+            "[x + 1, require('fs').readFileSync('kept.txt', 'utf8')]",
+        )
+        .await
+    });
+    assert_eq!(v["result"], "[ 42, 'yes' ]", "{v}");
+    sigterm(&second);
+    assert!(second.wait().unwrap().success());
 }

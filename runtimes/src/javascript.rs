@@ -251,3 +251,79 @@ fn rewrite_await_cell(code: &str, program: &oxc::ast::ast::Program<'_>) -> Prepa
         syntax_error: None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_cell_is_left_as_it_is() {
+        let cell = prepare("let x = 1; x + 1", false);
+        assert_eq!(
+            cell,
+            Prepared {
+                code: "let x = 1; x + 1".into(),
+                ..Prepared::default()
+            }
+        );
+        let broken = prepare("let y = ;", false);
+        assert_eq!(
+            broken.code, "let y = ;",
+            "the engine reports it, with its own positions"
+        );
+        assert!(!broken.is_async && broken.syntax_error.is_none());
+    }
+
+    #[test]
+    fn a_top_level_await_cell_becomes_an_async_function_with_global_declarations() {
+        let cell = prepare(
+            "const { a, b: [c] } = await f();\nvar v;\nlet w;\nfunction g() { return a }\nclass K {}\nfor await (const q of it) {}\ng() + c",
+            false,
+        );
+        assert!(cell.is_async);
+        assert_eq!(
+            cell.declare,
+            [
+                "let a;",
+                "let c;",
+                "var v;",
+                "let w;",
+                "function g() { return a }",
+                "let K;"
+            ]
+        );
+        assert_eq!(
+            cell.code,
+            "(async () => {\nvoid (({ a, b: [c] } = await f()));\nvoid ((w = undefined));\nK = (class K {});\nfor await (const q of it) {}\nreturn (g() + c);\n})()"
+        );
+    }
+
+    #[test]
+    fn await_inside_a_function_is_not_top_level() {
+        let cell = prepare("async function f() { await 1 }", false);
+        assert!(!cell.is_async);
+        let cell = prepare("const g = async () => await 1; g", false);
+        assert!(!cell.is_async);
+    }
+
+    #[test]
+    fn typescript_types_are_stripped_and_errors_placed() {
+        let cell = prepare(
+            "const n: number = 1;\ninterface I { a: string }\nn as number",
+            true,
+        );
+        assert_eq!(cell.syntax_error, None);
+        assert!(
+            !cell.code.contains("number") && !cell.code.contains("interface"),
+            "{}",
+            cell.code
+        );
+        let cell = prepare("let z: number = ;", true);
+        assert_eq!(
+            cell.syntax_error.as_deref(),
+            Some("Unexpected token at line 1, col 17")
+        );
+        let cell = prepare("const t = await g<string>();\nt", true);
+        assert!(cell.is_async && cell.declare == ["let t;"], "{cell:?}");
+    }
+}
