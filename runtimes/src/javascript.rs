@@ -54,6 +54,24 @@ pub fn forget_source(context: Option<&str>) -> String {
     format!("__arl_forget({id})")
 }
 
+/// A cell that runs `code` as `node SCRIPT ARGS... < stdin` would, in a session of its own:
+/// `process.argv` and standard input (`fs.readFileSync(0)`) set, and the cell's value the exit
+/// status (`process.exitCode`, else 0; `process.exit(n)` ends the session with `n`, and an
+/// uncaught error is the turn's error, which a caller reports as Node does: its stack on
+/// stderr, status 1).
+pub fn script_cell(code: &str, stdin: &str, script: &str, args: &[String]) -> String {
+    let literal = |v: serde_json::Value| v.to_string();
+    let argv = literal(serde_json::json!(
+        std::iter::once("node")
+            .chain(std::iter::once(script))
+            .chain(args.iter().map(String::as_str))
+            .collect::<Vec<_>>()
+    ));
+    let stdin = literal(serde_json::json!(stdin));
+    // On the program's first line, so that its line numbers are its own.
+    format!("process.argv = {argv}; process._arlStdin = {stdin}; {code}\n;process.exitCode ?? 0")
+}
+
 /// A cell made ready for the engine: TypeScript's types stripped, and a cell with top-level
 /// `await` rewritten into an async function whose declarations become global first.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

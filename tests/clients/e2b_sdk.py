@@ -63,6 +63,24 @@ assert forks[0].get_info().metadata == {"run": tag}
 for f in forks:
     f.kill()
 
+# JavaScript and TypeScript: run_code(language=...) runs in the sandbox's JavaScript kernel,
+# whose globals persist like Python's; contexts in either language.
+assert sbx.run_code("let y = 41", language="js").text is None
+assert sbx.run_code("y + 1", language="js").text == "42"
+js_lines = []
+ex = sbx.run_code("console.log('from js'); ({ a: [1, 2] })", language="js", on_stdout=lambda m: js_lines.append(m.line))
+assert js_lines == ["from js\n"] and ex.text == "{ a: [ 1, 2 ] }", (js_lines, ex)
+ex = sbx.run_code("null.f()", language="js")
+assert ex.error and ex.error.name == "TypeError", ex.error
+assert sbx.run_code("const n: number = 21; n * 2", language="ts").text == "42"
+js_ctx = sbx.create_code_context(language="js")
+assert js_ctx.language == "js", js_ctx
+sbx.run_code("var y = 'in a js context'", context=js_ctx)
+assert sbx.run_code("y", context=js_ctx).text == "'in a js context'"
+assert sbx.run_code("y", language="js").text == "41", "the js kernel's own globals are apart"
+assert sbx.run_code("x").text == "41", "python's x is untouched"
+sbx.remove_code_context(js_ctx)
+
 # Output, as it is printed, with timestamps.
 lines = []
 ex = sbx.run_code("print('hi')\nprint('there')", on_stdout=lambda m: lines.append(m.line))

@@ -61,9 +61,31 @@ r = run(code="while True: pass", run_timeout=1)
 assert r.status == RunStatus.Failed, r
 assert r.run_result.status == "TimeLimitExceeded" and r.run_result.return_code is None, r
 
+# JavaScript and TypeScript programs, as node runs them: stdin, argv, exit statuses, stacks.
+def run_in(language, **fields):
+    return run_code(RunCodeRequest(language=language, **fields), max_attempts=1)
+
+
+r = run_in("nodejs", code="const s = require('fs').readFileSync(0, 'utf8').trim();\nconsole.log(s.split('').reverse().join(''), process.argv.slice(1))", stdin="olleh\n")
+assert r.status == RunStatus.Success and r.run_result.return_code == 0, r
+assert r.run_result.stdout == "hello [ 'main.js' ]\n", r
+r = run_in("nodejs", code="console.log('before'); process.exit(3)")
+assert r.status == RunStatus.Failed and r.run_result.return_code == 3 and r.run_result.stdout == "before\n", r
+r = run_in("nodejs", code="process.exitCode = 2")
+assert r.run_result.return_code == 2, r
+r = run_in("nodejs", code="function f() { throw new Error('boom') }\nf()")
+assert r.status == RunStatus.Failed and r.run_result.return_code == 1, r
+assert r.run_result.stderr.startswith("Error: boom\n    at f"), r
+r = run_in("nodejs", code="while (true) {}", run_timeout=1)
+assert r.run_result.status == "TimeLimitExceeded", r
+r = run_in("typescript", code="const greet = (n: string): string => `hi ${n}`;\nconsole.log(greet('ts'))")
+assert r.status == RunStatus.Success and r.run_result.stdout == "hi ts\n", r
+r = run_in("nodejs", code="require('fs').writeFileSync('out.txt', require('fs').readFileSync('in.txt', 'utf8') + '!')", files={"in.txt": b64("js")}, fetch_files=["out.txt"])
+assert r.status == RunStatus.Success and r.files == {"out.txt": b64("js!")}, r
+
 # A language ARL does not run: Failed, naming what it runs (a SandboxError would be retried).
-r = run_code(RunCodeRequest(language="nodejs", code="console.log(1)"), max_attempts=1)
-assert r.status == RunStatus.Failed and "python" in r.message, r
+r = run_code(RunCodeRequest(language="go", code="package main"), max_attempts=1)
+assert r.status == RunStatus.Failed and "python" in r.message and "nodejs" in r.message, r
 
 # Bad input answers Failed with a reason, and nothing outside the workspace is touched.
 r = run(code="print(1)", files={"../escape.txt": b64("x")})

@@ -10,7 +10,7 @@ pub const SANDBOX_FUSION: [&str; 1] = ["sandbox-fusion==0.3.7"];
 
 #[tokio::test]
 async fn the_sandbox_fusion_client_runs_programs_unchanged() {
-    let m = TestManager::start(python_config(), Runtimes::python());
+    let m = TestManager::start(python_config(), Runtimes::ours());
     run_client("fusion.py", &[&m.base], &SANDBOX_FUSION).await;
     assert_eq!(
         m.registry.load().sessions,
@@ -50,7 +50,7 @@ pub const E2B: [&str; 1] = ["e2b-code-interpreter==2.11.5"];
 
 #[tokio::test]
 async fn the_e2b_sdk_creates_runs_and_kills_unchanged() {
-    let m = TestManager::start(python_config(), Runtimes::python());
+    let m = TestManager::start(python_config(), Runtimes::ours());
     run_client("e2b_sdk.py", &[&m.base], &E2B).await;
     assert_eq!(m.registry.load().sessions, 0, "killed");
 }

@@ -25,8 +25,13 @@ use crate::registry::{CreateRequest, Registry};
 use crate::session::{Rollback, Session};
 use crate::{EndReason, Error, Outcome};
 
-/// The languages served, as SandboxFusion names them.
-const LANGUAGES: [&str; 2] = ["python", "python3"];
+/// The languages served, as SandboxFusion names them, and the runtime each runs on.
+const LANGUAGES: [(&str, &str); 4] = [
+    ("python", "python"),
+    ("python3", "python"),
+    ("nodejs", "javascript"),
+    ("typescript", "typescript"),
+];
 
 /// The deadline when a request names none, as SandboxFusion's.
 const DEFAULT_RUN_TIMEOUT_S: f64 = 10.0;
@@ -37,7 +42,8 @@ const DEFAULT_RUN_TIMEOUT_S: f64 = 10.0;
 pub struct RunCodeRequest {
     /// The program.
     pub code: String,
-    /// `python` (or `python3`); any other answers `Failed`, naming these.
+    /// `python` (or `python3`), `nodejs` or `typescript`; any other answers `Failed`, naming
+    /// these.
     #[serde(default = "python")]
     pub language: String,
     /// What the program reads from `sys.stdin` (`input()`).
@@ -178,13 +184,14 @@ pub async fn ping_with_token() -> Json<&'static str> {
 }
 
 async fn run(registry: &Registry, r: RunCodeRequest) -> RunCodeResponse {
-    if !LANGUAGES.contains(&r.language.as_str()) {
+    let Some(&(_, runtime)) = LANGUAGES.iter().find(|(l, _)| *l == r.language) else {
+        let names: Vec<&str> = LANGUAGES.iter().map(|(l, _)| *l).collect();
         return RunCodeResponse::failed(format!(
             "language `{}` is not served here: ARL runs {} in WebAssembly",
             r.language,
-            LANGUAGES.join(" and ")
+            names.join(", ")
         ));
-    }
+    };
     let seconds = r.run_timeout.unwrap_or(DEFAULT_RUN_TIMEOUT_S);
     let max = registry.config().max_timeout;
     if !(seconds > 0.0 && seconds.is_finite()) || seconds > max.as_secs_f64() {
@@ -210,6 +217,7 @@ async fn run(registry: &Registry, r: RunCodeRequest) -> RunCodeResponse {
         .map(|mb| mb.unsigned_abs())
         .filter(|&mib| mib << 20 != registry.config().defaults.memory_bytes);
     let request = CreateRequest {
+        runtime: Some(runtime.to_owned()),
         memory_mib,
         ..CreateRequest::default()
     };
@@ -227,11 +235,23 @@ async fn run(registry: &Registry, r: RunCodeRequest) -> RunCodeResponse {
             e => RunCodeResponse::sandbox_error(&e),
         };
     }
-    let argv: Vec<String> = std::iter::once("main.py".to_owned())
-        .chain(r.args.iter().cloned())
-        .collect();
     let stdin = r.stdin.as_deref().unwrap_or_default();
-    let cell = arl_runtimes::python::script_cell(&r.code, stdin, &argv);
+    let cell = match runtime {
+        "python" => {
+            let argv: Vec<String> = std::iter::once("main.py".to_owned())
+                .chain(r.args.iter().cloned())
+                .collect();
+            arl_runtimes::python::script_cell(&r.code, stdin, &argv)
+        }
+        _ => {
+            let script = if runtime == "typescript" {
+                "main.ts"
+            } else {
+                "main.js"
+            };
+            arl_runtimes::javascript::script_cell(&r.code, stdin, script, &r.args)
+        }
+    };
     let started = Instant::now();
     let outcome = match session.execute(cell, Some(deadline), None).await {
         Ok(outcome) => outcome,

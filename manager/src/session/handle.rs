@@ -74,6 +74,9 @@ pub struct Session {
     stats: Mutex<Stats>,
     history: Mutex<History>,
     contexts: Mutex<Vec<Context>>,
+    /// Sessions of other runtimes that run this one's other languages (E2B's `js` and `ts`
+    /// kernels beside a Python sandbox's), ended with it.
+    companions: Mutex<Vec<Arc<Session>>>,
     /// The session's own folder (`workspace/`, `tmp/`).
     pub dir: PathBuf,
     /// What its guest may reach outside the sandbox, and what it has spent.
@@ -132,6 +135,7 @@ impl Session {
             }),
             history: Mutex::new(start.history),
             contexts: Mutex::default(),
+            companions: Mutex::default(),
             dir: start.dir,
             door: start.door,
         });
@@ -392,18 +396,59 @@ impl Session {
         contexts.len() < before
     }
 
+    /// The live companion of runtime `runtime`, if there is one.
+    pub fn companion(&self, runtime: &str) -> Option<Arc<Session>> {
+        self.companions()
+            .into_iter()
+            .find(|c| c.runtime == runtime && c.ended().is_none())
+    }
+
+    /// Adopts `companion`, ended with this session, unless a live one of its runtime is
+    /// there already (two requests raced to make it): then that one is kept and returned, and
+    /// `companion` ended.
+    pub fn adopt_companion(&self, companion: Arc<Session>) -> Arc<Session> {
+        let mut companions = self
+            .companions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        companions.retain(|c| c.ended().is_none());
+        if let Some(there) = companions.iter().find(|c| c.runtime == companion.runtime) {
+            companion.end(EndReason::Deleted);
+            return there.clone();
+        }
+        companions.push(companion.clone());
+        drop(companions);
+        if self.ended().is_some() {
+            companion.end(EndReason::Deleted);
+        }
+        companion
+    }
+
+    /// The session's companions, live or not.
+    pub fn companions(&self) -> Vec<Arc<Session>> {
+        self.companions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     fn gone(&self) -> Error {
         Error::Ended(self.ended().unwrap_or(EndReason::Deleted))
     }
 
     /// Ends the session: a running turn is stopped, the store dropped, the workspace removed.
     pub fn end(&self, reason: EndReason) {
-        self.stop.send_if_modified(|current| {
+        let first = self.stop.send_if_modified(|current| {
             if current.is_some() {
                 return false;
             }
             *current = Some(reason);
             true
         });
+        if first {
+            for companion in self.companions() {
+                companion.end(EndReason::Deleted);
+            }
+        }
     }
 }

@@ -341,6 +341,7 @@
     stdout: { write: (s) => { native.write(1, String(s)); return true; }, isTTY: false },
     stderr: { write: (s) => { native.write(2, String(s)); return true; }, isTTY: false },
   };
+  define(process, '_arlStdin', '');
   define(G, 'process', process);
 
   function resolve(p) {
@@ -363,13 +364,22 @@
     if (code) throw fsError(code, value, syscall, path);
     return value;
   };
+  class TextEncoderLite {
+    encode(s) { return new Uint8Array([...unescape(encodeURIComponent(s))].map((c) => c.charCodeAt(0))); }
+  }
   const encoding = (o) => (typeof o === 'string' ? o : o && o.encoding) || null;
   const statOf = (s) => ({
     size: s[0], mtimeMs: s[1], mtime: new Date(s[1]),
     isFile: () => s[2] === 'file', isDirectory: () => s[2] === 'dir', isSymbolicLink: () => false,
   });
   const fs = {
-    readFileSync: (p, o) => op(encoding(o) ? 'readText' : 'read', 'open')(p),
+    readFileSync: (p, o) => {
+      if (p === 0 || p === '/dev/stdin') {
+        const text = String(process._arlStdin || '');
+        return encoding(o) ? text : new TextEncoderLite().encode(text);
+      }
+      return op(encoding(o) ? 'readText' : 'read', 'open')(p);
+    },
     writeFileSync: (p, data) => { op('write', 'open')(p, typeof data === 'string' ? data : new Uint8Array(data.buffer || data)); },
     appendFileSync: (p, data) => { op('append', 'open')(p, typeof data === 'string' ? data : new Uint8Array(data.buffer || data)); },
     existsSync: (p) => native.fs('exists', resolve(p)),

@@ -2,6 +2,11 @@
 //! with its own variables and the folder its cells start in (`POST`/`GET /contexts`,
 //! `DELETE /contexts/{id}`, `POST /contexts/{id}/restart`). They share the interpreter's
 //! imported modules and the sandbox's files, as threads of one process would.
+//!
+//! Languages: a sandbox is a Python session; its `js` and `ts` code runs in a companion
+//! session of the `javascript` or `typescript` runtime, made on first use with the sandbox's
+//! limits and ended with it ([`kernel`]). A companion has its own `/workspace`: files the
+//! sandbox's file API writes are the Python session's.
 
 use axum::Json;
 use axum::extract::rejection::BytesRejection;
@@ -11,17 +16,84 @@ use axum::response::IntoResponse;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::{E2bResult, refuse, sandbox};
-use crate::registry::Registry;
+use std::sync::Arc;
+
+use super::{E2bError, E2bResult, refuse, sandbox};
+use crate::registry::{CreateRequest, Registry};
+use crate::session::Session;
 
 /// The folder E2B code expects to start in, and what the guest calls it.
 const HOME: &str = "/home/user";
 const WORKSPACE: &str = "/workspace";
 
+/// The runtime that runs an E2B `language`; `None` for the sandbox's own (Python).
+fn runtime_for(language: Option<&str>) -> Result<Option<&'static str>, E2bError> {
+    match language {
+        None | Some("python" | "python3") => Ok(None),
+        Some("js" | "javascript" | "nodejs" | "node") => Ok(Some("javascript")),
+        Some("ts" | "typescript") => Ok(Some("typescript")),
+        Some(other) => Err(E2bError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "language `{other}` is not served here: python, js (javascript), ts (typescript)"
+            ),
+        )),
+    }
+}
+
+/// E2B's name for the language a runtime runs.
+fn language_of(runtime: &str) -> &'static str {
+    match runtime {
+        "javascript" => "js",
+        "typescript" => "ts",
+        _ => "python",
+    }
+}
+
+/// The session that runs `language` for `sandbox`: the sandbox itself for its own language,
+/// otherwise its companion of that runtime, made on first use with the sandbox's limits.
+pub(super) async fn kernel(
+    registry: &Registry,
+    sandbox: &Arc<Session>,
+    language: Option<&str>,
+) -> Result<Arc<Session>, E2bError> {
+    let Some(runtime) = runtime_for(language)? else {
+        return Ok(sandbox.clone());
+    };
+    if sandbox.runtime == runtime {
+        return Ok(sandbox.clone());
+    }
+    if let Some(companion) = sandbox.companion(runtime) {
+        return Ok(companion);
+    }
+    let limits = sandbox.limits;
+    let request = CreateRequest {
+        runtime: Some(runtime.to_owned()),
+        timeout_ms: Some(u64::try_from(limits.timeout.as_millis()).unwrap_or(u64::MAX)),
+        memory_mib: Some(limits.memory_bytes >> 20),
+        idle_ttl_secs: Some(limits.idle_ttl.as_secs().max(1)),
+        lifetime_secs: Some(sandbox.time_left().as_secs().max(1)),
+        rollback: Some(limits.rollback),
+        ..CreateRequest::default()
+    };
+    let companion = registry.create(request).await?;
+    Ok(sandbox.adopt_companion(companion))
+}
+
+/// The session holding context `id` among `sandbox` and its companions, and the context.
+pub(super) fn find(
+    sandbox: &Arc<Session>,
+    id: &str,
+) -> Option<(Arc<Session>, arl_runtimes::Context)> {
+    std::iter::once(sandbox.clone())
+        .chain(sandbox.companions())
+        .find_map(|s| s.context(id).map(|c| (s, c)))
+}
+
 /// What `create_code_context` sends.
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 pub struct NewContext {
-    /// `python` (or absent).
+    /// `python` (or absent), `js` or `ts`.
     pub language: Option<String>,
     /// Where its cells start: `/home/user` (the sandbox's files) unless given.
     pub cwd: Option<String>,
@@ -52,10 +124,10 @@ fn e2b_path(cwd: &str) -> String {
     }
 }
 
-fn view(context: arl_runtimes::Context) -> ContextView {
+fn view(context: arl_runtimes::Context, runtime: &str) -> ContextView {
     ContextView {
         id: context.id,
-        language: "python",
+        language: language_of(runtime),
         cwd: e2b_path(&context.cwd),
     }
 }
@@ -76,13 +148,8 @@ pub async fn create_context(
     body: Result<Bytes, BytesRejection>,
 ) -> E2bResult {
     let asked: NewContext = super::body(body)?;
-    let session = sandbox(&registry, &headers)?;
-    if let Some(language) = asked.language.filter(|l| l != "python") {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            format!("language `{language}` is not served here: python only"),
-        );
-    }
+    let sandbox = sandbox(&registry, &headers)?;
+    let session = kernel(&registry, &sandbox, asked.language.as_deref()).await?;
     if !registry.has_contexts(&session.runtime) {
         return refuse(
             StatusCode::BAD_REQUEST,
@@ -90,7 +157,8 @@ pub async fn create_context(
         );
     }
     let cwd = guest_path(asked.cwd.as_deref().unwrap_or(HOME));
-    Ok(Json(view(session.add_context(cwd)?)).into_response())
+    let context = session.add_context(cwd)?;
+    Ok(Json(view(context, &session.runtime)).into_response())
 }
 
 /// The sandbox's contexts: its own (`default`, where code without a context runs) and those
@@ -109,7 +177,14 @@ pub async fn list_contexts(State(registry): State<Registry>, headers: HeaderMap)
         cwd: HOME.to_owned(),
     };
     let all: Vec<ContextView> = std::iter::once(own)
-        .chain(session.contexts().into_iter().map(view))
+        .chain(
+            std::iter::once(session.clone())
+                .chain(session.companions())
+                .flat_map(|s| {
+                    let runtime = s.runtime.clone();
+                    s.contexts().into_iter().map(move |c| view(c, &runtime))
+                }),
+        )
         .collect();
     Ok(Json(all).into_response())
 }
@@ -131,13 +206,16 @@ pub async fn remove_context(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> E2bResult {
-    let session = sandbox(&registry, &headers)?;
+    let sandbox = sandbox(&registry, &headers)?;
     if id == DEFAULT {
         return refuse(
             StatusCode::BAD_REQUEST,
             "the default context lives as long as the sandbox: restart it instead",
         );
     }
+    let Some((session, _)) = find(&sandbox, &id) else {
+        return no_context(&id);
+    };
     if !session.remove_context(&id) {
         return no_context(&id);
     }
@@ -158,17 +236,17 @@ pub async fn restart_context(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> E2bResult {
-    let session = sandbox(&registry, &headers)?;
-    if !registry.has_contexts(&session.runtime) {
-        return no_context(&id);
-    }
-    let which = if id == DEFAULT {
-        None
-    } else if session.context(&id).is_some() {
-        Some(id.as_str())
+    let sandbox = sandbox(&registry, &headers)?;
+    let (session, which) = if id == DEFAULT {
+        (sandbox, None)
+    } else if let Some((session, _)) = find(&sandbox, &id) {
+        (session, Some(id.as_str()))
     } else {
         return no_context(&id);
     };
+    if !registry.has_contexts(&session.runtime) {
+        return no_context(&id);
+    }
     registry.forget_context(&session, which).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

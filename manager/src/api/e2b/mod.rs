@@ -561,7 +561,8 @@ pub struct ExecuteCode {
     pub code: String,
     /// A context made by `POST /contexts`; the sandbox's own namespace when absent.
     pub context_id: Option<String>,
-    /// `python` (or absent).
+    /// `python` (or absent), `js` (`javascript`) or `ts` (`typescript`): the last two run in
+    /// the sandbox's JavaScript companion.
     pub language: Option<String>,
     /// Per-run environment: refused unless empty (give `envVars` at create).
     pub env_vars: Option<BTreeMap<String, String>>,
@@ -586,26 +587,22 @@ pub async fn execute(
 ) -> E2bResult {
     let request: ExecuteCode =
         super::parse(body, false).map_err(|e| E2bError(StatusCode::BAD_REQUEST, e.message))?;
-    let session = sandbox(&registry, &headers)?;
-    if let Some(language) = request.language.filter(|l| l != "python") {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            format!("language `{language}` is not served here: python only"),
-        );
-    }
+    let sandbox = sandbox(&registry, &headers)?;
     if request.env_vars.is_some_and(|env| !env.is_empty()) {
         return refuse(
             StatusCode::BAD_REQUEST,
             "env_vars for one run_code are not served: give envs to Sandbox.create",
         );
     }
-    let context = match request.context_id {
-        None => None,
-        Some(id) if id == contexts::DEFAULT => None,
-        Some(id) => match session.context(&id) {
-            Some(context) => Some(context),
+    let (session, context) = match request.context_id {
+        Some(id) if id != contexts::DEFAULT => match contexts::find(&sandbox, &id) {
+            Some((session, context)) => (session, Some(context)),
             None => return refuse(StatusCode::NOT_FOUND, format!("no context `{id}` here")),
         },
+        _ => {
+            let language = request.language.as_deref();
+            (contexts::kernel(&registry, &sandbox, language).await?, None)
+        }
     };
     let turn = session
         .clone()
