@@ -1,7 +1,9 @@
 # syntax=docker/dockerfile:1.7
-# arl-manager with the Python runtime baked in: the runtime package, its snapshot and the
-# precompiled .cwasm sit in a read-only cache, so a pod serves its first session without
-# fetching or compiling anything.
+# arl-manager with its runtimes baked in: Python (the runtime package, its snapshot) and
+# JavaScript (ARL's Boa reactor, built from runtimes/javascript into the binary, and its
+# snapshot), each precompiled to .cwasm in a read-only cache, so a pod serves its first
+# session without fetching or compiling anything. `ARL_RUNTIMES` (the WarmPool's runtime)
+# picks which one a pod loads.
 #
 #   docker build -f deploy/docker/manager.Dockerfile -t ghcr.io/arl-dev/arl-manager:0.1.0 .
 #
@@ -13,6 +15,8 @@ FROM rust:1.95-bookworm AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-pip \
  && rm -rf /var/lib/apt/lists/*
+# runtimes/build.rs builds the JavaScript runtime for wasm32-wasip1.
+RUN rustup target add wasm32-wasip1
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

@@ -124,7 +124,7 @@ pub struct PoolNetwork {
 #[x_kube(validation = Rule::new("has(self.wasm) != has(self.container)").message("set exactly one of runtime.wasm and runtime.container"))]
 #[serde(rename_all = "camelCase")]
 pub struct PoolRuntime {
-    /// The manager's runtime name, e.g. `python`.
+    /// The manager's runtime name: `python` or `javascript` (which serves `typescript` too).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wasm: Option<String>,
     /// A container that runs beside `arl-manager` in every pod, sharing `/workspace`.

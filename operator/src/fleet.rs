@@ -175,6 +175,15 @@ pub struct Fleet {
     members: Arc<RwLock<BTreeMap<String, Member>>>,
 }
 
+/// The runtime a manager loads to serve sessions of `runtime`: a `typescript` session is the
+/// JavaScript runtime's, its cells' types stripped.
+pub fn loaded_runtime(runtime: &str) -> &str {
+    match runtime {
+        "typescript" => "javascript",
+        other => other,
+    }
+}
+
 impl Fleet {
     fn read(&self) -> RwLockReadGuard<'_, BTreeMap<String, Member>> {
         self.members.read().unwrap_or_else(|e| e.into_inner())
@@ -255,8 +264,11 @@ impl Fleet {
         pool: Option<&str>,
         also: impl Fn(&Member) -> bool,
     ) -> Result<Vec<Member>, Unplaced> {
+        let loaded = loaded_runtime(runtime);
         let serves = |m: &Member| {
-            m.runtime.as_deref().is_none_or(|r| r == runtime)
+            m.runtime
+                .as_deref()
+                .is_none_or(|r| loaded_runtime(r) == loaded)
                 && pool.is_none_or(|p| p == m.pool)
                 && also(m)
         };
@@ -338,4 +350,49 @@ pub fn draining_since(pod: &Pod) -> Option<SystemTime> {
         .get(DRAINING_ANNOTATION)?;
     let ts: k8s_openapi::jiff::Timestamp = value.parse().ok()?;
     Some(SystemTime::from(ts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(name: &str, runtime: &str) -> Member {
+        let load = Load {
+            sessions: 0,
+            capacity: 10,
+            memory_bytes: 0,
+            draining: false,
+        };
+        Member {
+            name: name.into(),
+            namespace: String::new(),
+            pool: String::new(),
+            runtime: Some(runtime.into()),
+            endpoint: Endpoint {
+                http: format!("http://{name}"),
+                token: None,
+            },
+            grpc: None,
+            ready: true,
+            draining: false,
+            load: Some((load, Instant::now())),
+        }
+    }
+
+    #[test]
+    fn typescript_sessions_go_to_the_managers_that_load_javascript() {
+        let fleet = Fleet::default();
+        fleet.replace([member("py", "python"), member("js", "javascript")]);
+        let placed = |runtime: &str| -> Vec<String> {
+            let members = fleet.place(runtime, None, |_| true).unwrap();
+            members.into_iter().map(|m| m.name).collect()
+        };
+        assert_eq!(placed("typescript"), ["js"]);
+        assert_eq!(placed("javascript"), ["js"]);
+        assert_eq!(placed("python"), ["py"]);
+        assert!(matches!(
+            fleet.place("ruby", None, |_| true),
+            Err(Unplaced::NoBackends)
+        ));
+    }
 }

@@ -302,6 +302,7 @@ pub fn manager_pod(pool: &WarmPool, default_image: &str) -> Pod {
             env("ARL_LISTEN", format!("0.0.0.0:{HTTP_PORT}")),
             env("ARL_GRPC_LISTEN", format!("0.0.0.0:{GRPC_PORT}")),
             env("ARL_MAX_SESSIONS", spec.sessions_per_pod.to_string()),
+            env("ARL_RUNTIMES", crate::fleet::loaded_runtime(&runtime)),
             env("ARL_DATA_DIR", "/var/lib/arl"),
             // The pool's egress is every session's default and bound; none: no network.
             env(
@@ -438,6 +439,20 @@ mod tests {
             "spec": spec,
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_pools_manager_loads_the_pools_runtime_only() {
+        for (wasm, loaded) in [
+            ("python", "python"),
+            ("javascript", "javascript"),
+            ("typescript", "javascript"),
+        ] {
+            let pod = manager_pod(&pool(json!({ "runtime": { "wasm": wasm } })), "img");
+            let env = pod.spec.unwrap().containers[0].env.clone().unwrap();
+            let runtimes = env.iter().find(|e| e.name == "ARL_RUNTIMES").unwrap();
+            assert_eq!(runtimes.value.as_deref(), Some(loaded), "{wasm}");
+        }
     }
 
     #[test]
