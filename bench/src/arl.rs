@@ -59,6 +59,13 @@ impl Manager {
     }
 }
 
+impl Manager {
+    /// The manager process's id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Sandboxes for Manager {
     type Session = String;
 
@@ -309,6 +316,7 @@ pub async fn run(bench: &Bench) -> anyhow::Result<Figures> {
     }
 
     crate::egress::run(&manager, &mut figures, n.min(500)).await?;
+    crate::javascript::run(&manager, &mut figures, n.min(1000), bench.sessions.min(200)).await?;
 
     let grpc_url = format!("http://127.0.0.1:{}", bench.port + 1);
     let mut grpc = SessionsClient::connect(grpc_url).await?;

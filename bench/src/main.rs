@@ -13,6 +13,7 @@
 
 mod arl;
 mod egress;
+mod javascript;
 mod jupyter;
 mod python_client;
 mod state;

@@ -345,7 +345,23 @@ async fn fusion(
         );
     };
     let pool = placement.pool.as_deref();
-    place(&gateway, "python", pool, path, &headers, body).await
+    place(&gateway, fusion_runtime(&body), pool, path, &headers, body).await
+}
+
+/// The runtime a SandboxFusion request runs on: JavaScript for `nodejs` and `typescript`
+/// programs, Python for the rest (whose manager answers a language it does not run).
+fn fusion_runtime(body: &[u8]) -> &'static str {
+    #[derive(serde::Deserialize)]
+    struct Language {
+        language: Option<String>,
+    }
+    match serde_json::from_slice::<Language>(body)
+        .ok()
+        .and_then(|l| l.language)
+    {
+        Some(l) if l == "nodejs" || l == "typescript" => "javascript",
+        _ => "python",
+    }
 }
 
 /// Places an E2B sandbox (`POST /v2/sandboxes`, 2.7's `POST /sandboxes`): its `templateID`
@@ -1031,6 +1047,19 @@ mod tests {
             .collect();
         unreachable.sort();
         assert_eq!(unreachable, ["huge", "stuck"]);
+    }
+
+    #[test]
+    fn sandbox_fusion_programs_go_to_the_runtime_of_their_language() {
+        for (body, runtime) in [
+            (r#"{"code":"1","language":"nodejs"}"#, "javascript"),
+            (r#"{"code":"1","language":"typescript"}"#, "javascript"),
+            (r#"{"code":"1","language":"python"}"#, "python"),
+            (r#"{"cells":["1"]}"#, "python"),
+            ("not json", "python"),
+        ] {
+            assert_eq!(fusion_runtime(body.as_bytes()), runtime, "{body}");
+        }
     }
 
     #[test]

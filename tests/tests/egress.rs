@@ -273,7 +273,7 @@ fn manager() -> &'static Arc<TestManager> {
                 .unwrap(),
         );
         config.cache_dir.clone_from(&arl_e2e::cache_dir());
-        TestManager::start(config, Runtimes::python())
+        TestManager::start(config, Runtimes::ours())
     })
 }
 
@@ -729,5 +729,44 @@ async fn pip_uses_the_index_only_where_the_policy_allows_its_host() {
     assert!(
         refused.contains("not searched: this session's network does not allow its host"),
         "{refused}"
+    );
+}
+
+/// JavaScript sessions leave the sandbox through the same door: `fetch` within the policy,
+/// `NetworkRefused` outside it, and the caller's tools.
+#[tokio::test]
+async fn javascript_fetches_through_the_door_and_calls_tools() {
+    let m = manager();
+    let id = allowed(json!({
+        "runtime": "javascript",
+        "tools": {"llm_query": {"url": url("/llm")}},
+    }))
+    .await;
+    let v = m
+        .exec(
+            &id,
+            &format!(
+                "const r = await fetch({:?}, {{ method: 'POST', headers: {{ 'content-type': 'text/plain' }}, body: 'héllo' }});\n[r.status, r.ok, await r.json()]",
+                url("/echo")
+            ),
+        )
+        .await;
+    assert_eq!(
+        v["result"], "[ 200, true, { body: 'héllo', content_type: 'text/plain' } ]",
+        "{v}"
+    );
+    let v = m.exec(&id, "await fetch('http://127.0.0.1:9/')").await;
+    assert_eq!(v["error"]["type"], "NetworkRefused", "{v}");
+    let v = m.exec(&id, "llm_query('six times seven?')").await;
+    assert_eq!(v["result"], "'the model says: six times seven?'", "{v}");
+    let (_, history) = m.get_text(&format!("/v1/sessions/{id}/history")).await;
+    let first: Value = serde_json::from_str(history.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (
+            &first["requests"][0]["method"],
+            &first["requests"][0]["status"]
+        ),
+        (&json!("POST"), &json!(200)),
+        "the turn's record names its call: {first}"
     );
 }

@@ -409,7 +409,83 @@
     isAbsolute: (p) => p.startsWith('/'),
   };
   const util = { inspect, format: (...a) => format(a) };
-  const modules = { fs, 'fs/promises': fs.promises, path, util, process };
+
+  // ---- leaving the sandbox: every call is a frame through the host door, which checks it
+  // against the session's network policy and tools (see the manager's `egress` module).
+  class NetworkRefused extends Error { get name() { return 'NetworkRefused'; } }
+  class ToolError extends Error { get name() { return 'ToolError'; } }
+  const raised = { refused: NetworkRefused, too_large: NetworkRefused, tool: ToolError };
+  function ask(frame) {
+    const answer = JSON.parse(native.call(JSON.stringify(frame)) || 'null');
+    const error = answer && typeof answer === 'object' ? answer.error : null;
+    if (error && typeof error === 'object' && error.kind) {
+      const Kind = raised[error.kind] || Error;
+      const e = new Kind(error.message);
+      e.code = error.kind;
+      throw e;
+    }
+    return answer;
+  }
+  const B64 = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/';
+  function toBase64(bytes) {
+    let out = '';
+    for (let i = 0; i < bytes.length; i += 3) {
+      const n = (bytes[i] << 16) | ((bytes[i + 1] || 0) << 8) | (bytes[i + 2] || 0);
+      out += B64[(n >> 18) & 63] + B64[(n >> 12) & 63]
+        + (i + 1 < bytes.length ? B64[(n >> 6) & 63] : '=') + (i + 2 < bytes.length ? B64[n & 63] : '=');
+    }
+    return out;
+  }
+  function fromBase64(text) {
+    const clean = text.replace(/[^A-Za-z0-9+/]/g, '');
+    const out = new Uint8Array(Math.floor(clean.length * 3 / 4));
+    let j = 0;
+    for (let i = 0; i < clean.length; i += 4) {
+      const n = (B64.indexOf(clean[i]) << 18) | (B64.indexOf(clean[i + 1]) << 12)
+        | ((B64.indexOf(clean[i + 2]) & 63) << 6) | (B64.indexOf(clean[i + 3]) & 63);
+      if (j < out.length) out[j++] = (n >> 16) & 255;
+      if (j < out.length) out[j++] = (n >> 8) & 255;
+      if (j < out.length) out[j++] = n & 255;
+    }
+    return out;
+  }
+  const utf8 = (s) => new Uint8Array([...unescape(encodeURIComponent(s))].map((c) => c.charCodeAt(0)));
+  const fromUtf8 = (b) => { let s = ''; for (const x of b) s += String.fromCharCode(x); try { return decodeURIComponent(escape(s)); } catch (_) { return s; } };
+  function request(method, url, headers = [], body = null) {
+    const bytes = body === null || body === undefined ? null : typeof body === 'string' ? utf8(body) : new Uint8Array(body.buffer || body);
+    const a = ask({ call: 'http', method, url: String(url), headers: headers.map(([k, v]) => [String(k), String(v)]), body: bytes ? toBase64(bytes) : null, timeout: null });
+    return { status: a.status, reason: a.reason, headers: a.headers, body: fromBase64(a.body), url: a.url };
+  }
+  class Headers {
+    constructor(pairs = []) { this._pairs = Array.isArray(pairs) ? pairs.map(([k, v]) => [String(k).toLowerCase(), String(v)]) : Object.entries(pairs).map(([k, v]) => [k.toLowerCase(), String(v)]); }
+    get(name) { const hit = this._pairs.filter(([k]) => k === String(name).toLowerCase()).map(([, v]) => v); return hit.length ? hit.join(', ') : null; }
+    has(name) { return this.get(name) !== null; }
+    entries() { return this._pairs[Symbol.iterator](); }
+    [Symbol.iterator]() { return this.entries(); }
+  }
+  class Response {
+    constructor(a) { this.status = a.status; this.statusText = a.reason; this.ok = a.status >= 200 && a.status < 300; this.url = a.url; this.headers = new Headers(a.headers); this._body = a.body; }
+    async arrayBuffer() { return this._body.buffer; }
+    async bytes() { return this._body; }
+    async text() { return fromUtf8(this._body); }
+    async json() { return JSON.parse(fromUtf8(this._body)); }
+  }
+  // `fetch` as the platform has it, answered by the host: no streaming bodies, no redirects
+  // followed (a 3xx comes back as it is).
+  async function fetch(url, init = {}) {
+    const headers = init.headers instanceof Headers ? [...init.headers] : Array.isArray(init.headers) ? init.headers : Object.entries(init.headers || {});
+    return new Response(request((init.method || 'GET').toUpperCase(), url, headers, init.body ?? null));
+  }
+  define(G, 'fetch', fetch);
+  define(G, 'Headers', Headers);
+  define(G, 'Response', Response);
+  const tools = new Proxy({}, {
+    get: (_, name) => (typeof name !== 'string' ? undefined
+      : (...args) => ask({ call: 'tool', name, args, kwargs: {} }).value),
+  });
+  define(G, 'llm_query', (...args) => tools.llm_query(...args));
+  const arl = { request, tools, NetworkRefused, ToolError };
+  const modules = { fs, 'fs/promises': fs.promises, path, util, process, arl };
   define(G, 'require', (name) => {
     const m = modules[String(name).replace(/^node:/, '')];
     if (m === undefined) {
