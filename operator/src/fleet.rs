@@ -184,6 +184,22 @@ pub fn loaded_runtime(runtime: &str) -> &str {
     }
 }
 
+/// What the manager of a pool of `runtime` loads (its `ARL_RUNTIMES`): the pool's runtime,
+/// and JavaScript in every pool, small as it is, so that every sandbox has its `js` and `ts`
+/// kernels (E2B's languages) and any manager can take a JavaScript session.
+pub fn pool_runtimes(runtime: &str) -> String {
+    match loaded_runtime(runtime) {
+        "javascript" => "javascript".to_owned(),
+        other => format!("{other},javascript"),
+    }
+}
+
+/// Whether a manager of a pool of `pool_runtime` serves sessions of `asked`.
+fn serves_runtime(pool_runtime: &str, asked: &str) -> bool {
+    let asked = loaded_runtime(asked);
+    asked == "javascript" || loaded_runtime(pool_runtime) == asked
+}
+
 impl Fleet {
     fn read(&self) -> RwLockReadGuard<'_, BTreeMap<String, Member>> {
         self.members.read().unwrap_or_else(|e| e.into_inner())
@@ -264,11 +280,10 @@ impl Fleet {
         pool: Option<&str>,
         also: impl Fn(&Member) -> bool,
     ) -> Result<Vec<Member>, Unplaced> {
-        let loaded = loaded_runtime(runtime);
         let serves = |m: &Member| {
             m.runtime
                 .as_deref()
-                .is_none_or(|r| loaded_runtime(r) == loaded)
+                .is_none_or(|r| serves_runtime(r, runtime))
                 && pool.is_none_or(|p| p == m.pool)
                 && also(m)
         };
@@ -380,15 +395,19 @@ mod tests {
     }
 
     #[test]
-    fn typescript_sessions_go_to_the_managers_that_load_javascript() {
+    fn javascript_sessions_go_to_any_manager_python_ones_to_pythons() {
         let fleet = Fleet::default();
         fleet.replace([member("py", "python"), member("js", "javascript")]);
         let placed = |runtime: &str| -> Vec<String> {
             let members = fleet.place(runtime, None, |_| true).unwrap();
             members.into_iter().map(|m| m.name).collect()
         };
-        assert_eq!(placed("typescript"), ["js"]);
-        assert_eq!(placed("javascript"), ["js"]);
+        // Every manager loads JavaScript: a JavaScript session may land on any of them.
+        for runtime in ["typescript", "javascript"] {
+            let mut all = placed(runtime);
+            all.sort();
+            assert_eq!(all, ["js", "py"], "{runtime}");
+        }
         assert_eq!(placed("python"), ["py"]);
         assert!(matches!(
             fleet.place("ruby", None, |_| true),

@@ -302,7 +302,7 @@ pub fn manager_pod(pool: &WarmPool, default_image: &str) -> Pod {
             env("ARL_LISTEN", format!("0.0.0.0:{HTTP_PORT}")),
             env("ARL_GRPC_LISTEN", format!("0.0.0.0:{GRPC_PORT}")),
             env("ARL_MAX_SESSIONS", spec.sessions_per_pod.to_string()),
-            env("ARL_RUNTIMES", crate::fleet::loaded_runtime(&runtime)),
+            env("ARL_RUNTIMES", crate::fleet::pool_runtimes(&runtime)),
             env("ARL_DATA_DIR", "/var/lib/arl"),
             // The pool's egress is every session's default and bound; none: no network.
             env(
@@ -442,9 +442,9 @@ mod tests {
     }
 
     #[test]
-    fn a_pools_manager_loads_the_pools_runtime_only() {
+    fn a_pools_manager_loads_the_pools_runtime_and_javascript() {
         for (wasm, loaded) in [
-            ("python", "python"),
+            ("python", "python,javascript"),
             ("javascript", "javascript"),
             ("typescript", "javascript"),
         ] {

@@ -105,8 +105,8 @@ fn the_standalone_gateway_serves_a_manager_and_stops_on_sigterm() {
     let manager = TestManager::start(
         config,
         Runtimes {
-            python: false,
             guests: vec![("counter", guests::COUNTER)],
+            ..Runtimes::default()
         },
     );
     let (http, grpc) = (port(), port());

@@ -131,8 +131,8 @@ fn manager(pod: &str) -> Arc<TestManager> {
     TestManager::start(
         config,
         Runtimes {
-            python: false,
             guests: vec![("counter", guests::COUNTER)],
+            ..Runtimes::default()
         },
     )
 }

@@ -19,8 +19,8 @@ fn manager(pod: &str) -> Arc<TestManager> {
     TestManager::start(
         config,
         Runtimes {
-            python: false,
             guests: vec![("counter", guests::COUNTER)],
+            ..Runtimes::default()
         },
     )
 }
@@ -265,7 +265,8 @@ async fn imports_past_the_gateways_turns_are_refused_not_held() {
 /// SandboxFusion's client, unmodified, through the gateway: each program placed on a manager.
 #[tokio::test]
 async fn the_sandbox_fusion_client_runs_through_the_gateway() {
-    let m = TestManager::start(arl_e2e::python_config(), Runtimes::python());
+    // A Python pool's manager: it loads JavaScript too (`pool_runtimes`).
+    let m = TestManager::start(arl_e2e::python_config(), Runtimes::ours());
     let mut python = member("py-0", "py", &m);
     python.runtime = Some("python".into());
     let fleet = Fleet::default();
@@ -290,7 +291,7 @@ async fn the_sandbox_fusion_client_runs_through_the_gateway() {
 async fn the_e2b_sdk_runs_through_the_gateway() {
     let mut config = arl_e2e::python_config();
     config.id_prefix = "agents.py-0".into();
-    let m = TestManager::start(config, Runtimes::python());
+    let m = TestManager::start(config, Runtimes::ours());
     let mut python = member("py-0", "py", &m);
     python.runtime = Some("python".into());
     let fleet = Fleet::default();

@@ -26,7 +26,7 @@ async fn a_token_in_the_path_lets_sandbox_fusion_in_and_nothing_else_does() {
         auth_token: Some("s3cret".into()),
         ..ServeOptions::default()
     };
-    let m = TestManager::start_with(python_config(), Runtimes::python(), options);
+    let m = TestManager::start_with(python_config(), Runtimes::ours(), options);
     let body = serde_json::json!({ "code": "print(1)", "language": "python" });
     for path in ["/run_code", "/fusion/wrong/run_code", "/fusion//run_code"] {
         let r = client().post(m.url(path)).json(&body).send().await.unwrap();
@@ -63,7 +63,7 @@ async fn the_e2b_sdk_authenticates_with_the_token_as_its_api_key() {
         auth_token: Some("s3cret".into()),
         ..ServeOptions::default()
     };
-    let m = TestManager::start_with(python_config(), Runtimes::python(), options);
+    let m = TestManager::start_with(python_config(), Runtimes::ours(), options);
     let r = client()
         .post(m.url("/v2/sandboxes"))
         .header("x-api-key", "wrong")
@@ -302,7 +302,7 @@ async fn an_mcp_client_runs_code_in_sessions_through_the_official_sdk() {
         auth_token: Some("s3cret".into()),
         ..ServeOptions::default()
     };
-    let m = TestManager::start_with(python_config(), Runtimes::python(), options);
+    let m = TestManager::start_with(python_config(), Runtimes::ours(), options);
     let r = client()
         .post(m.url("/mcp"))
         .json(&serde_json::json!({ "jsonrpc": "2.0", "id": 1, "method": "tools/list" }))
