@@ -404,6 +404,10 @@ async fn files_written_by_a_cell_are_the_files_api_s() {
             || v["error"]["message"].as_str().unwrap().starts_with("EIO"),
         "{v}"
     );
+    assert_eq!(
+        result(&id, "const bytes = new TextEncoder().encode('héllo'); [bytes.length, new TextDecoder().decode(bytes), btoa('hi'), atob('aGk=')]").await,
+        "[ 6, 'héllo', 'aGk=', 'hi' ]"
+    );
     let v = m.exec(&id, "require('child_process')").await;
     assert_eq!(v["error"]["type"], "Error", "no processes: {v}");
 }

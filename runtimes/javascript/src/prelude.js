@@ -364,9 +364,6 @@
     if (code) throw fsError(code, value, syscall, path);
     return value;
   };
-  class TextEncoderLite {
-    encode(s) { return new Uint8Array([...unescape(encodeURIComponent(s))].map((c) => c.charCodeAt(0))); }
-  }
   const encoding = (o) => (typeof o === 'string' ? o : o && o.encoding) || null;
   const statOf = (s) => ({
     size: s[0], mtimeMs: s[1], mtime: new Date(s[1]),
@@ -376,7 +373,7 @@
     readFileSync: (p, o) => {
       if (p === 0 || p === '/dev/stdin') {
         const text = String(process._arlStdin || '');
-        return encoding(o) ? text : new TextEncoderLite().encode(text);
+        return encoding(o) ? text : utf8(text);
       }
       return op(encoding(o) ? 'readText' : 'read', 'open')(p);
     },
@@ -476,6 +473,19 @@
     const headers = init.headers instanceof Headers ? [...init.headers] : Array.isArray(init.headers) ? init.headers : Object.entries(init.headers || {});
     return new Response(request((init.method || 'GET').toUpperCase(), url, headers, init.body ?? null));
   }
+  class TextEncoder {
+    get encoding() { return 'utf-8'; }
+    encode(text = '') { return utf8(String(text)); }
+  }
+  class TextDecoder {
+    get encoding() { return 'utf-8'; }
+    decode(bytes) { return bytes === undefined ? '' : fromUtf8(new Uint8Array(bytes.buffer || bytes)); }
+  }
+  const latin1 = (s) => { for (let i = 0; i < s.length; i++) if (s.charCodeAt(i) > 255) throw new Error('InvalidCharacterError: btoa takes Latin-1 text only'); return s; };
+  define(G, 'TextEncoder', TextEncoder);
+  define(G, 'TextDecoder', TextDecoder);
+  define(G, 'btoa', (s) => toBase64([...latin1(String(s))].map((c) => c.charCodeAt(0))));
+  define(G, 'atob', (s) => String.fromCharCode(...fromBase64(String(s))));
   define(G, 'fetch', fetch);
   define(G, 'Headers', Headers);
   define(G, 'Response', Response);
