@@ -38,10 +38,7 @@ impl RuntimeSpec {
             digest: Some(digest),
             protocol: Protocol::Python,
             mounts: artifacts.mounts,
-            base_env: arl_runtimes::python::BASE_ENV
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
+            base_env: owned(arl_runtimes::python::BASE_ENV),
         }
     }
 }
@@ -61,12 +58,15 @@ impl RuntimeSpec {
             digest: Some(digest),
             protocol: Protocol::JavaScript { typescript },
             mounts: Vec::new(),
-            base_env: arl_runtimes::javascript::BASE_ENV
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
+            base_env: owned(arl_runtimes::javascript::BASE_ENV),
         }
     }
+}
+
+fn owned(env: &[(&str, &str)]) -> Vec<(String, String)> {
+    env.iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
 }
 
 /// A guest runtime as the manager runs it.

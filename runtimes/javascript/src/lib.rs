@@ -25,8 +25,7 @@ use boa_engine::object::builtins::{JsArray, JsFunction, JsPromise, JsUint8Array}
 use boa_engine::object::{JsObject, ObjectInitializer};
 use boa_engine::realm::Realm;
 use boa_engine::{
-    Context, JsError, JsNativeError, JsResult, JsString, JsValue, NativeFunction, Source,
-    js_string,
+    Context, JsError, JsNativeError, JsResult, JsString, JsValue, NativeFunction, Source, js_string,
 };
 use serde::Deserialize;
 
@@ -240,7 +239,9 @@ fn native_fs(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<J
                     std::io::ErrorKind::NotFound => ("ENOENT", "no such file or directory"),
                     std::io::ErrorKind::AlreadyExists => ("EEXIST", "file already exists"),
                     std::io::ErrorKind::PermissionDenied => ("EACCES", "permission denied"),
-                    std::io::ErrorKind::IsADirectory => ("EISDIR", "illegal operation on a directory"),
+                    std::io::ErrorKind::IsADirectory => {
+                        ("EISDIR", "illegal operation on a directory")
+                    }
                     std::io::ErrorKind::NotADirectory => ("ENOTDIR", "not a directory"),
                     std::io::ErrorKind::DirectoryNotEmpty => ("ENOTEMPTY", "directory not empty"),
                     std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
@@ -248,7 +249,6 @@ fn native_fs(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<J
                     }
                     _ => ("EIO", "i/o error"),
                 };
-                let _ = e;
                 vec![js_string!(code).into(), js_string!(what).into()]
             }
         };
@@ -282,7 +282,9 @@ fn native_fs(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<J
                 names.push(entry?.file_name().to_string_lossy().into_owned());
             }
             names.sort();
-            let names = names.into_iter().map(|n| JsValue::from(JsString::from(n.as_str())));
+            let names = names
+                .into_iter()
+                .map(|n| JsValue::from(JsString::from(n.as_str())));
             Ok(JsArray::from_iter(names, context).into())
         }),
         "mkdir" => unit(fs::create_dir(&path)),
@@ -355,14 +357,42 @@ fn door(frame: &[u8]) -> Option<Vec<u8>> {
 /// Builds a realm's `native` object and runs the prelude in the context's current realm.
 fn install_prelude(context: &mut Context) -> JsResult<JsObject> {
     let native = ObjectInitializer::new(context)
-        .function(NativeFunction::from_fn_ptr(native_write), js_string!("write"), 2)
-        .function(NativeFunction::from_fn_ptr(native_now), js_string!("now"), 0)
-        .function(NativeFunction::from_fn_ptr(native_sleep), js_string!("sleep"), 1)
-        .function(NativeFunction::from_fn_ptr(native_random), js_string!("random"), 0)
-        .function(NativeFunction::from_fn_ptr(native_memory), js_string!("memory"), 0)
-        .function(NativeFunction::from_fn_ptr(native_exit), js_string!("exit"), 1)
+        .function(
+            NativeFunction::from_fn_ptr(native_write),
+            js_string!("write"),
+            2,
+        )
+        .function(
+            NativeFunction::from_fn_ptr(native_now),
+            js_string!("now"),
+            0,
+        )
+        .function(
+            NativeFunction::from_fn_ptr(native_sleep),
+            js_string!("sleep"),
+            1,
+        )
+        .function(
+            NativeFunction::from_fn_ptr(native_random),
+            js_string!("random"),
+            0,
+        )
+        .function(
+            NativeFunction::from_fn_ptr(native_memory),
+            js_string!("memory"),
+            0,
+        )
+        .function(
+            NativeFunction::from_fn_ptr(native_exit),
+            js_string!("exit"),
+            1,
+        )
         .function(NativeFunction::from_fn_ptr(native_fs), js_string!("fs"), 3)
-        .function(NativeFunction::from_fn_ptr(native_call), js_string!("call"), 1)
+        .function(
+            NativeFunction::from_fn_ptr(native_call),
+            js_string!("call"),
+            1,
+        )
         .function(
             NativeFunction::from_fn_ptr(native_promise_state),
             js_string!("promiseState"),
@@ -393,9 +423,11 @@ fn install_prelude(context: &mut Context) -> JsResult<JsObject> {
         .as_callable()
         .ok_or_else(|| JsNativeError::typ().with_message("the prelude is not a function"))?;
     let hooks = prelude.call(&JsValue::undefined(), &[native.into()], context)?;
-    hooks
-        .as_object()
-        .ok_or_else(|| JsNativeError::typ().with_message("the prelude returned no hooks").into())
+    hooks.as_object().ok_or_else(|| {
+        JsNativeError::typ()
+            .with_message("the prelude returned no hooks")
+            .into()
+    })
 }
 
 fn new_space(context: &mut Context, env: &[(String, String)]) -> JsResult<Space> {
@@ -426,7 +458,12 @@ fn env_array(env: &[(String, String)], context: &mut Context) -> JsValue {
     JsArray::from_iter(pairs, context).into()
 }
 
-fn call_hook(hooks: &JsObject, name: &str, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
+fn call_hook(
+    hooks: &JsObject,
+    name: &str,
+    args: &[JsValue],
+    context: &mut Context,
+) -> JsResult<JsValue> {
     let f = hooks.get(JsString::from(name), context)?;
     let f = f
         .as_object()
@@ -466,6 +503,10 @@ pub extern "C" fn host_alloc(len: usize) -> *mut u8 {
 }
 
 #[unsafe(no_mangle)]
+#[allow(
+    clippy::not_unsafe_ptr_arg_deref,
+    reason = "the contract's export: the host passes a buffer from `host_alloc`"
+)]
 pub extern "C" fn turn(ptr: *mut u8, len: usize) -> i32 {
     let input = if ptr.is_null() {
         Vec::new()
@@ -476,7 +517,12 @@ pub extern "C" fn turn(ptr: *mut u8, len: usize) -> i32 {
     let turn: Turn = match serde_json::from_slice(&input) {
         Ok(t) => t,
         Err(e) => {
-            report(&Frame::error("TurnError", &format!("bad turn input: {e}"), "", usize::MAX));
+            report(&Frame::error(
+                "TurnError",
+                &format!("bad turn input: {e}"),
+                "",
+                usize::MAX,
+            ));
             return 0;
         }
     };
@@ -662,14 +708,14 @@ impl State {
         }
         if frame.error.is_none() {
             let left = self.tracker.unhandled.borrow_mut().drain(..).next();
-            if let Some(promise) = left {
-                if let PromiseState::Rejected(reason) = JsPromise::from(promise).state() {
-                    self.describe(&mut frame, JsError::from_opaque(reason), &hooks, cap);
-                    frame.result = None;
-                    frame.results.clear();
-                    if let Some(e) = frame.error.as_mut() {
-                        e.traceback = format!("Uncaught (in promise) {}", e.traceback);
-                    }
+            if let Some(promise) = left
+                && let PromiseState::Rejected(reason) = JsPromise::from(promise).state()
+            {
+                self.describe(&mut frame, JsError::from_opaque(reason), &hooks, cap);
+                frame.result = None;
+                frame.results.clear();
+                if let Some(e) = frame.error.as_mut() {
+                    e.traceback = format!("Uncaught (in promise) {}", e.traceback);
                 }
             }
         }
@@ -700,7 +746,9 @@ impl State {
         }
         let value = ctx.eval(Source::from_bytes(code).with_path(std::path::Path::new(&name)))?;
         let awaited = if is_async {
-            value.as_object().and_then(|o| JsPromise::from_object(o).ok())
+            value
+                .as_object()
+                .and_then(|o| JsPromise::from_object(o).ok())
         } else {
             None
         };
@@ -722,10 +770,9 @@ impl State {
             Some(p) => match p.state() {
                 PromiseState::Fulfilled(v) => Ok(v),
                 PromiseState::Rejected(reason) => {
-                    self.tracker
-                        .unhandled
-                        .borrow_mut()
-                        .retain(|q| !JsObject::equals(&q.clone().upcast(), &JsObject::from(p.clone())));
+                    self.tracker.unhandled.borrow_mut().retain(|q| {
+                        !JsObject::equals(&q.clone().upcast(), &JsObject::from(p.clone()))
+                    });
                     Err(JsError::from_opaque(reason))
                 }
                 PromiseState::Pending => Ok(JsValue::undefined()),
@@ -742,7 +789,9 @@ impl State {
                 // Engine errors (a runaway recursion...) have no JS value.
                 let text = e.to_string();
                 let message = text.lines().next().unwrap_or_default();
-                let message = message.strip_prefix("RuntimeLimitError: ").unwrap_or(message);
+                let message = message
+                    .strip_prefix("RuntimeLimitError: ")
+                    .unwrap_or(message);
                 frame.set_error("RangeError", message, &format!("RangeError: {text}"), cap);
                 return;
             }
@@ -751,7 +800,8 @@ impl State {
             let o = v
                 .as_object()
                 .ok_or_else(|| JsNativeError::typ().with_message("describe"))?;
-            let field = |i: u32, ctx: &mut Context| -> JsResult<String> { text(&o.get(i, ctx)?, ctx) };
+            let field =
+                |i: u32, ctx: &mut Context| -> JsResult<String> { text(&o.get(i, ctx)?, ctx) };
             Ok((field(0, ctx)?, field(1, ctx)?, field(2, ctx)?))
         });
         match described {
