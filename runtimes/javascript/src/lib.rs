@@ -21,6 +21,7 @@ use std::rc::Rc;
 
 use boa_engine::builtins::promise::{OperationType, Promise, PromiseState};
 use boa_engine::context::HostHooks;
+use boa_engine::native_function::NativeFunctionPointer;
 use boa_engine::object::builtins::{JsArray, JsFunction, JsPromise, JsUint8Array};
 use boa_engine::object::{JsObject, ObjectInitializer};
 use boa_engine::realm::Realm;
@@ -173,14 +174,6 @@ fn native_now(_: &JsValue, _: &[JsValue], _: &mut Context) -> JsResult<JsValue> 
         static ORIGIN: std::time::Instant = std::time::Instant::now();
     }
     Ok(ORIGIN.with(|o| o.elapsed().as_secs_f64() * 1000.0).into())
-}
-
-fn native_sleep(_: &JsValue, args: &[JsValue], context: &mut Context) -> JsResult<JsValue> {
-    let ms = arg(args, 0).to_number(context)?;
-    if ms > 0.0 {
-        std::thread::sleep(std::time::Duration::from_secs_f64(ms / 1000.0));
-    }
-    Ok(JsValue::undefined())
 }
 
 fn native_random(_: &JsValue, _: &[JsValue], _: &mut Context) -> JsResult<JsValue> {
@@ -354,51 +347,28 @@ fn door(frame: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
+/// The prelude's `native` object: name, function, arity.
+const NATIVES: &[(&str, NativeFunctionPointer, usize)] = &[
+    ("write", native_write, 2),
+    ("now", native_now, 0),
+    ("memory", native_memory, 0),
+    ("exit", native_exit, 1),
+    ("fs", native_fs, 3),
+    ("call", native_call, 1),
+    ("promiseState", native_promise_state, 1),
+];
+
 /// Builds a realm's `native` object and runs the prelude in the context's current realm.
 fn install_prelude(context: &mut Context) -> JsResult<JsObject> {
-    let native = ObjectInitializer::new(context)
-        .function(
-            NativeFunction::from_fn_ptr(native_write),
-            js_string!("write"),
-            2,
-        )
-        .function(
-            NativeFunction::from_fn_ptr(native_now),
-            js_string!("now"),
-            0,
-        )
-        .function(
-            NativeFunction::from_fn_ptr(native_sleep),
-            js_string!("sleep"),
-            1,
-        )
-        .function(
-            NativeFunction::from_fn_ptr(native_random),
-            js_string!("random"),
-            0,
-        )
-        .function(
-            NativeFunction::from_fn_ptr(native_memory),
-            js_string!("memory"),
-            0,
-        )
-        .function(
-            NativeFunction::from_fn_ptr(native_exit),
-            js_string!("exit"),
-            1,
-        )
-        .function(NativeFunction::from_fn_ptr(native_fs), js_string!("fs"), 3)
-        .function(
-            NativeFunction::from_fn_ptr(native_call),
-            js_string!("call"),
-            1,
-        )
-        .function(
-            NativeFunction::from_fn_ptr(native_promise_state),
-            js_string!("promiseState"),
-            1,
-        )
-        .build();
+    let mut native = ObjectInitializer::new(context);
+    for (name, function, length) in NATIVES {
+        native.function(
+            NativeFunction::from_fn_ptr(*function),
+            JsString::from(*name),
+            *length,
+        );
+    }
+    let native = native.build();
     // Math.random from a generator each session reseeds.
     let math = context
         .global_object()
