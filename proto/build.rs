@@ -1,8 +1,8 @@
-//! Compiles `arl/v1/*.proto` with protox (pure Rust, no `protoc` to install) and generates the
+//! Compiles `arl/v1/*.proto` and `arl/sidecar/agent.proto` with protox (pure Rust, no `protoc` to install) and generates the
 //! tonic server and client.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["arl/v1/sessions.proto"];
+    let protos = ["arl/v1/sessions.proto", "arl/sidecar/agent.proto"];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }
