@@ -10,8 +10,8 @@ use arl_proto::sidecar::{
     ExecLog, ExecRequest, FileRequest, FileResponse, ResetRequest, ResetResponse, ShellInput,
     ShellOutput, SignalRequest, SignalResponse,
 };
-use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::error::{ExecError, Result};
@@ -26,15 +26,22 @@ pub type ShellStream = BoxStream<'static, Result<ShellOutput>>;
 /// What an agent does.
 pub trait Executor: Send + Sync + 'static {
     /// Writes files and applies a unified diff, all or nothing.
-    fn update_files(&self, request: FileRequest) -> impl Future<Output = Result<FileResponse>> + Send;
+    fn update_files(
+        &self,
+        request: FileRequest,
+    ) -> impl Future<Output = Result<FileResponse>> + Send;
     /// Runs a command; its log.
     fn execute(&self, request: ExecRequest) -> impl Future<Output = Result<ExecStream>> + Send;
     /// Signals the group of a process the agent started.
-    fn signal(&self, request: SignalRequest) -> impl Future<Output = Result<SignalResponse>> + Send;
+    fn signal(&self, request: SignalRequest)
+    -> impl Future<Output = Result<SignalResponse>> + Send;
     /// Kills every process the agent started and, unless asked not to, empties the workspace.
     fn reset(&self, request: ResetRequest) -> impl Future<Output = Result<ResetResponse>> + Send;
     /// A shell on a terminal.
-    fn shell(&self, input: BoxStream<'static, ShellInput>) -> impl Future<Output = Result<ShellStream>> + Send;
+    fn shell(
+        &self,
+        input: BoxStream<'static, ShellInput>,
+    ) -> impl Future<Output = Result<ShellStream>> + Send;
     /// Whether the agent answers.
     fn health(&self) -> impl Future<Output = Result<()>> + Send;
 }
@@ -49,7 +56,11 @@ pub struct LocalAgent {
 
 impl LocalAgent {
     /// An agent over the folder `workspace` (created if needed).
-    pub fn new(workspace: &std::path::Path, limits: Limits, shell: String) -> std::io::Result<Self> {
+    pub fn new(
+        workspace: &std::path::Path,
+        limits: Limits,
+        shell: String,
+    ) -> std::io::Result<Self> {
         Ok(Self {
             workspace: Workspace::open(workspace)?,
             processes: Arc::new(Processes::new(limits)),
@@ -74,7 +85,10 @@ impl LocalAgent {
             ));
         }
         if request.command.iter().any(|a| a.contains('\0')) {
-            return Err(ExecError::invalid("invalid_command", "an argument holds a NUL byte"));
+            return Err(ExecError::invalid(
+                "invalid_command",
+                "an argument holds a NUL byte",
+            ));
         }
         for (key, value) in &request.env {
             if key.is_empty() || key.contains(['=', '\0']) || value.contains('\0') {

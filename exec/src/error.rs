@@ -56,7 +56,11 @@ impl ExecError {
     /// The agent's own failure at `what`; the details go to its log.
     pub fn internal(what: &str, error: impl std::fmt::Display) -> Self {
         tracing::error!(%error, "{what}");
-        Self::new(Kind::Internal, "internal", format!("the agent failed at {what}; see its log"))
+        Self::new(
+            Kind::Internal,
+            "internal",
+            format!("the agent failed at {what}; see its log"),
+        )
     }
 
     fn status(&self) -> StatusCode {
@@ -143,6 +147,7 @@ pub const CODES: &[&str] = &[
     "file_not_found",
     "process_not_found",
     "agent_unavailable",
+    "no_session",
     "internal",
 ];
 
@@ -160,7 +165,10 @@ mod tests {
         ] {
             let status = tonic::Status::from(ExecError::new(kind, code, "why"));
             let back = ExecError::from(status);
-            assert_eq!((back.kind, back.code, back.message.as_str()), (kind, code, "why"));
+            assert_eq!(
+                (back.kind, back.code, back.message.as_str()),
+                (kind, code, "why")
+            );
         }
     }
 }

@@ -40,22 +40,36 @@ type StatusStream<T> = BoxStream<'static, Result<T, Status>>;
 
 #[tonic::async_trait]
 impl<E: Executor> AgentService for AgentGrpc<E> {
-    async fn update_files(&self, request: Request<FileRequest>) -> Result<Response<FileResponse>, Status> {
-        Ok(Response::new(self.0.update_files(request.into_inner()).await?))
+    async fn update_files(
+        &self,
+        request: Request<FileRequest>,
+    ) -> Result<Response<FileResponse>, Status> {
+        Ok(Response::new(
+            self.0.update_files(request.into_inner()).await?,
+        ))
     }
 
     type ExecuteStream = StatusStream<ExecLog>;
 
-    async fn execute(&self, request: Request<ExecRequest>) -> Result<Response<Self::ExecuteStream>, Status> {
+    async fn execute(
+        &self,
+        request: Request<ExecRequest>,
+    ) -> Result<Response<Self::ExecuteStream>, Status> {
         let log = self.0.execute(request.into_inner()).await?;
         Ok(Response::new(log.map(|r| r.map_err(Status::from)).boxed()))
     }
 
-    async fn signal_process(&self, request: Request<SignalRequest>) -> Result<Response<SignalResponse>, Status> {
+    async fn signal_process(
+        &self,
+        request: Request<SignalRequest>,
+    ) -> Result<Response<SignalResponse>, Status> {
         Ok(Response::new(self.0.signal(request.into_inner()).await?))
     }
 
-    async fn reset(&self, request: Request<ResetRequest>) -> Result<Response<ResetResponse>, Status> {
+    async fn reset(
+        &self,
+        request: Request<ResetRequest>,
+    ) -> Result<Response<ResetResponse>, Status> {
         Ok(Response::new(self.0.reset(request.into_inner()).await?))
     }
 
@@ -71,7 +85,9 @@ impl<E: Executor> AgentService for AgentGrpc<E> {
             .filter_map(|m| future::ready(m.ok()))
             .boxed();
         let output = self.0.shell(input).await?;
-        Ok(Response::new(output.map(|r| r.map_err(Status::from)).boxed()))
+        Ok(Response::new(
+            output.map(|r| r.map_err(Status::from)).boxed(),
+        ))
     }
 }
 
@@ -115,7 +131,12 @@ impl RemoteAgent {
 
 impl Executor for RemoteAgent {
     async fn update_files(&self, request: FileRequest) -> Result<FileResponse> {
-        Ok(self.client.clone().update_files(request).await?.into_inner())
+        Ok(self
+            .client
+            .clone()
+            .update_files(request)
+            .await?
+            .into_inner())
     }
 
     async fn execute(&self, request: ExecRequest) -> Result<ExecStream> {
@@ -124,7 +145,12 @@ impl Executor for RemoteAgent {
     }
 
     async fn signal(&self, request: SignalRequest) -> Result<SignalResponse> {
-        Ok(self.client.clone().signal_process(request).await?.into_inner())
+        Ok(self
+            .client
+            .clone()
+            .signal_process(request)
+            .await?
+            .into_inner())
     }
 
     async fn reset(&self, request: ResetRequest) -> Result<ResetResponse> {
@@ -143,7 +169,12 @@ impl Executor for RemoteAgent {
             }
         });
         let input = tokio_stream::wrappers::ReceiverStream::new(rx);
-        let output = self.client.clone().interactive_shell(input).await?.into_inner();
+        let output = self
+            .client
+            .clone()
+            .interactive_shell(input)
+            .await?
+            .into_inner();
         Ok(output.map(|r| r.map_err(ExecError::from)).boxed())
     }
 
@@ -156,7 +187,11 @@ impl Executor for RemoteAgent {
             .into_inner();
         match answer.status {
             1 => Ok(()), // SERVING
-            _ => Err(ExecError::new(Kind::Unavailable, "agent_unavailable", "the agent is not serving")),
+            _ => Err(ExecError::new(
+                Kind::Unavailable,
+                "agent_unavailable",
+                "the agent is not serving",
+            )),
         }
     }
 }

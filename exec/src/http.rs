@@ -168,10 +168,17 @@ async fn files<E: Executor>(State(agent): State<Arc<E>>, body: Bytes) -> Result<
         patch: body.patch,
     };
     let answer = agent.update_files(request).await?;
-    Ok(Json(serde_json::json!({"success": answer.success, "message": answer.message})).into_response())
+    Ok(
+        Json(serde_json::json!({"success": answer.success, "message": answer.message}))
+            .into_response(),
+    )
 }
 
-async fn execute<E: Executor>(State(agent): State<Arc<E>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn execute<E: Executor>(
+    State(agent): State<Arc<E>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     match parse::<ExecBody>(&body, false) {
         Ok(body) => execute_response(&*agent, body.into_request(), &headers).await,
         Err(e) => e.into_response(),
@@ -186,7 +193,10 @@ async fn signal<E: Executor>(State(agent): State<Arc<E>>, body: Bytes) -> Result
             signal: body.signal,
         })
         .await?;
-    Ok(Json(serde_json::json!({"success": answer.success, "message": answer.message})).into_response())
+    Ok(
+        Json(serde_json::json!({"success": answer.success, "message": answer.message}))
+            .into_response(),
+    )
 }
 
 async fn reset<E: Executor>(State(agent): State<Arc<E>>, body: Bytes) -> Result<Response> {
@@ -196,12 +206,19 @@ async fn reset<E: Executor>(State(agent): State<Arc<E>>, body: Bytes) -> Result<
             preserve_files: body.preserve_files,
         })
         .await?;
-    Ok(Json(serde_json::json!({"success": answer.success, "message": answer.message})).into_response())
+    Ok(
+        Json(serde_json::json!({"success": answer.success, "message": answer.message}))
+            .into_response(),
+    )
 }
 
 /// Runs `request` on `executor` and answers as `/execute` does: the whole [`ExecResult`], or
 /// events when `headers` accept `text/event-stream`.
-pub async fn execute_response<E: Executor>(executor: &E, request: ExecRequest, headers: &HeaderMap) -> Response {
+pub async fn execute_response<E: Executor>(
+    executor: &E,
+    request: ExecRequest,
+    headers: &HeaderMap,
+) -> Response {
     let background = request.background;
     let started = Instant::now();
     let log = match executor.execute(request).await {
@@ -220,7 +237,11 @@ pub async fn execute_response<E: Executor>(executor: &E, request: ExecRequest, h
 }
 
 /// A whole command's result from its log.
-pub async fn collect(mut log: ExecStream, background: bool, started: Instant) -> Result<ExecResult> {
+pub async fn collect(
+    mut log: ExecStream,
+    background: bool,
+    started: Instant,
+) -> Result<ExecResult> {
     let mut result = ExecResult::default();
     while let Some(message) = log.next().await {
         result.add(message?, background);
@@ -263,7 +284,9 @@ fn events(
                     vec![json_event("result", &result)]
                 }
             };
-            futures_util::future::ready(Some(futures_util::stream::iter(events.into_iter().map(Ok))))
+            futures_util::future::ready(Some(futures_util::stream::iter(
+                events.into_iter().map(Ok),
+            )))
         })
         .flatten()
 }
@@ -280,5 +303,8 @@ pub fn wants_events(headers: &HeaderMap) -> bool {
         .get_all(header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .any(|v| v.split(',').any(|t| t.trim().starts_with("text/event-stream")))
+        .any(|v| {
+            v.split(',')
+                .any(|t| t.trim().starts_with("text/event-stream"))
+        })
 }

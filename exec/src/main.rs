@@ -49,7 +49,12 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let shell = cli.shell.unwrap_or_else(|| {
         let bash = "/bin/bash";
-        if std::path::Path::new(bash).exists() { bash } else { "/bin/sh" }.to_owned()
+        if std::path::Path::new(bash).exists() {
+            bash
+        } else {
+            "/bin/sh"
+        }
+        .to_owned()
     });
     let limits = Limits {
         default_timeout: Duration::from_secs(cli.timeout_secs),

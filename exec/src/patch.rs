@@ -17,7 +17,10 @@ pub struct FilePatch {
 impl FilePatch {
     /// The workspace path it changes.
     pub fn path(&self) -> &str {
-        self.new.as_deref().or(self.old.as_deref()).unwrap_or_default()
+        self.new
+            .as_deref()
+            .or(self.old.as_deref())
+            .unwrap_or_default()
     }
 
     /// Whether it makes a new file.
@@ -31,7 +34,10 @@ impl FilePatch {
             return Ok(None);
         }
         let patch = diffy::Patch::from_str(&self.text).map_err(|e| {
-            ExecError::invalid("invalid_patch", format!("the patch of `{}`: {e}", self.path()))
+            ExecError::invalid(
+                "invalid_patch",
+                format!("the patch of `{}`: {e}", self.path()),
+            )
         })?;
         diffy::apply(original, &patch).map(Some).map_err(|e| {
             ExecError::new(
@@ -50,8 +56,8 @@ pub fn parse(diff: &str) -> Result<Vec<FilePatch>> {
     let mut files = Vec::new();
     let mut i = 0;
     while i < lines.len() {
-        let header = lines[i].starts_with("--- ")
-            && lines.get(i + 1).is_some_and(|l| l.starts_with("+++ "));
+        let header =
+            lines[i].starts_with("--- ") && lines.get(i + 1).is_some_and(|l| l.starts_with("+++ "));
         if !header {
             i += 1;
             continue;
@@ -103,7 +109,10 @@ pub fn parse(diff: &str) -> Result<Vec<FilePatch>> {
 }
 
 fn invalid(why: &str) -> ExecError {
-    ExecError::invalid("invalid_patch", format!("the patch is not a unified diff: {why}"))
+    ExecError::invalid(
+        "invalid_patch",
+        format!("the patch is not a unified diff: {why}"),
+    )
 }
 
 /// The path of a `---` or `+++` line (`None` for `/dev/null`), without a trailing timestamp.
@@ -114,7 +123,10 @@ fn name(line: &str) -> Option<String> {
 }
 
 /// Drops git's `a/` and `b/` prefixes when the diff uses them on both sides.
-fn strip_git_prefixes(old: Option<String>, new: Option<String>) -> (Option<String>, Option<String>) {
+fn strip_git_prefixes(
+    old: Option<String>,
+    new: Option<String>,
+) -> (Option<String>, Option<String>) {
     let git = old.as_deref().is_none_or(|o| o.starts_with("a/"))
         && new.as_deref().is_none_or(|n| n.starts_with("b/"));
     if !git {
@@ -133,7 +145,9 @@ fn counts(header: &str) -> Result<(usize, usize)> {
             .and_then(|r| r.strip_prefix(sign))
             .ok_or_else(|| invalid("a hunk header is not `@@ -a,b +c,d @@`"))?;
         match range.split_once(',') {
-            Some((_, n)) => n.parse().map_err(|_| invalid("a hunk's line count is not a number")),
+            Some((_, n)) => n
+                .parse()
+                .map_err(|_| invalid("a hunk's line count is not a number")),
             None => Ok(1),
         }
     };
@@ -186,7 +200,11 @@ new file mode 100644
 
     #[test]
     fn text_that_is_not_a_diff_is_refused() {
-        for bad in ["hello", "--- a\n+++ b\n@@ -1,2 +1 @@\n x\n", "--- a\n+++ b\n@@ nonsense @@\n"] {
+        for bad in [
+            "hello",
+            "--- a\n+++ b\n@@ -1,2 +1 @@\n x\n",
+            "--- a\n+++ b\n@@ nonsense @@\n",
+        ] {
             assert_eq!(parse(bad).unwrap_err().code, "invalid_patch", "{bad:?}");
         }
     }

@@ -169,7 +169,12 @@ impl Processes {
     }
 
     /// Leaves a service running, tracked until its group is empty.
-    async fn serve(self: Arc<Self>, mut child: tokio::process::Child, command: &Command, tx: mpsc::Sender<ExecLog>) {
+    async fn serve(
+        self: Arc<Self>,
+        mut child: tokio::process::Child,
+        command: &Command,
+        tx: mpsc::Sender<ExecLog>,
+    ) {
         let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) else {
             return;
         };
@@ -192,7 +197,12 @@ impl Processes {
 
     /// Streams a command's output until it ends or its deadline passes; then kills what is
     /// left of its group.
-    async fn follow(self: Arc<Self>, mut child: tokio::process::Child, timeout: Duration, tx: mpsc::Sender<ExecLog>) {
+    async fn follow(
+        self: Arc<Self>,
+        mut child: tokio::process::Child,
+        timeout: Duration,
+        tx: mpsc::Sender<ExecLog>,
+    ) {
         let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) else {
             return;
         };
@@ -206,8 +216,14 @@ impl Processes {
             .await;
         let output = Arc::new(Output::new(self.limits.output_bytes, pid));
         let pumps = [
-            child.stdout.take().map(|r| tokio::spawn(pump(r, true, tx.clone(), output.clone()))),
-            child.stderr.take().map(|r| tokio::spawn(pump(r, false, tx.clone(), output.clone()))),
+            child
+                .stdout
+                .take()
+                .map(|r| tokio::spawn(pump(r, true, tx.clone(), output.clone()))),
+            child
+                .stderr
+                .take()
+                .map(|r| tokio::spawn(pump(r, false, tx.clone(), output.clone()))),
         ];
         // The deadline, or a caller gone (nobody reads the log), ends the group.
         let ended = tokio::select! {
@@ -235,7 +251,12 @@ impl Processes {
             None => (true, TIMED_OUT),
             Some(status) => (false, exit_code(status)),
         };
-        tracing::debug!(pid, exit_code, elapsed_ms = started.elapsed().as_millis() as u64, "command ended");
+        tracing::debug!(
+            pid,
+            exit_code,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "command ended"
+        );
         let _ = tx
             .send(ExecLog {
                 exit_code,
@@ -258,7 +279,10 @@ impl Processes {
             ));
         }
         match rustix::process::kill_process_group(pid_of(pid), sig) {
-            Ok(()) => Ok(format!("sent {} to process group {pid}", signal.to_uppercase())),
+            Ok(()) => Ok(format!(
+                "sent {} to process group {pid}",
+                signal.to_uppercase()
+            )),
             Err(Errno::SRCH) => {
                 self.untrack(pid);
                 Err(ExecError::new(
@@ -321,7 +345,10 @@ pub(crate) async fn kill_group(pgid: i32) {
             Ok(()) => tokio::time::sleep(Duration::from_millis(5)).await,
         }
     }
-    tracing::warn!(pgid, "process group still has members after a second of SIGKILLs");
+    tracing::warn!(
+        pgid,
+        "process group still has members after a second of SIGKILLs"
+    );
 }
 
 /// The signal a request names: `SIGTERM` or `TERM`, any case.
@@ -403,7 +430,12 @@ impl Output {
 
 /// Reads one of a command's streams to its end, sending what the budget keeps as text (a
 /// UTF-8 character split between reads waits for its other half).
-async fn pump(mut from: impl AsyncRead + Unpin, stdout: bool, tx: mpsc::Sender<ExecLog>, output: Arc<Output>) {
+async fn pump(
+    mut from: impl AsyncRead + Unpin,
+    stdout: bool,
+    tx: mpsc::Sender<ExecLog>,
+    output: Arc<Output>,
+) {
     let mut buf = vec![0u8; 16 * 1024];
     let mut pending: Vec<u8> = Vec::new();
     loop {
@@ -421,9 +453,15 @@ async fn pump(mut from: impl AsyncRead + Unpin, stdout: bool, tx: mpsc::Sender<E
             continue;
         }
         let log = if stdout {
-            ExecLog { stdout: text, ..ExecLog::default() }
+            ExecLog {
+                stdout: text,
+                ..ExecLog::default()
+            }
         } else {
-            ExecLog { stderr: text, ..ExecLog::default() }
+            ExecLog {
+                stderr: text,
+                ..ExecLog::default()
+            }
         };
         if tx.send(log).await.is_err() {
             break; // the caller went away; the deadline still ends the command
@@ -432,9 +470,15 @@ async fn pump(mut from: impl AsyncRead + Unpin, stdout: bool, tx: mpsc::Sender<E
     if !pending.is_empty() {
         let text = String::from_utf8_lossy(&pending).into_owned();
         let log = if stdout {
-            ExecLog { stdout: text, ..ExecLog::default() }
+            ExecLog {
+                stdout: text,
+                ..ExecLog::default()
+            }
         } else {
-            ExecLog { stderr: text, ..ExecLog::default() }
+            ExecLog {
+                stderr: text,
+                ..ExecLog::default()
+            }
         };
         let _ = tx.send(log).await;
     }

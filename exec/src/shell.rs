@@ -30,8 +30,9 @@ pub fn open(
     resize(&master, 24, 80);
     let slave = File::from(slave);
     let stdio = |f: &File| f.try_clone().map(Stdio::from);
-    let (stdin, stdout, stderr) = (|| Ok::<_, std::io::Error>((stdio(&slave)?, stdio(&slave)?, stdio(&slave)?)))()
-        .map_err(|e| ExecError::internal("opening a terminal", e))?;
+    let (stdin, stdout, stderr) =
+        (|| Ok::<_, std::io::Error>((stdio(&slave)?, stdio(&slave)?, stdio(&slave)?)))()
+            .map_err(|e| ExecError::internal("opening a terminal", e))?;
     let mut command = tokio::process::Command::new(shell);
     command
         .current_dir(cwd)
@@ -88,7 +89,14 @@ pub fn open(
                 Ok(0) | Err(_) => break, // EIO: every holder of the terminal's other side is gone
                 Ok(n) => {
                     let data = buf[..n].to_vec();
-                    if tx.send(ShellOutput { data, ..ShellOutput::default() }).await.is_err() {
+                    if tx
+                        .send(ShellOutput {
+                            data,
+                            ..ShellOutput::default()
+                        })
+                        .await
+                        .is_err()
+                    {
                         kill_group(pid).await;
                         break;
                     }
@@ -114,7 +122,8 @@ pub fn open(
 
 /// A new pseudo-terminal: its master and slave sides.
 fn terminal() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    let master = rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
+    let master =
+        rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
     rustix::pty::grantpt(&master)?;
     rustix::pty::unlockpt(&master)?;
     let name = rustix::pty::ptsname(&master, Vec::new())?;

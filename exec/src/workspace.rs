@@ -62,7 +62,12 @@ impl Workspace {
 
     /// Writes `files` and applies `patch` under `base`: every path is checked and every hunk
     /// applied in memory first, so a request that fails anywhere changes nothing.
-    pub fn update(&self, base: &str, files: &BTreeMap<String, String>, diff: &str) -> Result<String> {
+    pub fn update(
+        &self,
+        base: &str,
+        files: &BTreeMap<String, String>,
+        diff: &str,
+    ) -> Result<String> {
         let base = relative(Path::new(""), base)?;
         let mut writes: BTreeMap<PathBuf, Option<String>> = BTreeMap::new();
         for (path, content) in files {
@@ -110,13 +115,112 @@ impl Workspace {
                         .create_dir_all(parent)
                         .map_err(|e| io_refusal(&shown, &e))?;
                 }
-                self.dir.write(path, content).map_err(|e| io_refusal(&shown, &e))
+                self.dir
+                    .write(path, content)
+                    .map_err(|e| io_refusal(&shown, &e))
             }
             None => match self.dir.remove_file(path) {
                 Err(e) if e.kind() != ErrorKind::NotFound => Err(io_refusal(&shown, &e)),
                 _ => Ok(()),
             },
         }
+    }
+
+    /// The bytes of the file `path` names.
+    pub fn read_file(&self, path: &str) -> Result<Vec<u8>> {
+        let rel = relative(Path::new(""), path)?;
+        self.dir.read(&rel).map_err(|e| match e.kind() {
+            ErrorKind::NotFound => ExecError::new(
+                Kind::NotFound,
+                "file_not_found",
+                format!("`{path}` does not exist in the workspace"),
+            ),
+            _ => io_refusal(path, &e),
+        })
+    }
+
+    /// Writes `bytes` to `path` whole (a partial file beside it, renamed into place), making
+    /// its folders; whether it replaced a file.
+    pub fn write_file(&self, path: &str, bytes: &[u8]) -> Result<bool> {
+        let rel = relative(Path::new(""), path)?;
+        let Some(name) = rel.file_name() else {
+            return Err(ExecError::invalid(
+                "invalid_path",
+                format!("`{path}` names no file"),
+            ));
+        };
+        if let Some(parent) = rel.parent().filter(|p| !p.as_os_str().is_empty()) {
+            self.dir
+                .create_dir_all(parent)
+                .map_err(|e| io_refusal(path, &e))?;
+        }
+        let replaced = self.dir.symlink_metadata(&rel).is_ok();
+        let partial = rel.with_file_name(format!(".{}.arl-partial", name.to_string_lossy()));
+        self.dir
+            .write(&partial, bytes)
+            .map_err(|e| io_refusal(path, &e))?;
+        self.dir.rename(&partial, &self.dir, &rel).map_err(|e| {
+            let _ = self.dir.remove_file(&partial);
+            io_refusal(path, &e)
+        })?;
+        Ok(replaced)
+    }
+
+    /// Removes the file or folder `path` names, a folder with what it holds.
+    pub fn remove(&self, path: &str) -> Result<()> {
+        let rel = relative(Path::new(""), path)?;
+        if rel.as_os_str().is_empty() {
+            return Err(ExecError::invalid(
+                "invalid_path",
+                "the workspace itself cannot be removed",
+            ));
+        }
+        let meta = self.dir.symlink_metadata(&rel).map_err(|_| {
+            ExecError::new(
+                Kind::NotFound,
+                "file_not_found",
+                format!("`{path}` does not exist"),
+            )
+        })?;
+        let gone = if meta.is_dir() {
+            self.dir.remove_dir_all(&rel)
+        } else {
+            self.dir.remove_file(&rel)
+        };
+        gone.map_err(|e| io_refusal(path, &e))
+    }
+
+    /// The entries of the folder `path` names, by name: (name, is a folder, size).
+    pub fn list(&self, path: &str) -> Result<Vec<(String, bool, u64)>> {
+        let rel = relative(Path::new(""), path)?;
+        let dir = if rel.as_os_str().is_empty() {
+            self.dir
+                .try_clone()
+                .map_err(|e| ExecError::internal("listing a folder", e))?
+        } else {
+            self.dir.open_dir(&rel).map_err(|e| match e.kind() {
+                ErrorKind::NotFound => ExecError::new(
+                    Kind::NotFound,
+                    "file_not_found",
+                    format!("`{path}` does not exist"),
+                ),
+                _ => io_refusal(path, &e),
+            })?
+        };
+        let entries = dir.entries().map_err(|e| io_refusal(path, &e))?;
+        let mut all: Vec<_> = entries
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let meta = e.metadata().ok()?;
+                Some((
+                    e.file_name().to_string_lossy().into_owned(),
+                    meta.is_dir(),
+                    meta.len(),
+                ))
+            })
+            .collect();
+        all.sort();
+        Ok(all)
     }
 
     /// Removes everything in the workspace (the folder itself stays): how many entries went.
@@ -146,7 +250,10 @@ impl Workspace {
 /// workspace.
 pub fn relative(base: &Path, path: &str) -> Result<PathBuf> {
     if path.contains('\0') {
-        return Err(ExecError::invalid("invalid_path", "a path holds a NUL byte"));
+        return Err(ExecError::invalid(
+            "invalid_path",
+            "a path holds a NUL byte",
+        ));
     }
     let inside = match path.strip_prefix(MOUNT) {
         Some(rest) if rest.is_empty() || rest.starts_with('/') => rest.trim_start_matches('/'),
@@ -204,7 +311,11 @@ mod tests {
         assert_eq!(ok("", "/workspace/a"), PathBuf::from("a"));
         assert_eq!(ok("", "/workspace"), PathBuf::from(""));
         for bad in ["../x", "/etc/passwd", "a/../../x", "/workspacex/a", "a\0b"] {
-            assert_eq!(relative(Path::new(""), bad).unwrap_err().code, "invalid_path", "{bad}");
+            assert_eq!(
+                relative(Path::new(""), bad).unwrap_err().code,
+                "invalid_path",
+                "{bad}"
+            );
         }
         assert!(relative(Path::new("src"), "../../x").is_err());
     }

@@ -26,11 +26,17 @@ async fn agent(limits: Limits) -> Agent {
     let workspace = tempfile::tempdir().unwrap();
     let run = tempfile::tempdir().unwrap();
     let local = Arc::new(LocalAgent::new(workspace.path(), limits, "/bin/bash".into()).unwrap());
-    let tcp = Listener::bind(&"127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let Listener::Tcp(ref inner) = tcp else { unreachable!() };
+    let tcp = Listener::bind(&"127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let Listener::Tcp(ref inner) = tcp else {
+        unreachable!()
+    };
     let url = format!("http://{}", inner.local_addr().unwrap());
     let socket = run.path().join("agent.sock");
-    let unix = Listener::bind(&Address::Unix(socket.clone())).await.unwrap();
+    let unix = Listener::bind(&Address::Unix(socket.clone()))
+        .await
+        .unwrap();
     tokio::spawn(arl_exec::serve(local.clone(), tcp, std::future::pending()));
     tokio::spawn(arl_exec::serve(local, unix, std::future::pending()));
     Agent {
@@ -100,11 +106,16 @@ async fn a_command_answers_its_output_and_exit_code() {
     let result = agent
         .run(json!({"command": ["bash", "-lc", "echo hi; echo oops >&2; exit 3"]}))
         .await;
-    assert_eq!((result.stdout.as_str(), result.stderr.as_str()), ("hi\n", "oops\n"));
+    assert_eq!(
+        (result.stdout.as_str(), result.stderr.as_str()),
+        ("hi\n", "oops\n")
+    );
     assert_eq!(result.exit_code, Some(3));
     assert!(result.pid > 0 && !result.timed_out && !result.truncated);
     // A shell line, env, and a working folder made by an earlier file update.
-    let (status, _) = agent.post("/files", json!({"files": {"sub/a.txt": "A"}})).await;
+    let (status, _) = agent
+        .post("/files", json!({"files": {"sub/a.txt": "A"}}))
+        .await;
     assert_eq!(status, 200);
     let result = agent
         .run(json!({"command": "cat a.txt; echo \" $GREETING\"; pwd", "env": {"GREETING": "hey"}, "cwd": "sub"}))
@@ -114,7 +125,11 @@ async fn a_command_answers_its_output_and_exit_code() {
     // A program that is not there is exit 127, as a shell says.
     let result = agent.run(json!({"command": ["no-such-program-arl"]})).await;
     assert_eq!(result.exit_code, Some(127));
-    assert!(result.stderr.contains("no-such-program-arl"), "{}", result.stderr);
+    assert!(
+        result.stderr.contains("no-such-program-arl"),
+        "{}",
+        result.stderr
+    );
 }
 
 #[tokio::test]
@@ -127,18 +142,28 @@ async fn a_service_keeps_running_between_calls_until_signalled() {
         .await;
     assert_eq!(started.exit_code, None, "a service has no exit code yet");
     let pid = started.pid;
-    eventually("the service to start", || agent.path("started.txt").exists()).await;
+    eventually("the service to start", || {
+        agent.path("started.txt").exists()
+    })
+    .await;
     // Other commands run while it does.
     let other = agent.run(json!({"command": ["echo", "beside"]})).await;
     assert_eq!(other.stdout, "beside\n");
     assert!(exists(pid));
-    let (status, body) = agent.post("/signal", json!({"pid": pid, "signal": "SIGTERM"})).await;
+    let (status, body) = agent
+        .post("/signal", json!({"pid": pid, "signal": "SIGTERM"}))
+        .await;
     assert_eq!(status, 200, "{body}");
     eventually("the service to stop", || agent.path("stopped.txt").exists()).await;
     eventually("the service to be reaped", || !exists(pid)).await;
     // Gone, it can no longer be signalled.
-    let (status, body) = agent.post("/signal", json!({"pid": pid, "signal": "SIGTERM"})).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("process_not_found")));
+    let (status, body) = agent
+        .post("/signal", json!({"pid": pid, "signal": "SIGTERM"}))
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("process_not_found"))
+    );
 }
 
 #[tokio::test]
@@ -153,14 +178,21 @@ async fn a_timeout_kills_the_whole_group_grandchildren_too() {
         .await;
     assert!(result.timed_out);
     assert_eq!(result.exit_code, Some(124));
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     let grandchild: i32 = std::fs::read_to_string(agent.path("grandchild.pid"))
         .unwrap()
         .trim()
         .parse()
         .unwrap();
     eventually("the grandchild to be gone", || !exists(grandchild)).await;
-    eventually("the group to be empty", || group_members(result.pid).is_empty()).await;
+    eventually("the group to be empty", || {
+        group_members(result.pid).is_empty()
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -170,9 +202,14 @@ async fn a_flood_of_output_is_capped_and_killed_and_the_agent_keeps_serving() {
         ..Limits::default()
     })
     .await;
-    let result = agent.run(json!({"command": ["yes", "flood"], "timeout_seconds": 20})).await;
+    let result = agent
+        .run(json!({"command": ["yes", "flood"], "timeout_seconds": 20}))
+        .await;
     assert!(result.truncated);
-    assert!(!result.timed_out, "killed for flooding, well before its deadline");
+    assert!(
+        !result.timed_out,
+        "killed for flooding, well before its deadline"
+    );
     assert_eq!(result.stdout.len(), 64 * 1024);
     assert_eq!(result.exit_code, Some(128 + 9));
     let after = agent.run(json!({"command": ["echo", "still here"]})).await;
@@ -190,7 +227,10 @@ async fn forking_without_end_is_stopped_at_the_deadline() {
         .run(json!({"command": ["bash", "-c", "while true; do sleep 100 & done"], "timeout_ms": 1500}))
         .await;
     assert!(result.timed_out);
-    eventually("every forked process to be gone", || group_members(result.pid).is_empty()).await;
+    eventually("every forked process to be gone", || {
+        group_members(result.pid).is_empty()
+    })
+    .await;
     let after = agent.run(json!({"command": ["echo", "ok"]})).await;
     assert_eq!(after.stdout, "ok\n");
 }
@@ -202,16 +242,29 @@ async fn a_patch_applies_all_or_nothing() {
     let patch = "--- a/a.py\n+++ b/a.py\n@@ -1,2 +1,2 @@\n x = 1\n-y = 2\n+y = 3\n";
     let (status, body) = agent.post("/files", json!({"patch": patch})).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(std::fs::read_to_string(agent.path("a.py")).unwrap(), "x = 1\ny = 3\n");
+    assert_eq!(
+        std::fs::read_to_string(agent.path("a.py")).unwrap(),
+        "x = 1\ny = 3\n"
+    );
     // The same patch again no longer applies: nothing in the request is written.
     let (status, body) = agent
         .post("/files", json!({"files": {"new.txt": "n"}, "patch": patch}))
         .await;
-    assert_eq!((status, body["error"]["code"].as_str()), (422, Some("patch_failed")), "{body}");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (422, Some("patch_failed")),
+        "{body}"
+    );
     assert!(!agent.path("new.txt").exists());
-    assert_eq!(std::fs::read_to_string(agent.path("a.py")).unwrap(), "x = 1\ny = 3\n");
+    assert_eq!(
+        std::fs::read_to_string(agent.path("a.py")).unwrap(),
+        "x = 1\ny = 3\n"
+    );
     let (status, body) = agent.post("/files", json!({"patch": "not a diff"})).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_patch")));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_patch"))
+    );
 }
 
 #[tokio::test]
@@ -220,20 +273,74 @@ async fn bad_input_is_refused_and_nothing_outside_the_workspace_is_touched() {
     let outside = tempfile::tempdir().unwrap();
     let target = outside.path().join("x.txt");
     for (route, body, status, code) in [
-        ("/files", json!({"files": {"../x.txt": "no"}}), 400, "invalid_path"),
-        ("/files", json!({"files": {target.to_str().unwrap(): "no"}}), 400, "invalid_path"),
-        ("/files", json!({"base_path": "../..", "files": {"x": "no"}}), 400, "invalid_path"),
-        ("/execute", json!({"command": ["true"], "cwd": "/etc"}), 400, "invalid_path"),
-        ("/execute", json!({"command": ["true"], "cwd": "missing"}), 404, "file_not_found"),
+        (
+            "/files",
+            json!({"files": {"../x.txt": "no"}}),
+            400,
+            "invalid_path",
+        ),
+        (
+            "/files",
+            json!({"files": {target.to_str().unwrap(): "no"}}),
+            400,
+            "invalid_path",
+        ),
+        (
+            "/files",
+            json!({"base_path": "../..", "files": {"x": "no"}}),
+            400,
+            "invalid_path",
+        ),
+        (
+            "/execute",
+            json!({"command": ["true"], "cwd": "/etc"}),
+            400,
+            "invalid_path",
+        ),
+        (
+            "/execute",
+            json!({"command": ["true"], "cwd": "missing"}),
+            404,
+            "file_not_found",
+        ),
         ("/execute", json!({"command": []}), 400, "invalid_command"),
-        ("/execute", json!({"command": ["true"], "timeout_seconds": -1}), 400, "invalid_timeout"),
-        ("/execute", json!({"command": ["true"], "env": {"A=B": "c"}}), 400, "invalid_env"),
-        ("/execute", json!({"command": ["true"], "bogus": 1}), 422, "invalid_request"),
-        ("/signal", json!({"pid": 1, "signal": "SIGTERM"}), 404, "process_not_found"),
-        ("/signal", json!({"pid": 1, "signal": "SIGBOGUS"}), 400, "invalid_signal"),
+        (
+            "/execute",
+            json!({"command": ["true"], "timeout_seconds": -1}),
+            400,
+            "invalid_timeout",
+        ),
+        (
+            "/execute",
+            json!({"command": ["true"], "env": {"A=B": "c"}}),
+            400,
+            "invalid_env",
+        ),
+        (
+            "/execute",
+            json!({"command": ["true"], "bogus": 1}),
+            422,
+            "invalid_request",
+        ),
+        (
+            "/signal",
+            json!({"pid": 1, "signal": "SIGTERM"}),
+            404,
+            "process_not_found",
+        ),
+        (
+            "/signal",
+            json!({"pid": 1, "signal": "SIGBOGUS"}),
+            400,
+            "invalid_signal",
+        ),
     ] {
         let (got, answer) = agent.post(route, body.clone()).await;
-        assert_eq!((got, answer["error"]["code"].as_str()), (status, Some(code)), "{route} {body}: {answer}");
+        assert_eq!(
+            (got, answer["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{route} {body}: {answer}"
+        );
     }
     assert!(!target.exists());
     let response = reqwest::Client::new()
@@ -260,7 +367,10 @@ async fn reset_kills_every_process_and_empties_the_workspace_unless_asked_to_kee
     assert!(agent.path("keep.txt").exists());
     let (status, _) = agent.post("/reset", json!({})).await;
     assert_eq!(status, 200);
-    assert_eq!(std::fs::read_dir(agent.workspace.path()).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(agent.workspace.path()).unwrap().count(),
+        0
+    );
 }
 
 #[tokio::test]
@@ -274,14 +384,28 @@ async fn events_stream_as_the_command_writes() {
         .await
         .unwrap();
     let text = response.text().await.unwrap();
-    let names: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("event: ")).collect();
+    let names: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
     assert_eq!(names, ["started", "stdout", "stdout", "result"], "{text}");
-    let result = text.lines().last().filter(|l| l.starts_with("data: ")).map(|l| &l[6..]);
+    let result = text
+        .lines()
+        .last()
+        .filter(|l| l.starts_with("data: "))
+        .map(|l| &l[6..]);
     let result: ExecResult = serde_json::from_str(
-        text.lines().rev().find_map(|l| l.strip_prefix("data: ")).or(result).unwrap(),
+        text.lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("data: "))
+            .or(result)
+            .unwrap(),
     )
     .unwrap();
-    assert_eq!((result.stdout.as_str(), result.exit_code), ("one\ntwo\n", Some(4)));
+    assert_eq!(
+        (result.stdout.as_str(), result.exit_code),
+        ("one\ntwo\n", Some(4))
+    );
 }
 
 #[tokio::test]
@@ -306,8 +430,13 @@ async fn grpc_on_a_unix_socket_runs_patches_and_opens_a_shell() {
         })
         .await
         .unwrap();
-    let result = arl_exec::http::collect(log, false, Instant::now()).await.unwrap();
-    assert_eq!((result.stdout.as_str(), result.exit_code), ("hi\n", Some(0)));
+    let result = arl_exec::http::collect(log, false, Instant::now())
+        .await
+        .unwrap();
+    assert_eq!(
+        (result.stdout.as_str(), result.exit_code),
+        ("hi\n", Some(0))
+    );
     // A refusal keeps its code across gRPC.
     let e = remote
         .execute(ExecRequest {
@@ -329,12 +458,24 @@ async fn grpc_on_a_unix_socket_runs_patches_and_opens_a_shell() {
         data: s.as_bytes().to_vec(),
         ..ShellInput::default()
     };
-    tx.send(ShellInput { resize: true, rows: 40, cols: 100, ..ShellInput::default() }).await.unwrap();
-    tx.send(keys("echo $((6*7)); test -t 0 && echo tty; stty size\n")).await.unwrap();
+    tx.send(ShellInput {
+        resize: true,
+        rows: 40,
+        cols: 100,
+        ..ShellInput::default()
+    })
+    .await
+    .unwrap();
+    tx.send(keys("echo $((6*7)); test -t 0 && echo tty; stty size\n"))
+        .await
+        .unwrap();
     tx.send(keys("exit 5\n")).await.unwrap();
     let mut seen = String::new();
     let mut exit = None;
-    while let Some(message) = tokio::time::timeout(Duration::from_secs(10), output.next()).await.unwrap() {
+    while let Some(message) = tokio::time::timeout(Duration::from_secs(10), output.next())
+        .await
+        .unwrap()
+    {
         let message = message.unwrap();
         seen.push_str(&String::from_utf8_lossy(&message.data));
         if message.closed {
@@ -342,6 +483,9 @@ async fn grpc_on_a_unix_socket_runs_patches_and_opens_a_shell() {
             break;
         }
     }
-    assert!(seen.contains("42") && seen.contains("tty") && seen.contains("40 100"), "{seen}");
+    assert!(
+        seen.contains("42") && seen.contains("tty") && seen.contains("40 100"),
+        "{seen}"
+    );
     assert_eq!(exit, Some(5));
 }

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod config;
+pub mod container;
 pub mod egress;
 pub mod engine;
 pub mod error;

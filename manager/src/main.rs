@@ -138,6 +138,14 @@ struct Serve {
     /// sessions whose network allows its host; `none` for none
     #[arg(long, env = "ARL_PIP_INDEX", default_value = arl_manager::config::DEFAULT_PIP_INDEX)]
     pip_index: String,
+    /// Front the `arl-exec` agent of a container runtime at this address (unix:/path or
+    /// host:port) instead of running WebAssembly sessions: the pod is one sandbox, claimed by
+    /// a create and reset by its delete; no runtime is loaded.
+    #[arg(long, env = "ARL_AGENT")]
+    agent: Option<arl_exec::Address>,
+    /// With --agent: the workspace folder shared with the runtime container.
+    #[arg(long, env = "ARL_WORKSPACE", default_value = "/workspace")]
+    workspace: PathBuf,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -266,6 +274,9 @@ fn raise_open_files(max_sessions: u32) -> u64 {
 
 async fn run(serve: Serve) -> anyhow::Result<()> {
     check_exposure(&serve)?;
+    if let Some(agent) = serve.agent.clone() {
+        return run_container(serve, agent).await;
+    }
     let open_files = raise_open_files(serve.max_sessions);
     if serve.auth_token.as_deref() == Some("") {
         anyhow::bail!("--auth-token must not be empty");
@@ -329,6 +340,35 @@ async fn run(serve: Serve) -> anyhow::Result<()> {
     ));
     load.await??;
     served.await??;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Serves a container pod: the manager in front of its runtime's agent.
+async fn run_container(serve: Serve, agent: arl_exec::Address) -> anyhow::Result<()> {
+    let options = arl_manager::container::ContainerOptions {
+        agent,
+        workspace: serve.workspace.clone(),
+        idle_ttl: Duration::from_secs(serve.idle_ttl_secs),
+        lifetime: Duration::from_secs(serve.lifetime_secs),
+        id_prefix: serve.id_prefix.clone(),
+        body_limit: serve.body_limit_bytes,
+        auth_token: serve.auth_token.clone(),
+    };
+    let http = tokio::net::TcpListener::bind(serve.listen)
+        .await
+        .with_context(|| format!("binding {}", serve.listen))?;
+    let grpc = tokio::net::TcpListener::bind(serve.grpc_listen)
+        .await
+        .with_context(|| format!("binding {}", serve.grpc_listen))?;
+    tracing::info!(
+        http = %http.local_addr()?,
+        grpc = %grpc.local_addr()?,
+        agent = %options.agent,
+        workspace = %options.workspace.display(),
+        "arl-manager fronting a container runtime: this pod is one sandbox"
+    );
+    arl_manager::container::serve(options, http, grpc, arl_serve::stop_signal()).await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -46,6 +46,8 @@ fn every_serve_flag_has_an_env_twin_in_help() {
         ("--wheelhouse", "ARL_WHEELHOUSE"),
         ("--pip-index", "ARL_PIP_INDEX"),
         ("--runtimes", "ARL_RUNTIMES"),
+        ("--agent", "ARL_AGENT"),
+        ("--workspace", "ARL_WORKSPACE"),
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");
         assert!(
@@ -55,7 +57,7 @@ fn every_serve_flag_has_an_env_twin_in_help() {
     }
     assert_eq!(
         help.matches("[env: ARL_").count(),
-        29,
+        31,
         "a flag without a documented twin:\n{help}"
     );
 }
