@@ -39,7 +39,7 @@ DEPLOY = Path(__file__).resolve().parent
 ROOT = DEPLOY.parent
 GROUP = "arl.infra.io"
 API_VERSION = f"{GROUP}/v1alpha1"
-CRD_FILES = ("warmpools.arl.infra.io.yaml", "sandboxes.arl.infra.io.yaml")
+CRD_FILES = ("warmpools.arl.infra.io.yaml", "sandboxes.arl.infra.io.yaml", "tasks.arl.infra.io.yaml")
 
 
 def rel(path: Path) -> str:

@@ -3,7 +3,8 @@
 # JavaScript (ARL's Boa reactor, built from runtimes/javascript into the binary, and its
 # snapshot), each precompiled to .cwasm in a read-only cache, so a pod serves its first
 # session without fetching or compiling anything. `ARL_RUNTIMES` (the WarmPool's runtime)
-# picks which one a pod loads.
+# picks which one a pod loads. It also carries `arl-exec`, the agent that container pools'
+# pods run in their runtime image.
 #
 #   docker build -f deploy/docker/manager.Dockerfile -t ghcr.io/arl-dev/arl-manager:0.1.0 .
 #
@@ -15,15 +16,18 @@ FROM rust:1.95-bookworm AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-pip \
  && rm -rf /var/lib/apt/lists/*
-# runtimes/build.rs builds the JavaScript runtime for wasm32-wasip1.
-RUN rustup target add wasm32-wasip1
+# runtimes/build.rs builds the JavaScript runtime for wasm32-wasip1; arl-exec is linked
+# statically (musl) because container pools copy it into images of any libc, or none.
+RUN rustup target add wasm32-wasip1 x86_64-unknown-linux-musl
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p arl-manager \
- && install -D -m 0755 target/release/arl-manager /out/arl-manager
+ && install -D -m 0755 target/release/arl-manager /out/arl-manager \
+ && cargo build --release --locked -p arl-exec --target x86_64-unknown-linux-musl \
+ && install -D -m 0755 target/x86_64-unknown-linux-musl/release/arl-exec /out/arl-exec
 ENV ARL_CACHE_DIR=/opt/arl/cache
 RUN /out/arl-manager prepare \
  && chmod -R a+rX,go-w "$ARL_CACHE_DIR"
@@ -31,6 +35,8 @@ RUN /out/arl-manager prepare \
 # glibc from bookworm, like the build stage; runs as uid 65532.
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/arl-manager /usr/local/bin/arl-manager
+# The executor agent of container pools: an init container copies it into the pod.
+COPY --from=build /out/arl-exec /usr/local/bin/arl-exec
 # Owned by root and read-only to the manager (uid 65532).
 COPY --from=build /opt/arl/cache /opt/arl/cache
 # Snapshots go beside the workspaces, on the pod's writable volume (the cache is read-only);

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use arl_exec::process::Limits;
 use arl_exec::{Address, LocalAgent};
 use clap::Parser;
@@ -39,6 +40,15 @@ struct Cli {
     /// Log filter (tracing-subscriber syntax).
     #[arg(long, env = "ARL_LOG", default_value = "info")]
     log: String,
+    /// Copy this binary into DIR (made if needed) and exit: how a pod's init container puts
+    /// the agent into a runtime image that lacks it.
+    #[arg(long, value_name = "DIR")]
+    install: Option<PathBuf>,
+    /// A service to start with the agent and keep running across sessions and resets (a
+    /// server the commands talk to): `arl-exec [OPTIONS] -- node server.js`. Its output is
+    /// the agent's.
+    #[arg(last = true, value_name = "SERVICE")]
+    service: Vec<String>,
 }
 
 #[tokio::main]
@@ -47,6 +57,9 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
         .init();
+    if let Some(dir) = &cli.install {
+        return install(dir);
+    }
     let shell = cli.shell.unwrap_or_else(|| {
         let bash = "/bin/bash";
         if std::path::Path::new(bash).exists() {
@@ -64,6 +77,20 @@ async fn main() -> anyhow::Result<()> {
     };
     let agent = Arc::new(LocalAgent::new(&cli.workspace, limits, shell)?);
     tracing::info!(listen = %cli.listen, workspace = %agent.workspace().root().display(), "arl-exec serving");
+    let mut service = match cli.service.split_first() {
+        None => None,
+        Some((program, args)) => {
+            let child = tokio::process::Command::new(program)
+                .args(args)
+                .current_dir(agent.workspace().root())
+                .process_group(0)
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("starting the service {:?}", cli.service))?;
+            tracing::info!(argv = ?cli.service, pid = child.id(), "service started");
+            Some(child)
+        }
+    };
     let stop = {
         let agent = agent.clone();
         async move {
@@ -74,5 +101,22 @@ async fn main() -> anyhow::Result<()> {
     };
     let listener = arl_exec::Listener::bind(&cli.listen).await?;
     arl_exec::serve(agent, listener, stop).await?;
+    if let Some(service) = service.as_mut() {
+        let _ = service.kill().await;
+    }
+    Ok(())
+}
+
+/// Copies the running binary to `dir/arl-exec`, executable by anyone.
+fn install(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let me = std::env::current_exe().context("finding this binary")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let to = dir.join("arl-exec");
+    let partial = dir.join(".arl-exec.partial");
+    std::fs::copy(&me, &partial).with_context(|| format!("copying to {}", partial.display()))?;
+    std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::rename(&partial, &to).with_context(|| format!("moving into {}", to.display()))?;
+    println!("installed {}", to.display());
     Ok(())
 }

@@ -39,8 +39,7 @@ pub struct Plan {
 /// Pods needed for `sessions`: enough that they fill `targetUtilization` of them with
 /// `headroomSessions` to spare, within `[replicas, maxReplicas]`.
 pub fn desired_pods(spec: &WarmPoolSpec, sessions: u64) -> u32 {
-    let per_pod =
-        f64::from(spec.sessions_per_pod.max(1)) * spec.target_utilization.clamp(0.01, 1.0);
+    let per_pod = f64::from(spec.pod_capacity()) * spec.target_utilization.clamp(0.01, 1.0);
     let wanted = (sessions as f64 + f64::from(spec.headroom_sessions.max(0))) / per_pod;
     let min = spec.replicas.max(0) as u32;
     let max = (spec.max_replicas.max(0) as u32).max(min);

@@ -1,4 +1,4 @@
-//! The custom resources of `arl.infra.io/v1alpha1`: WarmPool and Sandbox.
+//! The custom resources of `arl.infra.io/v1alpha1`: WarmPool, Sandbox and Task.
 //!
 //! NOTE: `deploy/crds/` is generated from these types by `cargo run -p arl-operator --bin
 //! crdgen`; a test fails when the checked-in YAML differs, so regenerate after a change.
@@ -132,18 +132,45 @@ pub struct PoolRuntime {
     pub container: Option<ContainerRuntime>,
 }
 
-/// A non-WASM runtime: its image and what it runs.
+/// A non-WASM runtime: its image, and a service to start in it. Every pod of such a pool is
+/// one sandbox: `arl-exec` (copied in from the manager image by an init container, so any image
+/// works unchanged) is the container's entrypoint and runs the session's commands; the
+/// manager beside it fronts the agent.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct ContainerRuntime {
     /// The image.
     pub image: String,
-    /// Its entrypoint; the image's own when absent.
+    /// A service the agent starts when the pod starts (a server the sessions' commands
+    /// talk to), kept running across sessions; none when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<Vec<String>>,
     /// Its arguments.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub args: Option<Vec<String>>,
+}
+
+/// The runtime name of a container pool's pods (their manager's sessions report it).
+pub const CONTAINER_RUNTIME: &str = "container";
+
+impl WarmPoolSpec {
+    /// The pool's runtime as its pods are annotated: the WASM runtime, or `container`.
+    pub fn runtime_name(&self) -> String {
+        match (&self.runtime.wasm, &self.runtime.container) {
+            (_, Some(_)) => CONTAINER_RUNTIME.to_owned(),
+            (Some(wasm), None) => wasm.clone(),
+            (None, None) => "python".to_owned(),
+        }
+    }
+
+    /// Sessions one pod holds: a container pod is one sandbox.
+    pub fn pod_capacity(&self) -> i32 {
+        if self.runtime.container.is_some() {
+            1
+        } else {
+            self.sessions_per_pod.max(1)
+        }
+    }
 }
 
 /// What a pool may change in its pods.
@@ -323,6 +350,173 @@ pub struct SandboxStatus {
     pub conditions: Vec<Condition>,
 }
 
+/// Steps run in order in a Sandbox's session, from `kubectl apply`: files written or patched,
+/// commands (container sandboxes) and Python cells (WASM sandboxes).
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "arl.infra.io",
+    version = "v1alpha1",
+    kind = "Task",
+    namespaced,
+    shortname = "tk",
+    category = "arl",
+    status = "TaskStatus",
+    derive = "PartialEq",
+    cel,
+    doc = "Steps run in order in a Sandbox's session",
+    printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
+    printcolumn(name = "ExitCode", type_ = "integer", json_path = ".status.exitCode"),
+    printcolumn(
+        name = "Sandbox",
+        type_ = "string",
+        json_path = ".spec.sandboxRef",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskSpec {
+    /// The Sandbox (same namespace) whose session runs the steps; it must be Ready.
+    #[x_kube(validation = Rule::new("self != ''").message("sandboxRef must name a Sandbox"))]
+    pub sandbox_ref: String,
+    /// The most the steps may take together, as a duration (`90s`, `5m`, `1h30m`); the
+    /// step running then is stopped and the Task fails. Default `10m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]+(ms|s|m|h))+$')").message("timeout is a duration such as 90s, 5m or 1h30m"))]
+    pub timeout: Option<String>,
+    /// Run in order; the first that fails ends the attempt.
+    #[x_kube(validation = Rule::new("size(self) >= 1").message("a Task needs at least one step"))]
+    pub steps: Vec<TaskStep>,
+    /// Attempts after a failed one, each from the first step (0-10).
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 10").message("retries must be between 0 and 10"))]
+    pub retries: i32,
+    /// Delete the Task this long after it finished; kept when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0").message("ttlSecondsAfterFinished must not be negative"))]
+    pub ttl_seconds_after_finished: Option<i64>,
+    /// A caller's trace id, logged with every step.
+    #[serde(default, rename = "traceID", skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+}
+
+/// What a step does.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum StepType {
+    /// Writes `content` to `path`, or applies the unified diff `patch`.
+    FilePatch,
+    /// Runs `command` (argv) in `workDir` with `env`: container sandboxes.
+    Command,
+    /// Runs the Python source `code` as one cell: WASM sandboxes.
+    Code,
+}
+
+/// One step of a Task.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("self.type != 'FilePatch' || (has(self.path) && has(self.content)) || has(self.patch)").message("a FilePatch step needs path and content, or patch"))]
+#[x_kube(validation = Rule::new("self.type != 'Command' || (has(self.command) && size(self.command) > 0)").message("a Command step needs command (argv)"))]
+#[x_kube(validation = Rule::new("self.type != 'Code' || has(self.code)").message("a Code step needs code"))]
+#[serde(rename_all = "camelCase")]
+pub struct TaskStep {
+    /// Names the step in the status.
+    pub name: String,
+    #[serde(rename = "type")]
+    pub type_: StepType,
+    /// FilePatch: the file (relative to the workspace) that `content` replaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// FilePatch: the file's whole content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    /// FilePatch: a unified diff of one or more files, applied all or nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch: Option<String>,
+    /// Command: argv.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Command: the working folder, relative to the workspace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_dir: Option<String>,
+    /// Command: added to the environment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+    /// Code: Python source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+}
+
+/// Where a Task is.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
+pub enum TaskState {
+    /// Waiting for its Sandbox to be Ready.
+    #[default]
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+/// How one step went.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StepResult {
+    pub name: String,
+    /// 0 for success; a command's exit code; 1 for a cell that raised or a patch refused.
+    pub exit_code: i32,
+    /// The last 4 KiB of its output.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub stdout: String,
+    /// The last 4 KiB of its errors (a cell's exception, a refusal's message).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub stderr: String,
+    pub duration_ms: u64,
+}
+
+/// What the Task controller observed.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskStatus {
+    pub state: TaskState,
+    /// The last step run's exit code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// The last step run's output tail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout: Option<String>,
+    /// The last step run's error tail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stderr: Option<String>,
+    /// How long the last attempt took, e.g. `1.25s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<String>,
+    /// The steps of the last attempt, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<StepResult>,
+    /// Attempts made.
+    #[serde(default)]
+    pub attempts: i32,
+    /// RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<String>,
+    /// RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<String>,
+    /// Why it is where it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Complete` (True once Succeeded or Failed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
 mod defaults {
     pub fn replicas() -> i32 {
         1
@@ -353,7 +547,7 @@ mod defaults {
 /// The CRDs as `kubectl apply` takes them, one YAML document each, named by file.
 pub fn crd_files() -> Result<Vec<(String, String)>, serde_yaml::Error> {
     use kube::CustomResourceExt;
-    [WarmPool::crd(), Sandbox::crd()]
+    [WarmPool::crd(), Sandbox::crd(), Task::crd()]
         .into_iter()
         .map(|crd| {
             let name = format!("{}.yaml", crd.metadata.name.as_deref().unwrap_or_default());

@@ -197,7 +197,8 @@ pub fn pool_runtimes(runtime: &str) -> String {
 /// Whether a manager of a pool of `pool_runtime` serves sessions of `asked`.
 fn serves_runtime(pool_runtime: &str, asked: &str) -> bool {
     let asked = loaded_runtime(asked);
-    asked == "javascript" || loaded_runtime(pool_runtime) == asked
+    let wasm = pool_runtime != crate::crd::CONTAINER_RUNTIME;
+    (wasm && asked == "javascript") || loaded_runtime(pool_runtime) == asked
 }
 
 impl Fleet {

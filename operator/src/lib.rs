@@ -1,10 +1,10 @@
-//! ARL's control plane: the WarmPool and Sandbox custom resources, their controllers, the
+//! ARL's control plane: the WarmPool, Sandbox and Task custom resources, their controllers, the
 //! autoscaler they scale pools with, and the gateway that routes sessions to pods.
 //!
 //! - [`crd`]: the resource types; `crdgen` writes `deploy/crds/` from them.
 //! - [`autoscale`]: pods needed and pods to drain, a pure function of observed load.
 //! - [`fleet`]: every manager pod with its last `/v1/load`, shared by controllers and gateway.
-//! - [`pool`] and [`sandbox`]: the reconcilers.
+//! - [`pool`], [`sandbox`] and [`task`]: the reconcilers.
 //! - [`gateway`] and [`grpc`]: one HTTP and one gRPC entry for the cluster's sessions.
 #![forbid(unsafe_code)]
 
@@ -17,6 +17,7 @@ pub mod manager;
 pub mod pods;
 pub mod pool;
 pub mod sandbox;
+pub mod task;
 pub mod token;
 
 use std::sync::Arc;

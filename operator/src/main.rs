@@ -5,13 +5,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use arl_operator::crd::{POOL_LABEL, Sandbox, WarmPool};
+use arl_operator::crd::{POOL_LABEL, Sandbox, Task, WarmPool};
 use arl_operator::fleet::{Fleet, Member, known_pools};
 use arl_operator::gateway::{self, Gateway};
 use arl_operator::grpc::{self, GrpcGateway};
 use arl_operator::manager::{Endpoint, Managers};
 use arl_operator::token::TokenKey;
-use arl_operator::{Context, pool, sandbox};
+use arl_operator::{Context, pool, sandbox, task};
 use clap::{Args, Parser, Subcommand};
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
@@ -253,18 +253,21 @@ async fn run_cluster(run: Run) -> anyhow::Result<()> {
         .await
         .context("connecting to the Kubernetes API")?;
     let tokens = TokenKey::new(run.token_key.as_bytes().to_vec())?;
-    let (pools, pods, sandboxes): (Api<WarmPool>, Api<Pod>, Api<Sandbox>) = match &run.namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-        ),
-    };
+    let (pools, pods, sandboxes, task_api): (Api<WarmPool>, Api<Pod>, Api<Sandbox>, Api<Task>) =
+        match &run.namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+            ),
+        };
     let fleet = Fleet::default();
     let managers = Managers::new();
     let interval = Duration::from_secs(run.common.load_interval_secs);
@@ -319,7 +322,8 @@ async fn run_cluster(run: Run) -> anyhow::Result<()> {
         }
         .shared();
         tasks.push(tokio::spawn(pool::run(ctx.clone(), pools, pods)));
-        tasks.push(tokio::spawn(sandbox::run(ctx, sandboxes)));
+        tasks.push(tokio::spawn(sandbox::run(ctx.clone(), sandboxes)));
+        tasks.push(tokio::spawn(task::run(ctx, task_api)));
     }
     let served = if run.components.contains(&Component::Gateway) {
         serve_gateway(fleet, &run.common).await

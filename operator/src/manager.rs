@@ -187,4 +187,89 @@ impl Managers {
             _ => Err(Self::refused(at, status, &body)),
         }
     }
+
+    /// A call to a session route with a JSON body (or none), with its own deadline: a step of
+    /// a Task may run for minutes. Answers the status and the JSON body (`null` if none).
+    pub async fn call(
+        &self,
+        at: &Endpoint,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> Result<(u16, Value)> {
+        let mut builder = self.request(method, at, path).timeout(timeout);
+        if let Some(body) = body {
+            builder = builder.json(body);
+        }
+        self.send(at, builder).await
+    }
+
+    /// `GET /v1/sessions/{id}/files/{path}` as text; `None` when there is no such file.
+    pub async fn read_file(
+        &self,
+        at: &Endpoint,
+        id: &str,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<Option<String>> {
+        let url = format!("/v1/sessions/{id}/files/{}", encode_path(path));
+        let response = self
+            .request(reqwest::Method::GET, at, &url)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| unreachable(at, &e))?;
+        let status = response.status().as_u16();
+        if status == 200 {
+            let text = response.text().await.map_err(|e| unreachable(at, &e))?;
+            return Ok(Some(text));
+        }
+        let body = response.json::<Value>().await.unwrap_or(Value::Null);
+        match (status, body["error"]["code"].as_str()) {
+            (404, Some("file_not_found")) => Ok(None),
+            _ => Err(Self::refused(at, status, &body)),
+        }
+    }
+
+    /// `PUT /v1/sessions/{id}/files/{path}` with `content`.
+    pub async fn write_file(
+        &self,
+        at: &Endpoint,
+        id: &str,
+        path: &str,
+        content: String,
+        timeout: Duration,
+    ) -> Result<()> {
+        let url = format!("/v1/sessions/{id}/files/{}", encode_path(path));
+        let builder = self
+            .request(reqwest::Method::PUT, at, &url)
+            .timeout(timeout)
+            .body(content);
+        let (status, body) = self.send(at, builder).await?;
+        if !(200..300).contains(&status) {
+            return Err(Self::refused(at, status, &body));
+        }
+        Ok(())
+    }
+}
+
+fn unreachable(at: &Endpoint, e: &reqwest::Error) -> Error {
+    Error::Manager {
+        url: at.http.clone(),
+        status: None,
+        code: "unreachable".into(),
+        message: e.to_string(),
+    }
+}
+
+/// A workspace path as URL path segments: each segment percent-encoded, `/` kept.
+fn encode_path(path: &str) -> String {
+    path.split('/')
+        .map(|seg| {
+            percent_encoding::utf8_percent_encode(seg, percent_encoding::NON_ALPHANUMERIC)
+                .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("/")
 }

@@ -268,12 +268,23 @@ fn locked_down() -> SecurityContext {
     }
 }
 
+/// The container a container pool's runtime image runs in.
+pub const RUNTIME_CONTAINER: &str = "runtime";
+/// The volume the agent's binary and socket are shared through.
+const AGENT_VOLUME: &str = "agent";
+/// Where that volume is mounted in the manager and runtime containers.
+const AGENT_DIR: &str = "/arl";
+/// The agent's socket.
+const AGENT_SOCKET: &str = "/arl/run/agent.sock";
+/// `arl-exec` in the manager image.
+const AGENT_IN_IMAGE: &str = "/usr/local/bin/arl-exec";
+
 /// A new pod for `pool` (named by the API server from `<pool>-`).
 pub fn manager_pod(pool: &WarmPool, default_image: &str) -> Pod {
     let name = pool.metadata.name.clone().unwrap_or_default();
     let spec = &pool.spec;
     let overrides = spec.template.clone().unwrap_or_default();
-    let runtime = spec.runtime.wasm.clone().unwrap_or_else(|| "python".into());
+    let runtime = spec.runtime_name();
     let workspace = VolumeMount {
         name: "data".into(),
         mount_path: "/var/lib/arl".into(),
@@ -301,7 +312,7 @@ pub fn manager_pod(pool: &WarmPool, default_image: &str) -> Pod {
         env: Some(vec![
             env("ARL_LISTEN", format!("0.0.0.0:{HTTP_PORT}")),
             env("ARL_GRPC_LISTEN", format!("0.0.0.0:{GRPC_PORT}")),
-            env("ARL_MAX_SESSIONS", spec.sessions_per_pod.to_string()),
+            env("ARL_MAX_SESSIONS", spec.pod_capacity().to_string()),
             env("ARL_RUNTIMES", crate::fleet::pool_runtimes(&runtime)),
             env("ARL_DATA_DIR", "/var/lib/arl"),
             // The pool's egress is every session's default and bound; none: no network.
@@ -359,17 +370,80 @@ pub fn manager_pod(pool: &WarmPool, default_image: &str) -> Pod {
         );
     }
     let mut containers = Vec::new();
+    let mut init_containers = None;
+    let mut volumes = vec![Volume {
+        name: "data".into(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            size_limit: Some(data_size),
+            ..EmptyDirVolumeSource::default()
+        }),
+        ..Volume::default()
+    }];
     if let Some(runtime) = &spec.runtime.container {
-        // The non-WASM runtime runs beside the manager and shares its data folder.
+        // The pod is one sandbox: the agent runs the session's commands in the runtime
+        // container, the manager fronts it over a socket in a volume they share.
+        let agent = VolumeMount {
+            name: AGENT_VOLUME.into(),
+            mount_path: AGENT_DIR.into(),
+            ..VolumeMount::default()
+        };
+        volumes.push(Volume {
+            name: AGENT_VOLUME.into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        });
+        init_containers = Some(vec![Container {
+            name: "install-agent".into(),
+            image: manager.image.clone(),
+            command: Some(vec![
+                AGENT_IN_IMAGE.into(),
+                "--install".into(),
+                format!("{AGENT_DIR}/bin"),
+            ]),
+            volume_mounts: Some(vec![agent.clone()]),
+            security_context: Some(locked_down()),
+            ..Container::default()
+        }]);
+        if let Some(env_vars) = manager.env.as_mut() {
+            env_vars.retain(|e| e.name != "ARL_RUNTIMES"); // it loads none
+            env_vars.push(env("ARL_AGENT", format!("unix:{AGENT_SOCKET}")));
+            env_vars.push(env("ARL_WORKSPACE", "/var/lib/arl/workspace"));
+        }
+        if let Some(mounts) = manager.volume_mounts.as_mut() {
+            mounts.push(agent.clone());
+        }
+        let mut command = vec![
+            format!("{AGENT_DIR}/bin/arl-exec"),
+            "--listen".into(),
+            format!("unix:{AGENT_SOCKET}"),
+            "--workspace".into(),
+            "/workspace".into(),
+        ];
+        let service: Vec<String> = runtime
+            .command
+            .iter()
+            .flatten()
+            .chain(runtime.args.iter().flatten())
+            .cloned()
+            .collect();
+        if !service.is_empty() {
+            command.push("--".into());
+            command.extend(service);
+        }
         containers.push(Container {
-            name: "runtime".into(),
+            name: RUNTIME_CONTAINER.into(),
             image: Some(runtime.image.clone()),
-            command: runtime.command.clone(),
-            args: runtime.args.clone(),
-            volume_mounts: Some(vec![VolumeMount {
-                mount_path: "/workspace".into(),
-                ..workspace
-            }]),
+            command: Some(command),
+            args: None,
+            working_dir: Some("/workspace".into()),
+            volume_mounts: Some(vec![
+                VolumeMount {
+                    mount_path: "/workspace".into(),
+                    sub_path: Some("workspace".into()),
+                    ..workspace
+                },
+                agent,
+            ]),
             security_context: Some(SecurityContext {
                 read_only_root_filesystem: Some(false),
                 ..locked_down()
@@ -389,14 +463,8 @@ pub fn manager_pod(pool: &WarmPool, default_image: &str) -> Pod {
         },
         spec: Some(PodSpec {
             containers,
-            volumes: Some(vec![Volume {
-                name: "data".into(),
-                empty_dir: Some(EmptyDirVolumeSource {
-                    size_limit: Some(data_size),
-                    ..EmptyDirVolumeSource::default()
-                }),
-                ..Volume::default()
-            }]),
+            init_containers,
+            volumes: Some(volumes),
             node_selector: overrides.node_selector,
             tolerations: overrides.tolerations,
             runtime_class_name: overrides.runtime_class_name,
@@ -613,25 +681,69 @@ mod tests {
     }
 
     #[test]
-    fn a_container_runtime_runs_beside_the_manager_sharing_the_workspace() {
+    fn a_container_pool_pod_is_one_sandbox_with_the_agent_as_the_runtimes_entrypoint() {
         let p = pool(json!({
             "runtime": { "container": { "image": "node:22-slim", "command": ["node", "server.js"] } },
+            "sessionsPerPod": 50,
+            "template": { "runtimeClassName": "gvisor" },
         }));
         let pod = manager_pod(&p, "arl-manager:1");
-        let containers = &pod.spec.as_ref().unwrap().containers;
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.runtime_class_name.as_deref(), Some("gvisor"));
+        assert_eq!(
+            pod.metadata.annotations.as_ref().unwrap()[RUNTIME_ANNOTATION],
+            "container"
+        );
+        let install = &spec.init_containers.as_ref().unwrap()[0];
+        assert_eq!(install.image.as_deref(), Some("arl-manager:1"));
+        assert_eq!(
+            install.command.as_deref().unwrap(),
+            ["/usr/local/bin/arl-exec", "--install", "/arl/bin"]
+        );
+        let containers = &spec.containers;
         assert_eq!(containers.len(), 2);
-        assert_eq!(containers[0].name, "manager");
-        assert_eq!(containers[0].image.as_deref(), Some("arl-manager:1"));
+        let manager = &containers[0];
+        let env: BTreeMap<_, _> = manager
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| Some((e.name.as_str(), e.value.as_deref()?)))
+            .collect();
+        assert_eq!(
+            env["ARL_MAX_SESSIONS"], "1",
+            "a container pod holds one session"
+        );
+        assert_eq!(env["ARL_AGENT"], "unix:/arl/run/agent.sock");
+        assert_eq!(env["ARL_WORKSPACE"], "/var/lib/arl/workspace");
+        assert!(!env.contains_key("ARL_RUNTIMES"));
         let runtime = &containers[1];
         assert_eq!(runtime.image.as_deref(), Some("node:22-slim"));
         assert_eq!(
-            runtime.command.as_deref(),
-            Some(&["node".to_owned(), "server.js".to_owned()][..])
+            runtime.command.as_deref().unwrap(),
+            [
+                "/arl/bin/arl-exec",
+                "--listen",
+                "unix:/arl/run/agent.sock",
+                "--workspace",
+                "/workspace",
+                "--",
+                "node",
+                "server.js"
+            ]
         );
-        let mount = &runtime.volume_mounts.as_ref().unwrap()[0];
+        let mounts = runtime.volume_mounts.as_ref().unwrap();
         assert_eq!(
-            (mount.name.as_str(), mount.mount_path.as_str()),
-            ("data", "/workspace")
+            (
+                mounts[0].name.as_str(),
+                mounts[0].mount_path.as_str(),
+                mounts[0].sub_path.as_deref()
+            ),
+            ("data", "/workspace", Some("workspace")),
+            "the runtime sees only the workspace of the manager's data volume"
+        );
+        assert_eq!(
+            (mounts[1].name.as_str(), mounts[1].mount_path.as_str()),
+            ("agent", "/arl")
         );
     }
 

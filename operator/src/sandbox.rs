@@ -70,6 +70,15 @@ pub fn create_request(spec: &SandboxSpec, runtime: &str) -> Value {
     } else {
         timeouts.idle_seconds
     };
+    if runtime == crate::crd::CONTAINER_RUNTIME {
+        // The pod is the sandbox: its agent runs commands with their own deadlines, and the
+        // guest settings (memory, env, network) are the pod's.
+        let mut body = json!({ "runtime": runtime });
+        if let Some(idle) = idle {
+            body["idle_ttl_secs"] = idle.into();
+        }
+        return body;
+    }
     let mut body = json!({ "runtime": runtime });
     let mut set = |key: &str, value: Option<Value>| {
         if let Some(v) = value {
@@ -115,8 +124,8 @@ async fn place(sandbox: &Sandbox, ctx: &Context, namespace: &str) -> Result<Acti
         write(sandbox, ctx, namespace, pending("PoolNotFound", message)).await?;
         return Ok(Action::requeue(ctx.interval));
     };
-    let runtime = pool.spec.runtime.wasm.as_deref().unwrap_or("python");
-    let request = create_request(&sandbox.spec, runtime);
+    let runtime = pool.spec.runtime_name();
+    let request = create_request(&sandbox.spec, &runtime);
     let candidates = ctx
         .fleet
         .candidates(|m| m.namespace == namespace && m.pool == *pool_ref);

@@ -943,3 +943,414 @@ async fn a_sandbox_whose_manager_forgot_its_session_is_lost() {
     .await;
     assert_eq!(action, Action::await_change());
 }
+
+// ---- Tasks ----------------------------------------------------------------------------
+
+const TASK: &str = "/apis/arl.infra.io/v1alpha1/namespaces/agents/tasks/t";
+const TASK_SANDBOX: &str = "/apis/arl.infra.io/v1alpha1/namespaces/agents/sandboxes/box";
+const COUNTER_POOL: &str = "/apis/arl.infra.io/v1alpha1/namespaces/agents/warmpools/counter";
+
+/// A container pod: an `arl-exec` agent on a Unix socket and the manager fronting it, on
+/// loopback; with one session claimed.
+struct ContainerPod {
+    base: String,
+    session: String,
+    workspace: tempfile::TempDir,
+    _run: tempfile::TempDir,
+}
+
+async fn container_pod() -> ContainerPod {
+    use arl_exec::{Address, Listener, LocalAgent};
+    let workspace = tempfile::tempdir().unwrap();
+    let run_dir = tempfile::tempdir().unwrap();
+    let socket = run_dir.path().join("agent.sock");
+    let agent = Arc::new(
+        LocalAgent::new(workspace.path(), Default::default(), "/bin/bash".into()).unwrap(),
+    );
+    let listener = Listener::bind(&Address::Unix(socket.clone()))
+        .await
+        .unwrap();
+    tokio::spawn(arl_exec::serve(agent, listener, std::future::pending()));
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", http.local_addr().unwrap());
+    let options = arl_manager::container::ContainerOptions {
+        agent: Address::Unix(socket),
+        workspace: workspace.path().to_owned(),
+        idle_ttl: HOUR,
+        lifetime: HOUR,
+        id_prefix: format!("{NS}.pod-c"),
+        body_limit: 1 << 20,
+        auth_token: None,
+    };
+    tokio::spawn(arl_manager::container::serve(
+        options,
+        http,
+        grpc,
+        std::future::pending(),
+    ));
+    let created = reqwest::Client::new()
+        .post(format!("{base}/v1/sessions"))
+        .json(&json!({"runtime": "container"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let session = created.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    ContainerPod {
+        base,
+        session,
+        workspace,
+        _run: run_dir,
+    }
+}
+
+fn a_task(
+    steps: Value,
+    retries: i32,
+    ttl: Option<i64>,
+    status: Option<Value>,
+) -> arl_operator::crd::Task {
+    let mut object = json!({
+        "apiVersion": "arl.infra.io/v1alpha1",
+        "kind": "Task",
+        "metadata": { "name": "t", "namespace": NS, "uid": "t-uid", "generation": 1 },
+        "spec": { "sandboxRef": "box", "timeout": "30s", "steps": steps, "retries": retries },
+    });
+    if let Some(ttl) = ttl {
+        object["spec"]["ttlSecondsAfterFinished"] = json!(ttl);
+    }
+    if let Some(status) = status {
+        object["status"] = status;
+    }
+    serde_json::from_value(object).unwrap()
+}
+
+/// A Ready Sandbox of the `counter` pool holding `session` on `pod`.
+fn ready_sandbox(pod: &str, session: &str) -> Value {
+    let mut sandbox =
+        serde_json::to_value(a_sandbox(&["arl.infra.io/session"], None, false)).unwrap();
+    sandbox["status"] = json!({ "phase": "Ready", "podName": pod, "sessionID": session });
+    sandbox
+}
+
+/// Answers the Sandbox and pool reads a Task's run starts with.
+async fn expect_task_sandbox(server: &mut ApiServer, pod: &str, session: &str, runtime: Value) {
+    server
+        .expect(Method::GET, TASK_SANDBOX)
+        .await
+        .ok(ready_sandbox(pod, session));
+    let pool = warm_pool(json!({ "runtime": runtime }), None);
+    server
+        .expect(Method::GET, COUNTER_POOL)
+        .await
+        .ok(serde_json::to_value(&pool).unwrap());
+}
+
+/// Answers a status patch of the Task; the status written.
+async fn expect_task_status(server: &mut ApiServer, task: &arl_operator::crd::Task) -> Value {
+    let call = server
+        .expect(Method::PATCH, &format!("{TASK}/status"))
+        .await;
+    let status = call.body["status"].clone();
+    let mut patched = serde_json::to_value(task).unwrap();
+    patched["status"] = status.clone();
+    call.ok(patched);
+    status
+}
+
+fn container_fleet(pod: &ContainerPod) -> Fleet {
+    let fleet = Fleet::default();
+    fleet.upsert(member("pod-c", &pod.base, 1, 1));
+    fleet
+}
+
+#[tokio::test]
+async fn a_three_step_task_in_a_container_sandbox_succeeds_with_each_steps_exit_code() {
+    let pod = container_pod().await;
+    let (ctx, mut server) = context(container_fleet(&pod));
+    let task = a_task(
+        json!([
+            { "name": "write", "type": "FilePatch", "path": "app.py", "content": "print('v1')\n" },
+            { "name": "patch", "type": "FilePatch",
+              "patch": "--- a/app.py\n+++ b/app.py\n@@ -1 +1 @@\n-print('v1')\n+print('v2')\n" },
+            { "name": "run", "type": "Command", "command": ["python3", "app.py"], "env": { "X": "1" } },
+        ]),
+        0,
+        Some(600),
+        None,
+    );
+    let reply = task.clone();
+    let session = pod.session.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let action = run(
+        arl_operator::task::reconcile(Arc::new(task), ctx),
+        async move {
+            expect_task_sandbox(
+                &mut server,
+                "pod-c",
+                &session,
+                json!({ "container": { "image": "python:3.12" } }),
+            )
+            .await;
+            let running = expect_task_status(&mut server, &reply).await;
+            assert_eq!(
+                (running["state"].as_str(), running["attempts"].as_i64()),
+                (Some("Running"), Some(1))
+            );
+            let done = expect_task_status(&mut server, &reply).await;
+            tx.send(done).unwrap();
+            server.done().await;
+        },
+    )
+    .await;
+    let done = rx.await.unwrap();
+    assert_eq!(done["state"], "Succeeded", "{done}");
+    let codes: Vec<i64> = done["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["exitCode"].as_i64().unwrap())
+        .collect();
+    assert_eq!(codes, [0, 0, 0]);
+    assert_eq!(done["steps"][2]["stdout"], "v2\n");
+    assert_eq!(
+        (done["exitCode"].as_i64(), done["stdout"].as_str()),
+        (Some(0), Some("v2\n"))
+    );
+    assert!(done["startTime"].is_string() && done["completionTime"].is_string());
+    assert_eq!(done["conditions"][0]["type"], "Complete");
+    assert_eq!(done["conditions"][0]["status"], "True");
+    assert_eq!(
+        action,
+        Action::requeue(Duration::from_secs(600)),
+        "back for its TTL"
+    );
+    assert_eq!(
+        std::fs::read_to_string(pod.workspace.path().join("app.py")).unwrap(),
+        "print('v2')\n"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_step_fails_the_task_with_its_stderr_and_later_steps_do_not_run() {
+    let pod = container_pod().await;
+    let (ctx, mut server) = context(container_fleet(&pod));
+    let task = a_task(
+        json!([
+            { "name": "ok", "type": "Command", "command": ["true"] },
+            { "name": "boom", "type": "Command", "command": ["bash", "-c", "echo broke >&2; exit 2"] },
+            { "name": "never", "type": "Command", "command": ["touch", "ran"] },
+        ]),
+        0,
+        None,
+        None,
+    );
+    let reply = task.clone();
+    let session = pod.session.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    run(
+        arl_operator::task::reconcile(Arc::new(task), ctx),
+        async move {
+            expect_task_sandbox(
+                &mut server,
+                "pod-c",
+                &session,
+                json!({ "container": { "image": "x" } }),
+            )
+            .await;
+            expect_task_status(&mut server, &reply).await;
+            tx.send(expect_task_status(&mut server, &reply).await)
+                .unwrap();
+            server.done().await;
+        },
+    )
+    .await;
+    let done = rx.await.unwrap();
+    assert_eq!(done["state"], "Failed", "{done}");
+    assert_eq!(
+        (done["exitCode"].as_i64(), done["stderr"].as_str()),
+        (Some(2), Some("broke\n"))
+    );
+    assert_eq!(done["steps"].as_array().unwrap().len(), 2);
+    assert!(done["message"].as_str().unwrap().contains("boom"), "{done}");
+    assert!(!pod.workspace.path().join("ran").exists());
+}
+
+#[tokio::test]
+async fn a_failed_attempt_is_retried_from_the_first_step() {
+    let pod = container_pod().await;
+    let (ctx, mut server) = context(container_fleet(&pod));
+    let flaky = "test -f tried || { touch tried; exit 1; }";
+    let task = a_task(
+        json!([
+            { "name": "count", "type": "Command", "command": ["bash", "-c", "echo x >> attempts"] },
+            { "name": "flaky", "type": "Command", "command": ["bash", "-c", flaky] },
+        ]),
+        2,
+        None,
+        None,
+    );
+    let reply = task.clone();
+    let session = pod.session.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    run(
+        arl_operator::task::reconcile(Arc::new(task), ctx),
+        async move {
+            expect_task_sandbox(
+                &mut server,
+                "pod-c",
+                &session,
+                json!({ "container": { "image": "x" } }),
+            )
+            .await;
+            let first = expect_task_status(&mut server, &reply).await;
+            let second = expect_task_status(&mut server, &reply).await;
+            assert_eq!(
+                (first["attempts"].as_i64(), second["attempts"].as_i64()),
+                (Some(1), Some(2))
+            );
+            tx.send(expect_task_status(&mut server, &reply).await)
+                .unwrap();
+            server.done().await;
+        },
+    )
+    .await;
+    let done = rx.await.unwrap();
+    assert_eq!(
+        (done["state"].as_str(), done["attempts"].as_i64()),
+        (Some("Succeeded"), Some(2))
+    );
+    let attempts = std::fs::read_to_string(pod.workspace.path().join("attempts")).unwrap();
+    assert_eq!(attempts, "x\nx\n", "each attempt starts at the first step");
+}
+
+#[tokio::test]
+async fn code_and_file_steps_run_in_a_wasm_sandbox_and_commands_are_refused_there() {
+    let manager = TestManager::start(arl_e2e::config(), Runtimes::python());
+    let session = manager.create(json!({"runtime": "python"})).await;
+    let fleet = Fleet::default();
+    fleet.upsert(member("pod-w", &manager.base, 1, 10));
+    let (ctx, mut server) = context(fleet);
+    let task = a_task(
+        json!([
+            { "name": "data", "type": "FilePatch", "path": "data.txt", "content": "41" },
+            { "name": "bump", "type": "FilePatch",
+              "patch": "--- a/data.txt\n+++ b/data.txt\n@@ -1 +1 @@\n-41\n\\ No newline at end of file\n+40\n\\ No newline at end of file\n" },
+            { "name": "answer", "type": "Code", "code": "n = int(open('/workspace/data.txt').read()) + 2\nprint(n)" },
+            { "name": "raise", "type": "Code", "code": "1/0" },
+        ]),
+        0,
+        None,
+        None,
+    );
+    let reply = task.clone();
+    let id = session.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    run(
+        arl_operator::task::reconcile(Arc::new(task), ctx.clone()),
+        async move {
+            expect_task_sandbox(&mut server, "pod-w", &id, json!({ "wasm": "python" })).await;
+            expect_task_status(&mut server, &reply).await;
+            tx.send(expect_task_status(&mut server, &reply).await)
+                .unwrap();
+            server.done().await;
+        },
+    )
+    .await;
+    let done = rx.await.unwrap();
+    assert_eq!(done["state"], "Failed", "{done}");
+    let steps = done["steps"].as_array().unwrap();
+    assert_eq!(steps[2]["stdout"], "42\n", "{done}");
+    assert_eq!(steps[3]["exitCode"], 1);
+    assert!(
+        steps[3]["stderr"]
+            .as_str()
+            .unwrap()
+            .contains("ZeroDivisionError"),
+        "{done}"
+    );
+    // The cell raised; the session lives on with its variables.
+    let (_, after) = manager
+        .post(
+            &format!("/v1/sessions/{session}/execute"),
+            json!({"code": "n"}),
+        )
+        .await;
+    assert_eq!(after["result"], "42");
+
+    // A Command step needs a container: refused before anything runs.
+    let (ctx, mut server) = {
+        let fleet = Fleet::default();
+        fleet.upsert(member("pod-w", &manager.base, 1, 10));
+        context(fleet)
+    };
+    let task = a_task(
+        json!([{ "name": "sh", "type": "Command", "command": ["ls"] }]),
+        0,
+        None,
+        None,
+    );
+    let reply = task.clone();
+    let id = session.clone();
+    run(
+        arl_operator::task::reconcile(Arc::new(task), ctx),
+        async move {
+            expect_task_sandbox(&mut server, "pod-w", &id, json!({ "wasm": "python" })).await;
+            let failed = expect_task_status(&mut server, &reply).await;
+            assert_eq!(failed["state"], "Failed");
+            assert!(
+                failed["message"].as_str().unwrap().contains("container"),
+                "{failed}"
+            );
+            server.done().await;
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_finished_task_is_deleted_after_its_ttl_and_kept_before() {
+    let finished = |ago: Duration| {
+        json!({
+            "state": "Succeeded", "attempts": 1,
+            "completionTime": rfc3339(SystemTime::now() - ago),
+        })
+    };
+    let (ctx, mut server) = context(Fleet::default());
+    let task = a_task(
+        json!([{ "name": "x", "type": "Code", "code": "1" }]),
+        0,
+        Some(60),
+        Some(finished(HOUR)),
+    );
+    run(
+        arl_operator::task::reconcile(Arc::new(task), ctx),
+        async move {
+            let call = server.expect(Method::DELETE, TASK).await;
+            call.ok(json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}));
+            server.done().await;
+        },
+    )
+    .await;
+    let (ctx, server) = context(Fleet::default());
+    let task = a_task(
+        json!([{ "name": "x", "type": "Code", "code": "1" }]),
+        0,
+        Some(3600),
+        Some(finished(Duration::ZERO)),
+    );
+    let action = run(
+        arl_operator::task::reconcile(Arc::new(task), ctx),
+        server.done(),
+    )
+    .await;
+    assert_ne!(
+        action,
+        Action::await_change(),
+        "it comes back when the TTL is due"
+    );
+}

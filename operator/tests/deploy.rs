@@ -99,6 +99,7 @@ fn samples_pass_their_cel_rules() {
             "Sandbox" => {
                 drop(serde_json::from_value::<arl_operator::crd::Sandbox>(object).unwrap())
             }
+            "Task" => drop(serde_json::from_value::<arl_operator::crd::Task>(object).unwrap()),
             other => panic!("{}: unexpected kind {other}", path.display()),
         }
     }
