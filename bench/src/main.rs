@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 mod arl;
+mod container;
 mod egress;
 mod javascript;
 mod jupyter;
@@ -278,7 +279,10 @@ async fn throughput<S: Sandboxes + Sync>(
 async fn main() -> anyhow::Result<()> {
     let bench = Bench::parse();
     println!("arl-bench: {}", machine());
-    let ours = arl::run(&bench).await?;
+    let mut ours = arl::run(&bench).await?;
+    if !bench.state_only {
+        container::run(&bench, &mut ours).await?;
+    }
     if bench.jupyter {
         let theirs = jupyter::run(&bench).await?;
         ratios(&ours, &theirs);
