@@ -52,7 +52,10 @@ pub async fn run(bench: &Bench, figures: &mut Figures) -> anyhow::Result<()> {
     );
     let port = bench.port + 4;
     let base = format!("http://127.0.0.1:{port}");
-    let manager_bin = bench.manager.clone().unwrap_or_else(|| folder.join("arl-manager"));
+    let manager_bin = bench
+        .manager
+        .clone()
+        .unwrap_or_else(|| folder.join("arl-manager"));
     let _manager = Child(
         Command::new(manager_bin)
             .arg("serve")
@@ -139,7 +142,9 @@ pub async fn run(bench: &Bench, figures: &mut Figures) -> anyhow::Result<()> {
         }
     }
     figures.latency("container: `true` via arl-manager HTTP", &mut samples);
-    http.delete(format!("{base}/v1/sessions/{id}")).send().await?;
+    http.delete(format!("{base}/v1/sessions/{id}"))
+        .send()
+        .await?;
 
     let mut samples = Vec::with_capacity(n.min(200));
     for _ in 0..n.min(200) {
@@ -152,13 +157,19 @@ pub async fn run(bench: &Bench, figures: &mut Figures) -> anyhow::Result<()> {
             .json()
             .await?;
         let id = created["id"].as_str().context("no session id")?;
-        let deleted = http.delete(format!("{base}/v1/sessions/{id}")).send().await?;
+        let deleted = http
+            .delete(format!("{base}/v1/sessions/{id}"))
+            .send()
+            .await?;
         samples.push(t.elapsed());
         if deleted.status() != 204 {
             bail!("delete answered {}", deleted.status());
         }
     }
-    figures.latency("container: claim + reset the pod (create, delete)", &mut samples);
+    figures.latency(
+        "container: claim + reset the pod (create, delete)",
+        &mut samples,
+    );
 
     let direct = p50(figures, "container: spawn `true` directly");
     let agent = p50(figures, "container: `true` via arl-exec gRPC (socket)");

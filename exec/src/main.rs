@@ -51,9 +51,67 @@ struct Cli {
     service: Vec<String>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Set in the agent that an init `arl-exec` (PID 1) started.
+const UNDER_INIT: &str = "ARL_EXEC_UNDER_INIT";
+
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    // As a container's entrypoint the agent is PID 1, which orphans are reparented to: it
+    // then stays init (reaping every orphan, forwarding SIGTERM and SIGINT) and runs the agent
+    // as its child, as tini would.
+    if rustix::process::getpid().is_init()
+        && std::env::var_os(UNDER_INIT).is_none()
+        && cli.install.is_none()
+    {
+        let code = runtime.block_on(init())?;
+        std::process::exit(code);
+    }
+    runtime.block_on(agent(cli))
+}
+
+/// PID 1: runs this binary again as the agent, reaps every process that ends here, passes
+/// stop signals on, and exits as the agent did.
+async fn init() -> anyhow::Result<i32> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let me = std::env::current_exe().context("finding this binary")?;
+    let child = std::process::Command::new(me)
+        .args(std::env::args_os().skip(1))
+        .env(UNDER_INIT, "1")
+        .spawn()
+        .context("starting the agent")?;
+    let agent = rustix::process::Pid::from_child(&child);
+    let reaper = tokio::task::spawn_blocking(move || {
+        loop {
+            match rustix::process::wait(rustix::process::WaitOptions::empty()) {
+                Ok(Some((pid, status))) if pid == agent => {
+                    return status
+                        .exit_status()
+                        .unwrap_or(128 + status.terminating_signal().unwrap_or(0));
+                }
+                Ok(_) => {} // an orphan, reaped
+                Err(_) => return 1,
+            }
+        }
+    });
+    let (mut term, mut int) = (
+        signal(SignalKind::terminate())?,
+        signal(SignalKind::interrupt())?,
+    );
+    tokio::pin!(reaper);
+    loop {
+        let forward = tokio::select! {
+            code = &mut reaper => return Ok(code.unwrap_or(1)),
+            _ = term.recv() => rustix::process::Signal::TERM,
+            _ = int.recv() => rustix::process::Signal::INT,
+        };
+        let _ = rustix::process::kill_process(agent, forward);
+    }
+}
+
+async fn agent(cli: Cli) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
         .init();

@@ -371,7 +371,11 @@ async fn the_gateway_routes_container_sessions_like_wasm_ones() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let router = gateway::router(Gateway::new(fleet, None));
-    tokio::spawn(arl_serve::serve_http(listener, router, std::future::pending()));
+    tokio::spawn(arl_serve::serve_http(
+        listener,
+        router,
+        std::future::pending(),
+    ));
     let http = reqwest::Client::new();
     let post = |path: String, body: Value| {
         let http = http.clone();
@@ -383,15 +387,27 @@ async fn the_gateway_routes_container_sessions_like_wasm_ones() {
     };
 
     // A container create takes the pod; a JavaScript one never lands there.
-    let (status, created) = post(format!("{base}/v1/sessions"), json!({"runtime": "container"})).await;
+    let (status, created) = post(
+        format!("{base}/v1/sessions"),
+        json!({"runtime": "container"}),
+    )
+    .await;
     assert_eq!(status, 201, "{created}");
     let id = created["id"].as_str().unwrap().to_owned();
     assert!(id.starts_with("pod."), "{id}");
-    let (status, js) = post(format!("{base}/v1/sessions"), json!({"runtime": "javascript"})).await;
+    let (status, js) = post(
+        format!("{base}/v1/sessions"),
+        json!({"runtime": "javascript"}),
+    )
+    .await;
     assert_eq!(status, 201, "{js}");
     assert!(js["id"].as_str().unwrap().starts_with("js."), "{js}");
     // The pod is taken: no second container session anywhere.
-    let (status, full) = post(format!("{base}/v1/sessions"), json!({"runtime": "container"})).await;
+    let (status, full) = post(
+        format!("{base}/v1/sessions"),
+        json!({"runtime": "container"}),
+    )
+    .await;
     assert!(status == 429 || status == 503, "{status} {full}");
     // Later calls reach the pod by the id alone.
     let (status, ran) = post(
@@ -399,7 +415,14 @@ async fn the_gateway_routes_container_sessions_like_wasm_ones() {
         json!({"command": ["bash", "-lc", "echo via gateway; exit 3"]}),
     )
     .await;
-    assert_eq!((status, ran["stdout"].as_str(), ran["exit_code"].as_i64()), (200, Some("via gateway\n"), Some(3)));
-    let deleted = http.delete(format!("{base}/v1/sessions/{id}")).send().await.unwrap();
+    assert_eq!(
+        (status, ran["stdout"].as_str(), ran["exit_code"].as_i64()),
+        (200, Some("via gateway\n"), Some(3))
+    );
+    let deleted = http
+        .delete(format!("{base}/v1/sessions/{id}"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(deleted.status(), 204);
 }
