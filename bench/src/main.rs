@@ -60,6 +60,9 @@ pub struct Bench {
     /// Measure only fork, snapshot, restore and rollback against session size.
     #[arg(long)]
     state_only: bool,
+    /// Measure only a container pod (arl-exec behind arl-manager --agent).
+    #[arg(long, conflicts_with = "state_only")]
+    container_only: bool,
     /// Also measure what ARL's Python client (`clients/python`) adds to an execute, beside a
     /// raw httpx POST (httpx installed with pip into the cache on first use).
     #[arg(long)]
@@ -279,6 +282,9 @@ async fn throughput<S: Sandboxes + Sync>(
 async fn main() -> anyhow::Result<()> {
     let bench = Bench::parse();
     println!("arl-bench: {}", machine());
+    if bench.container_only {
+        return container::run(&bench, &mut Figures::default()).await;
+    }
     let mut ours = arl::run(&bench).await?;
     if !bench.state_only {
         container::run(&bench, &mut ours).await?;

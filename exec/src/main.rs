@@ -31,7 +31,7 @@ struct Cli {
     /// command's process group is killed.
     #[arg(long, env = "ARL_EXEC_OUTPUT_BYTES", default_value_t = 1 << 20)]
     output_bytes: usize,
-    /// RLIMIT_NPROC of every command (the user's processes; not applied to root).
+    /// RLIMIT_NPROC of every command (the user's processes; not applied to root); 0: none.
     #[arg(long, env = "ARL_EXEC_MAX_PROCESSES", default_value_t = 4096)]
     max_processes: u64,
     /// The interactive shell [default: /bin/bash if present, else /bin/sh].

@@ -33,7 +33,7 @@ pub struct Limits {
     /// Bytes of stdout and stderr together kept per command.
     pub output_bytes: usize,
     /// `RLIMIT_NPROC` of every command: processes of the agent's user, a bound on fork bombs
-    /// (the kernel does not apply it to root).
+    /// (the kernel does not apply it to root); 0 for none.
     pub max_processes: u64,
 }
 
@@ -377,8 +377,12 @@ pub fn signal_named(name: &str) -> Result<Signal> {
     })
 }
 
-/// Bounds the processes a command may make, set in the child between fork and exec.
+/// Bounds the processes a command may make, set in the child between fork and exec (0: no
+/// bound, and the command is started with `posix_spawn`, not `fork`).
 fn limit_processes(command: &mut tokio::process::Command, max: u64) {
+    if max == 0 {
+        return;
+    }
     let limit = rustix::process::Rlimit {
         current: Some(max),
         maximum: Some(max),
@@ -390,7 +394,7 @@ fn limit_processes(command: &mut tokio::process::Command, max: u64) {
     )]
     unsafe {
         command.pre_exec(move || {
-            rustix::process::setrlimit(rustix::process::Resource::Nproc, limit.clone())
+            rustix::process::setrlimit(rustix::process::Resource::Nproc, limit)
                 .map_err(std::io::Error::from)
         });
     }

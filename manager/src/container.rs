@@ -81,6 +81,9 @@ struct Claim {
 
 type ApiResult<T> = Result<T, ExecError>;
 
+/// A refusal already made into a response (boxed: a response is large).
+type Refusal = Box<Response>;
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -113,22 +116,24 @@ impl Pod {
     }
 
     /// The claimed session named `id`: 404 for an id never here, 410 for one that ended.
-    fn session(&self, id: &str) -> Result<Claim, Response> {
+    fn session(&self, id: &str) -> Result<Claim, Refusal> {
         if let Some(claim) = lock(&self.claim).as_ref().filter(|c| c.id == id) {
             return Ok(claim.clone());
         }
         match lock(&self.ended).get(id) {
-            Some(reason) => Err((
-                StatusCode::GONE,
-                Json(json!({"error": {"code": "session_ended", "reason": reason,
+            Some(reason) => Err(Box::new(
+                (
+                    StatusCode::GONE,
+                    Json(json!({"error": {"code": "session_ended", "reason": reason,
                     "message": format!("session {id} ended: {reason}")}})),
-            )
-                .into_response()),
-            None => Err(refusal(
+                )
+                    .into_response(),
+            )),
+            None => Err(Box::new(refusal(
                 StatusCode::NOT_FOUND,
                 "session_not_found",
                 format!("no session {id} on this pod"),
-            )),
+            ))),
         }
     }
 
@@ -472,13 +477,13 @@ async fn list(State(pod): State<Arc<Pod>>) -> Json<Value> {
 async fn show(State(pod): State<Arc<Pod>>, Path(id): Path<String>) -> Response {
     match pod.session(&id) {
         Ok(claim) => Json(pod.view(&claim)).into_response(),
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 
 async fn delete(State(pod): State<Arc<Pod>>, Path(id): Path<String>) -> Response {
     if let Err(r) = pod.session(&id) {
-        return r;
+        return *r;
     }
     match pod.release(&id, "deleted").await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
@@ -493,7 +498,7 @@ async fn commands(
     body: Bytes,
 ) -> Response {
     if let Err(r) = pod.session(&id) {
-        return r;
+        return *r;
     }
     let body: ExecBody = match parse(&body, false) {
         Ok(body) => body,
@@ -512,7 +517,7 @@ struct SignalBody {
 
 async fn signal(State(pod): State<Arc<Pod>>, Path(id): Path<String>, body: Bytes) -> Response {
     if let Err(r) = pod.session(&id) {
-        return r;
+        return *r;
     }
     let run = async {
         let body: SignalBody = parse(&body, false)?;
@@ -533,7 +538,7 @@ async fn signal(State(pod): State<Arc<Pod>>, Path(id): Path<String>, body: Bytes
 
 async fn reset(State(pod): State<Arc<Pod>>, Path(id): Path<String>, body: Bytes) -> Response {
     if let Err(r) = pod.session(&id) {
-        return r;
+        return *r;
     }
     let run = async {
         let body: ResetBody = parse(&body, true)?;
@@ -569,7 +574,7 @@ async fn update_files(
     body: Bytes,
 ) -> Response {
     if let Err(r) = pod.session(&id) {
-        return r;
+        return *r;
     }
     let run = async {
         let body: FilesBody = parse(&body, false)?;
@@ -599,14 +604,14 @@ async fn on_files<T: Send + 'static>(
     pod: &Arc<Pod>,
     id: &str,
     f: impl FnOnce(&Workspace) -> ApiResult<T> + Send + 'static,
-) -> Result<T, Response> {
+) -> Result<T, Refusal> {
     pod.session(id)?;
     pod.touch(id, None);
     let pod = pod.clone();
     tokio::task::spawn_blocking(move || f(&pod.files))
         .await
-        .map_err(|e| ExecError::internal("a file operation", e).into_response())?
-        .map_err(IntoResponse::into_response)
+        .map_err(|e| Box::new(ExecError::internal("a file operation", e).into_response()))?
+        .map_err(|e| Box::new(e.into_response()))
 }
 
 async fn list_files(
@@ -631,7 +636,7 @@ async fn list_files(
                 .collect();
             Json(json!({"path": shown, "entries": entries})).into_response()
         }
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 
@@ -641,7 +646,7 @@ async fn read_file(
 ) -> Response {
     match on_files(&pod, &id, move |w| w.read_file(&path)).await {
         Ok(bytes) => ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response(),
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 
@@ -665,7 +670,7 @@ async fn write_file(
             )
                 .into_response()
         }
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 
@@ -675,7 +680,7 @@ async fn remove_file(
 ) -> Response {
     match on_files(&pod, &id, move |w| w.remove(&path)).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 

@@ -370,6 +370,7 @@ pub fn draining_since(pod: &Pod) -> Option<SystemTime> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
 
     fn member(name: &str, runtime: &str) -> Member {
@@ -398,18 +399,24 @@ mod tests {
     #[test]
     fn javascript_sessions_go_to_any_manager_python_ones_to_pythons() {
         let fleet = Fleet::default();
-        fleet.replace([member("py", "python"), member("js", "javascript")]);
+        fleet.replace([
+            member("py", "python"),
+            member("js", "javascript"),
+            member("box", "container"),
+        ]);
         let placed = |runtime: &str| -> Vec<String> {
             let members = fleet.place(runtime, None, |_| true).unwrap();
             members.into_iter().map(|m| m.name).collect()
         };
-        // Every manager loads JavaScript: a JavaScript session may land on any of them.
+        // Every WASM manager loads JavaScript: a JavaScript session may land on any of them,
+        // never on a container pod, which is one sandbox of its own kind.
         for runtime in ["typescript", "javascript"] {
             let mut all = placed(runtime);
             all.sort();
             assert_eq!(all, ["js", "py"], "{runtime}");
         }
         assert_eq!(placed("python"), ["py"]);
+        assert_eq!(placed("container"), ["box"]);
         assert!(matches!(
             fleet.place("ruby", None, |_| true),
             Err(Unplaced::NoBackends)
