@@ -23,7 +23,8 @@ use serde::{Deserialize, Serialize};
 use crate::agent::{ExecStream, Executor};
 use crate::error::{ExecError, Kind, Result};
 
-/// The routes over `executor`.
+/// The routes over `executor`. The handlers are public so that the manager in front of an
+/// agent serves the same ones under its session routes.
 pub fn router<E: Executor>(executor: Arc<E>) -> Router {
     Router::new()
         .route("/health", get(health::<E>))
@@ -160,7 +161,7 @@ async fn health<E: Executor>(State(agent): State<Arc<E>>) -> Result<Json<serde_j
     Ok(Json(serde_json::json!({"status": "ok"})))
 }
 
-async fn files<E: Executor>(State(agent): State<Arc<E>>, body: Bytes) -> Result<Response> {
+pub async fn files<E: Executor>(State(agent): State<Arc<E>>, body: Bytes) -> Result<Response> {
     let body: FilesBody = parse(&body, false)?;
     let request = FileRequest {
         base_path: body.base_path,
@@ -174,7 +175,7 @@ async fn files<E: Executor>(State(agent): State<Arc<E>>, body: Bytes) -> Result<
     )
 }
 
-async fn execute<E: Executor>(
+pub async fn execute<E: Executor>(
     State(agent): State<Arc<E>>,
     headers: HeaderMap,
     body: Bytes,
@@ -185,7 +186,7 @@ async fn execute<E: Executor>(
     }
 }
 
-async fn signal<E: Executor>(State(agent): State<Arc<E>>, body: Bytes) -> Result<Response> {
+pub async fn signal<E: Executor>(State(agent): State<Arc<E>>, body: Bytes) -> Result<Response> {
     let body: SignalBody = parse(&body, false)?;
     let answer = agent
         .signal(SignalRequest {
@@ -199,7 +200,7 @@ async fn signal<E: Executor>(State(agent): State<Arc<E>>, body: Bytes) -> Result
     )
 }
 
-async fn reset<E: Executor>(State(agent): State<Arc<E>>, body: Bytes) -> Result<Response> {
+pub async fn reset<E: Executor>(State(agent): State<Arc<E>>, body: Bytes) -> Result<Response> {
     let body: ResetBody = parse(&body, true)?;
     let answer = agent
         .reset(ResetRequest {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arl_exec::agent::{ExecStream, ShellStream};
 use arl_exec::grpc::{AgentGrpc, RemoteAgent};
-use arl_exec::http::{ExecBody, ResetBody, parse};
+use arl_exec::http::parse;
 use arl_exec::workspace::Workspace;
 use arl_exec::{Address, ExecError, Executor};
 use arl_proto::sidecar::{
@@ -27,7 +27,7 @@ use arl_proto::sidecar::{
 use arl_serve::Bearer;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -306,8 +306,29 @@ pub fn grpc_service(
 
 /// The HTTP routes of a container pod.
 pub fn router(pod: Arc<Pod>) -> Router {
+    use arl_exec::http as agent;
     let auth = Bearer::new(pod.options.auth_token.as_deref());
-    let sidecar = arl_exec::http::router(Arc::new(Claimed(pod.clone())));
+    let claimed = Arc::new(Claimed(pod.clone()));
+    let sidecar = agent::router(claimed.clone());
+    // The session's own routes: the agent's handlers (and the shared workspace's files),
+    // behind a check that the id is the pod's session.
+    let session = Router::new()
+        .route(
+            "/v1/sessions/{id}/commands",
+            post(agent::execute::<Claimed>),
+        )
+        .route("/v1/sessions/{id}/signal", post(agent::signal::<Claimed>))
+        .route("/v1/sessions/{id}/reset", post(agent::reset::<Claimed>))
+        .route(
+            "/v1/sessions/{id}/files",
+            get(list_files).post(agent::files::<Claimed>),
+        )
+        .route(
+            "/v1/sessions/{id}/files/{*path}",
+            get(read_file).put(write_file).delete(remove_file),
+        )
+        .route_layer(middleware::from_fn_with_state(pod.clone(), this_session))
+        .with_state(claimed);
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
@@ -315,18 +336,8 @@ pub fn router(pod: Arc<Pod>) -> Router {
         .route("/v1/drain", post(drain).delete(undrain))
         .route("/v1/sessions", post(create).get(list))
         .route("/v1/sessions/{id}", get(show).delete(delete))
-        .route("/v1/sessions/{id}/commands", post(commands))
-        .route("/v1/sessions/{id}/signal", post(signal))
-        .route("/v1/sessions/{id}/reset", post(reset))
-        .route(
-            "/v1/sessions/{id}/files",
-            get(list_files).post(update_files),
-        )
-        .route(
-            "/v1/sessions/{id}/files/{*path}",
-            get(read_file).put(write_file).delete(remove_file),
-        )
         .with_state(pod.clone())
+        .merge(session)
         .nest("/sidecar", sidecar)
         .fallback(|| async {
             refusal(
@@ -359,6 +370,21 @@ pub fn router(pod: Arc<Pod>) -> Router {
                 }
             }
         }))
+}
+
+/// Lets a request through to a session route only when its `{id}` is the pod's session
+/// (404 for an id never here, 410 with the reason for one that ended).
+async fn this_session(
+    State(pod): State<Arc<Pod>>,
+    Path(params): Path<HashMap<String, String>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let id = params.get("id").map(String::as_str).unwrap_or_default();
+    match pod.session(id) {
+        Ok(_) => next.run(request).await,
+        Err(refused) => *refused,
+    }
 }
 
 async fn readyz(State(pod): State<Arc<Pod>>) -> Response {
@@ -491,109 +517,6 @@ async fn delete(State(pod): State<Arc<Pod>>, Path(id): Path<String>) -> Response
     }
 }
 
-async fn commands(
-    State(pod): State<Arc<Pod>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    if let Err(r) = pod.session(&id) {
-        return *r;
-    }
-    let body: ExecBody = match parse(&body, false) {
-        Ok(body) => body,
-        Err(e) => return e.into_response(),
-    };
-    let claimed = Claimed(pod);
-    arl_exec::http::execute_response(&claimed, body.into_request(), &headers).await
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SignalBody {
-    pid: i32,
-    signal: String,
-}
-
-async fn signal(State(pod): State<Arc<Pod>>, Path(id): Path<String>, body: Bytes) -> Response {
-    if let Err(r) = pod.session(&id) {
-        return *r;
-    }
-    let run = async {
-        let body: SignalBody = parse(&body, false)?;
-        Claimed(pod.clone())
-            .signal(SignalRequest {
-                pid: body.pid,
-                signal: body.signal,
-            })
-            .await
-    };
-    match run.await {
-        Ok(answer) => {
-            Json(json!({"success": answer.success, "message": answer.message})).into_response()
-        }
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn reset(State(pod): State<Arc<Pod>>, Path(id): Path<String>, body: Bytes) -> Response {
-    if let Err(r) = pod.session(&id) {
-        return *r;
-    }
-    let run = async {
-        let body: ResetBody = parse(&body, true)?;
-        Claimed(pod.clone())
-            .reset(ResetRequest {
-                preserve_files: body.preserve_files,
-            })
-            .await
-    };
-    match run.await {
-        Ok(answer) => {
-            Json(json!({"success": answer.success, "message": answer.message})).into_response()
-        }
-        Err(e) => e.into_response(),
-    }
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FilesBody {
-    #[serde(default)]
-    base_path: String,
-    #[serde(default)]
-    files: BTreeMap<String, String>,
-    #[serde(default)]
-    patch: String,
-}
-
-/// Writes files and applies a unified diff, all or nothing (the seeds' `UpdateFiles`).
-async fn update_files(
-    State(pod): State<Arc<Pod>>,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> Response {
-    if let Err(r) = pod.session(&id) {
-        return *r;
-    }
-    let run = async {
-        let body: FilesBody = parse(&body, false)?;
-        Claimed(pod.clone())
-            .update_files(FileRequest {
-                base_path: body.base_path,
-                files: body.files.into_iter().collect(),
-                patch: body.patch,
-            })
-            .await
-    };
-    match run.await {
-        Ok(answer) => {
-            Json(json!({"success": answer.success, "message": answer.message})).into_response()
-        }
-        Err(e) => e.into_response(),
-    }
-}
-
 #[derive(Debug, Default, Deserialize)]
 struct ListQuery {
     path: Option<String>,
@@ -601,27 +524,20 @@ struct ListQuery {
 
 /// Runs a file operation on the shared workspace off the async threads.
 async fn on_files<T: Send + 'static>(
-    pod: &Arc<Pod>,
-    id: &str,
+    claimed: &Claimed,
     f: impl FnOnce(&Workspace) -> ApiResult<T> + Send + 'static,
 ) -> Result<T, Refusal> {
-    pod.session(id)?;
-    pod.touch(id, None);
-    let pod = pod.clone();
+    let pod = claimed.0.clone();
     tokio::task::spawn_blocking(move || f(&pod.files))
         .await
         .map_err(|e| Box::new(ExecError::internal("a file operation", e).into_response()))?
         .map_err(|e| Box::new(e.into_response()))
 }
 
-async fn list_files(
-    State(pod): State<Arc<Pod>>,
-    Path(id): Path<String>,
-    Query(q): Query<ListQuery>,
-) -> Response {
+async fn list_files(State(claimed): State<Arc<Claimed>>, Query(q): Query<ListQuery>) -> Response {
     let path = q.path.unwrap_or_default();
     let shown = path.clone();
-    match on_files(&pod, &id, move |w| w.list(&path)).await {
+    match on_files(&claimed, move |w| w.list(&path)).await {
         Ok(entries) => {
             let entries: Vec<Value> = entries
                 .into_iter()
@@ -641,23 +557,23 @@ async fn list_files(
 }
 
 async fn read_file(
-    State(pod): State<Arc<Pod>>,
-    Path((id, path)): Path<(String, String)>,
+    State(claimed): State<Arc<Claimed>>,
+    Path((_, path)): Path<(String, String)>,
 ) -> Response {
-    match on_files(&pod, &id, move |w| w.read_file(&path)).await {
+    match on_files(&claimed, move |w| w.read_file(&path)).await {
         Ok(bytes) => ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response(),
         Err(r) => *r,
     }
 }
 
 async fn write_file(
-    State(pod): State<Arc<Pod>>,
-    Path((id, path)): Path<(String, String)>,
+    State(claimed): State<Arc<Claimed>>,
+    Path((_, path)): Path<(String, String)>,
     body: Bytes,
 ) -> Response {
     let shown = path.clone();
     let size = body.len();
-    match on_files(&pod, &id, move |w| w.write_file(&path, &body)).await {
+    match on_files(&claimed, move |w| w.write_file(&path, &body)).await {
         Ok(replaced) => {
             let status = if replaced {
                 StatusCode::OK
@@ -675,10 +591,10 @@ async fn write_file(
 }
 
 async fn remove_file(
-    State(pod): State<Arc<Pod>>,
-    Path((id, path)): Path<(String, String)>,
+    State(claimed): State<Arc<Claimed>>,
+    Path((_, path)): Path<(String, String)>,
 ) -> Response {
-    match on_files(&pod, &id, move |w| w.remove(&path)).await {
+    match on_files(&claimed, move |w| w.remove(&path)).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(r) => *r,
     }

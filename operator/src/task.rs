@@ -232,21 +232,36 @@ impl Session<'_> {
         left + Duration::from_secs(5)
     }
 
-    async fn command(&self, body: &Value, left: Duration) -> Result<StepResult> {
+    /// POSTs `body` to the session's `route`: the answer, or the refusal as a failed step.
+    async fn post(
+        &self,
+        route: &str,
+        body: &Value,
+        left: Duration,
+    ) -> Result<Result<Value, StepResult>> {
         let (status, answer) = self
             .ctx
             .managers
             .call(
                 &self.at,
                 reqwest::Method::POST,
-                &self.path("commands"),
+                &self.path(route),
                 Some(body),
                 Self::budget(left),
             )
             .await?;
-        if status != 200 {
-            return Ok(refused(status, &answer));
-        }
+        Ok(if status == 200 {
+            Ok(answer)
+        } else {
+            Err(refused(status, &answer))
+        })
+    }
+
+    async fn command(&self, body: &Value, left: Duration) -> Result<StepResult> {
+        let answer = match self.post("commands", body, left).await? {
+            Ok(answer) => answer,
+            Err(failed) => return Ok(failed),
+        };
         Ok(StepResult {
             exit_code: answer["exit_code"].as_i64().map_or(1, |c| c as i32),
             stdout: tail(answer["stdout"].as_str().unwrap_or_default()),
@@ -257,20 +272,10 @@ impl Session<'_> {
 
     async fn cell(&self, code: &str, left: Duration) -> Result<StepResult> {
         let body = json!({"code": code, "timeout_ms": left.as_millis() as u64});
-        let (status, answer) = self
-            .ctx
-            .managers
-            .call(
-                &self.at,
-                reqwest::Method::POST,
-                &self.path("execute"),
-                Some(&body),
-                Self::budget(left),
-            )
-            .await?;
-        if status != 200 {
-            return Ok(refused(status, &answer));
-        }
+        let answer = match self.post("execute", &body, left).await? {
+            Ok(answer) => answer,
+            Err(failed) => return Ok(failed),
+        };
         let mut stderr = answer["stderr"].as_str().unwrap_or_default().to_owned();
         let error = &answer["error"];
         let failed = !error.is_null() || answer["rolled_back"].as_bool() == Some(true);
@@ -297,20 +302,10 @@ impl Session<'_> {
         if let (Some(path), Some(content)) = (&step.path, &step.content) {
             body["files"] = json!({ path: content });
         }
-        let (status, answer) = self
-            .ctx
-            .managers
-            .call(
-                &self.at,
-                reqwest::Method::POST,
-                &self.path("files"),
-                Some(&body),
-                Self::budget(left),
-            )
-            .await?;
-        if status != 200 {
-            return Ok(refused(status, &answer));
-        }
+        let answer = match self.post("files", &body, left).await? {
+            Ok(answer) => answer,
+            Err(failed) => return Ok(failed),
+        };
         Ok(StepResult {
             stdout: tail(answer["message"].as_str().unwrap_or_default()),
             ..StepResult::default()
