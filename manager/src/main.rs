@@ -296,12 +296,7 @@ async fn run(serve: Serve) -> anyhow::Result<()> {
         config.max_sessions = reachable;
     }
     let registry = Registry::new(config)?;
-    let http = tokio::net::TcpListener::bind(serve.listen)
-        .await
-        .with_context(|| format!("binding {}", serve.listen))?;
-    let grpc = tokio::net::TcpListener::bind(serve.grpc_listen)
-        .await
-        .with_context(|| format!("binding {}", serve.grpc_listen))?;
+    let (http, grpc) = bind(&serve).await?;
     tracing::info!(
         http = %http.local_addr()?,
         grpc = %grpc.local_addr()?,
@@ -344,6 +339,16 @@ async fn run(serve: Serve) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The HTTP and gRPC listeners `serve` asks for.
+async fn bind(serve: &Serve) -> anyhow::Result<(tokio::net::TcpListener, tokio::net::TcpListener)> {
+    let bind = |addr: SocketAddr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))
+    };
+    Ok((bind(serve.listen).await?, bind(serve.grpc_listen).await?))
+}
+
 /// Serves a container pod: the manager in front of its runtime's agent.
 async fn run_container(serve: Serve, agent: arl_exec::Address) -> anyhow::Result<()> {
     let options = arl_manager::container::ContainerOptions {
@@ -355,12 +360,7 @@ async fn run_container(serve: Serve, agent: arl_exec::Address) -> anyhow::Result
         body_limit: serve.body_limit_bytes,
         auth_token: serve.auth_token.clone(),
     };
-    let http = tokio::net::TcpListener::bind(serve.listen)
-        .await
-        .with_context(|| format!("binding {}", serve.listen))?;
-    let grpc = tokio::net::TcpListener::bind(serve.grpc_listen)
-        .await
-        .with_context(|| format!("binding {}", serve.grpc_listen))?;
+    let (http, grpc) = bind(&serve).await?;
     tracing::info!(
         http = %http.local_addr()?,
         grpc = %grpc.local_addr()?,
