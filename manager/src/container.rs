@@ -248,20 +248,17 @@ impl Executor for Claimed {
     async fn execute(&self, request: ExecRequest) -> arl_exec::Result<ExecStream> {
         let id = self.check()?;
         self.0.touch(&id, Some(true));
-        let pod = self.0.clone();
-        let log = self.0.agent.execute(request).await;
-        // Counted as running until its log ends (or the caller drops it).
+        // Counted as running until its log ends or the caller drops it: the idle TTL does not
+        // end a session while a command runs.
         let done = Done {
-            pod: pod.clone(),
-            id: id.clone(),
+            pod: self.0.clone(),
+            id,
         };
-        match log {
-            Ok(log) => Ok(Box::pin(futures_util::StreamExt::map(log, move |m| {
-                let _ = &done;
-                m
-            }))),
-            Err(e) => Err(e),
-        }
+        let log = self.0.agent.execute(request).await?;
+        Ok(Box::pin(futures_util::StreamExt::map(log, move |m| {
+            let _ = &done;
+            m
+        })))
     }
 
     async fn signal(&self, request: SignalRequest) -> arl_exec::Result<SignalResponse> {

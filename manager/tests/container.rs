@@ -352,6 +352,19 @@ async fn an_idle_container_session_is_reset_and_released() {
 }
 
 #[tokio::test]
+async fn a_command_running_past_the_idle_ttl_keeps_its_session() {
+    let pod = pod(&["--idle-ttl-secs", "1"]).await;
+    let id = pod.create().await;
+    let ran = pod.run(&id, json!({"command": ["sleep", "2.5"]})).await;
+    assert_eq!(ran["exit_code"].as_i64(), Some(0), "{ran}");
+    let (status, body) = pod.get(&format!("/v1/sessions/{id}")).await;
+    assert_eq!(
+        status, 200,
+        "idle is counted from the command's end: {body}"
+    );
+}
+
+#[tokio::test]
 async fn the_gateway_routes_container_sessions_like_wasm_ones() {
     use arl_operator::fleet::Fleet;
     use arl_operator::gateway::{self, Gateway};
