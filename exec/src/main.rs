@@ -19,8 +19,10 @@ struct Cli {
     #[arg(long, env = "ARL_EXEC_LISTEN", default_value = "127.0.0.1:7070")]
     listen: Address,
     /// The folder commands run in and the only one file operations touch.
-    #[arg(long, env = "ARL_EXEC_WORKSPACE", default_value = "/workspace")]
-    workspace: PathBuf,
+    /// [default: /workspace]. With --install, made (if named) so that it belongs to the
+    /// installing user before a volume's subPath mounts it.
+    #[arg(long, env = "ARL_EXEC_WORKSPACE")]
+    workspace: Option<PathBuf>,
     /// Deadline of a command that asks for none, in seconds.
     #[arg(long, env = "ARL_EXEC_TIMEOUT_SECS", default_value_t = 300)]
     timeout_secs: u64,
@@ -116,6 +118,10 @@ async fn agent(cli: Cli) -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
         .init();
     if let Some(dir) = &cli.install {
+        if let Some(workspace) = &cli.workspace {
+            std::fs::create_dir_all(workspace)
+                .with_context(|| format!("creating {}", workspace.display()))?;
+        }
         return install(dir);
     }
     let shell = cli.shell.unwrap_or_else(|| {
@@ -133,7 +139,8 @@ async fn agent(cli: Cli) -> anyhow::Result<()> {
         output_bytes: cli.output_bytes,
         max_processes: cli.max_processes,
     };
-    let agent = Arc::new(LocalAgent::new(&cli.workspace, limits, shell)?);
+    let workspace = cli.workspace.unwrap_or_else(|| PathBuf::from("/workspace"));
+    let agent = Arc::new(LocalAgent::new(&workspace, limits, shell)?);
     tracing::info!(listen = %cli.listen, workspace = %agent.workspace().root().display(), "arl-exec serving");
     let mut service = match cli.service.split_first() {
         None => None,

@@ -10,7 +10,8 @@ use arl_manager::server::{self, Listeners};
 use arl_manager::{Limits, ManagerConfig, Registry, ServeOptions, api};
 use clap::{Args, Parser, Subcommand};
 
-/// ARL's in-pod session manager: stateful Python sandboxes in WebAssembly, over HTTP and gRPC.
+/// ARL's in-pod session manager: stateful Python and JavaScript sandboxes in WebAssembly, over
+/// HTTP and gRPC (or, with --agent, the front of a container runtime's arl-exec).
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {

@@ -395,12 +395,16 @@ pub fn manager_pod(pool: &WarmPool, default_image: &str) -> Pod {
         init_containers = Some(vec![Container {
             name: "install-agent".into(),
             image: manager.image.clone(),
+            // The workspace is made here, by the pods' user, before the runtime container
+            // mounts it as a subPath (which the kubelet would otherwise make as root).
             command: Some(vec![
                 AGENT_IN_IMAGE.into(),
                 "--install".into(),
                 format!("{AGENT_DIR}/bin"),
+                "--workspace".into(),
+                "/var/lib/arl/workspace".into(),
             ]),
-            volume_mounts: Some(vec![agent.clone()]),
+            volume_mounts: Some(vec![agent.clone(), workspace.clone()]),
             security_context: Some(locked_down()),
             ..Container::default()
         }]);
@@ -698,8 +702,21 @@ mod tests {
         assert_eq!(install.image.as_deref(), Some("arl-manager:1"));
         assert_eq!(
             install.command.as_deref().unwrap(),
-            ["/usr/local/bin/arl-exec", "--install", "/arl/bin"]
+            [
+                "/usr/local/bin/arl-exec",
+                "--install",
+                "/arl/bin",
+                "--workspace",
+                "/var/lib/arl/workspace"
+            ]
         );
+        let mounts: Vec<_> = install
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| m.mount_path.as_str())
+            .collect();
+        assert_eq!(mounts, ["/arl", "/var/lib/arl"]);
         let containers = &spec.containers;
         assert_eq!(containers.len(), 2);
         let manager = &containers[0];
