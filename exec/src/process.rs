@@ -456,35 +456,28 @@ async fn pump(
         if text.is_empty() {
             continue;
         }
-        let log = if stdout {
-            ExecLog {
-                stdout: text,
-                ..ExecLog::default()
-            }
-        } else {
-            ExecLog {
-                stderr: text,
-                ..ExecLog::default()
-            }
-        };
-        if tx.send(log).await.is_err() {
+        if tx.send(chunk(stdout, text)).await.is_err() {
             break; // the caller went away; the deadline still ends the command
         }
     }
     if !pending.is_empty() {
         let text = String::from_utf8_lossy(&pending).into_owned();
-        let log = if stdout {
-            ExecLog {
-                stdout: text,
-                ..ExecLog::default()
-            }
-        } else {
-            ExecLog {
-                stderr: text,
-                ..ExecLog::default()
-            }
-        };
-        let _ = tx.send(log).await;
+        let _ = tx.send(chunk(stdout, text)).await;
+    }
+}
+
+/// A log message carrying `text` of stdout (or stderr).
+fn chunk(stdout: bool, text: String) -> ExecLog {
+    if stdout {
+        ExecLog {
+            stdout: text,
+            ..ExecLog::default()
+        }
+    } else {
+        ExecLog {
+            stderr: text,
+            ..ExecLog::default()
+        }
     }
 }
 
