@@ -2,7 +2,7 @@
 //! and capped, its deadline killing the whole group; services left running until signalled or
 //! reset. Only processes in [`Processes`]'s table may be signalled.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -58,21 +58,11 @@ pub struct Command {
     pub background: bool,
 }
 
-/// What a tracked process group is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// A command whose output a caller is reading.
-    Command,
-    /// A background command (a service).
-    Service,
-    /// An interactive shell.
-    Shell,
-}
-
-/// The process groups the agent started and has not seen end, by their leader's pid.
+/// The process groups the agent started and has not seen end (commands, services, shells),
+/// by their leader's pid.
 #[derive(Debug, Default)]
 pub struct Processes {
-    live: Mutex<HashMap<i32, Role>>,
+    live: Mutex<HashSet<i32>>,
     pub limits: Limits,
 }
 
@@ -84,23 +74,16 @@ impl Processes {
         }
     }
 
-    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Role>> {
+    fn table(&self) -> std::sync::MutexGuard<'_, HashSet<i32>> {
         self.live.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub(crate) fn track(&self, pid: i32, role: Role) {
-        self.table().insert(pid, role);
+    pub(crate) fn track(&self, pid: i32) {
+        self.table().insert(pid);
     }
 
     pub(crate) fn untrack(&self, pid: i32) {
         self.table().remove(&pid);
-    }
-
-    /// The tracked groups, with their roles.
-    pub fn list(&self) -> Vec<(i32, Role)> {
-        let mut all: Vec<_> = self.table().iter().map(|(p, r)| (*p, *r)).collect();
-        all.sort_unstable_by_key(|(pid, _)| *pid);
-        all
     }
 
     /// The deadline a request asks for (seconds, or milliseconds; 0 or none: the default).
@@ -178,7 +161,7 @@ impl Processes {
         let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) else {
             return;
         };
-        self.track(pid, Role::Service);
+        self.track(pid);
         tracing::info!(pid, argv = ?command.argv, "service started");
         let _ = tx
             .send(ExecLog {
@@ -206,7 +189,7 @@ impl Processes {
         let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) else {
             return;
         };
-        self.track(pid, Role::Command);
+        self.track(pid);
         let started = Instant::now();
         let _ = tx
             .send(ExecLog {
@@ -271,7 +254,7 @@ impl Processes {
     /// Sends `signal` (a name) to the group of `pid`, which must be one the agent started.
     pub fn signal(&self, pid: i32, signal: &str) -> Result<String> {
         let sig = signal_named(signal)?;
-        if !self.table().contains_key(&pid) {
+        if !self.table().contains(&pid) {
             return Err(ExecError::new(
                 Kind::NotFound,
                 "process_not_found",
@@ -297,7 +280,7 @@ impl Processes {
 
     /// Kills every group the agent started and waits until they are gone: how many there were.
     pub async fn kill_all(&self) -> usize {
-        let all: Vec<i32> = self.table().drain().map(|(pid, _)| pid).collect();
+        let all: Vec<i32> = self.table().drain().collect();
         for pid in &all {
             kill_group(*pid).await;
         }

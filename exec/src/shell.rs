@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::error::{ExecError, Result};
-use crate::process::{Processes, Role, kill_group, pid_of, signal_named};
+use crate::process::{Processes, kill_group, pid_of, signal_named};
 
 /// Starts `shell` in `cwd` on a new terminal of 24 rows by 80 columns and connects it to
 /// `input`; the terminal's output, ending with a `closed` message and the exit code.
@@ -50,7 +50,7 @@ pub fn open(
         .id()
         .and_then(|p| i32::try_from(p).ok())
         .ok_or_else(|| ExecError::internal("starting a shell", "no pid"))?;
-    processes.track(pid, Role::Shell);
+    processes.track(pid);
     let master = File::from(master);
     let reader = master
         .try_clone()

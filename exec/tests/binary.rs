@@ -55,6 +55,19 @@ async fn healthy(base: &str) {
     }
 }
 
+/// `POST /execute` with `body`; the answer.
+async fn execute(base: &str, body: Value) -> Value {
+    reqwest::Client::new()
+        .post(format!("{base}/execute"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// `(pid, ppid, state)` of every process on the host.
 fn processes() -> Vec<(i32, i32, char)> {
     std::fs::read_dir("/proc")
@@ -110,15 +123,11 @@ async fn the_binary_serves_and_starts_its_service() {
             .unwrap(),
     );
     healthy(&base).await;
-    let answer: Value = reqwest::Client::new()
-        .post(format!("{base}/execute"))
-        .json(&json!({"command": ["bash", "-lc", "echo hi; exit 3"]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer = execute(
+        &base,
+        json!({"command": ["bash", "-lc", "echo hi; exit 3"]}),
+    )
+    .await;
     assert_eq!(
         (answer["stdout"].as_str(), answer["exit_code"].as_i64()),
         (Some("hi\n"), Some(3))
@@ -176,15 +185,11 @@ async fn as_pid_1_the_agent_reaps_what_its_commands_orphan() {
     // Each command leaves an orphan, killed with the command's group when the command ends:
     // each is reparented to PID 1, which must reap it.
     for _ in 0..5 {
-        let answer: Value = reqwest::Client::new()
-            .post(format!("{base}/execute"))
-            .json(&json!({"command": ["bash", "-c", "sleep 30 & disown; echo left one"]}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let answer = execute(
+            &base,
+            json!({"command": ["bash", "-c", "sleep 30 & disown; echo left one"]}),
+        )
+        .await;
         assert_eq!(answer["stdout"], "left one\n");
     }
     let deadline = Instant::now() + Duration::from_secs(10);

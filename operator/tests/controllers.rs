@@ -1068,21 +1068,14 @@ fn container_fleet(pod: &ContainerPod) -> Fleet {
     fleet
 }
 
-#[tokio::test]
-async fn a_three_step_task_in_a_container_sandbox_succeeds_with_each_steps_exit_code() {
-    let pod = container_pod().await;
-    let (ctx, mut server) = context(container_fleet(&pod));
-    let task = a_task(
-        json!([
-            { "name": "write", "type": "FilePatch", "path": "app.py", "content": "print('v1')\n" },
-            { "name": "patch", "type": "FilePatch",
-              "patch": "--- a/app.py\n+++ b/app.py\n@@ -1 +1 @@\n-print('v1')\n+print('v2')\n" },
-            { "name": "run", "type": "Command", "command": ["python3", "app.py"], "env": { "X": "1" } },
-        ]),
-        0,
-        Some(600),
-        None,
-    );
+/// Reconciles `task` on `pod`'s session, answering the Sandbox and pool reads and `patches`
+/// status writes; the statuses written, in order, and the reconcile's action.
+async fn run_container_task(
+    pod: &ContainerPod,
+    task: arl_operator::crd::Task,
+    patches: usize,
+) -> (Vec<Value>, Action) {
+    let (ctx, mut server) = context(container_fleet(pod));
     let reply = task.clone();
     let session = pod.session.clone();
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -1096,18 +1089,38 @@ async fn a_three_step_task_in_a_container_sandbox_succeeds_with_each_steps_exit_
                 json!({ "container": { "image": "python:3.12" } }),
             )
             .await;
-            let running = expect_task_status(&mut server, &reply).await;
-            assert_eq!(
-                (running["state"].as_str(), running["attempts"].as_i64()),
-                (Some("Running"), Some(1))
-            );
-            let done = expect_task_status(&mut server, &reply).await;
-            tx.send(done).unwrap();
+            let mut written = Vec::new();
+            for _ in 0..patches {
+                written.push(expect_task_status(&mut server, &reply).await);
+            }
+            tx.send(written).unwrap();
             server.done().await;
         },
     )
     .await;
-    let done = rx.await.unwrap();
+    (rx.await.unwrap(), action)
+}
+
+#[tokio::test]
+async fn a_three_step_task_in_a_container_sandbox_succeeds_with_each_steps_exit_code() {
+    let pod = container_pod().await;
+    let task = a_task(
+        json!([
+            { "name": "write", "type": "FilePatch", "path": "app.py", "content": "print('v1')\n" },
+            { "name": "patch", "type": "FilePatch",
+              "patch": "--- a/app.py\n+++ b/app.py\n@@ -1 +1 @@\n-print('v1')\n+print('v2')\n" },
+            { "name": "run", "type": "Command", "command": ["python3", "app.py"], "env": { "X": "1" } },
+        ]),
+        0,
+        Some(600),
+        None,
+    );
+    let (written, action) = run_container_task(&pod, task, 2).await;
+    let (running, done) = (&written[0], &written[1]);
+    assert_eq!(
+        (running["state"].as_str(), running["attempts"].as_i64()),
+        (Some("Running"), Some(1))
+    );
     assert_eq!(done["state"], "Succeeded", "{done}");
     let codes: Vec<i64> = done["steps"]
         .as_array()
@@ -1138,7 +1151,6 @@ async fn a_three_step_task_in_a_container_sandbox_succeeds_with_each_steps_exit_
 #[tokio::test]
 async fn a_failing_step_fails_the_task_with_its_stderr_and_later_steps_do_not_run() {
     let pod = container_pod().await;
-    let (ctx, mut server) = context(container_fleet(&pod));
     let task = a_task(
         json!([
             { "name": "ok", "type": "Command", "command": ["true"] },
@@ -1149,27 +1161,8 @@ async fn a_failing_step_fails_the_task_with_its_stderr_and_later_steps_do_not_ru
         None,
         None,
     );
-    let reply = task.clone();
-    let session = pod.session.clone();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    run(
-        arl_operator::task::reconcile(Arc::new(task), ctx),
-        async move {
-            expect_task_sandbox(
-                &mut server,
-                "pod-c",
-                &session,
-                json!({ "container": { "image": "x" } }),
-            )
-            .await;
-            expect_task_status(&mut server, &reply).await;
-            tx.send(expect_task_status(&mut server, &reply).await)
-                .unwrap();
-            server.done().await;
-        },
-    )
-    .await;
-    let done = rx.await.unwrap();
+    let (written, _) = run_container_task(&pod, task, 2).await;
+    let done = &written[1];
     assert_eq!(done["state"], "Failed", "{done}");
     assert_eq!(
         (done["exitCode"].as_i64(), done["stderr"].as_str()),
@@ -1183,7 +1176,6 @@ async fn a_failing_step_fails_the_task_with_its_stderr_and_later_steps_do_not_ru
 #[tokio::test]
 async fn a_failed_attempt_is_retried_from_the_first_step() {
     let pod = container_pod().await;
-    let (ctx, mut server) = context(container_fleet(&pod));
     let flaky = "test -f tried || { touch tried; exit 1; }";
     let task = a_task(
         json!([
@@ -1194,32 +1186,12 @@ async fn a_failed_attempt_is_retried_from_the_first_step() {
         None,
         None,
     );
-    let reply = task.clone();
-    let session = pod.session.clone();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    run(
-        arl_operator::task::reconcile(Arc::new(task), ctx),
-        async move {
-            expect_task_sandbox(
-                &mut server,
-                "pod-c",
-                &session,
-                json!({ "container": { "image": "x" } }),
-            )
-            .await;
-            let first = expect_task_status(&mut server, &reply).await;
-            let second = expect_task_status(&mut server, &reply).await;
-            assert_eq!(
-                (first["attempts"].as_i64(), second["attempts"].as_i64()),
-                (Some(1), Some(2))
-            );
-            tx.send(expect_task_status(&mut server, &reply).await)
-                .unwrap();
-            server.done().await;
-        },
-    )
-    .await;
-    let done = rx.await.unwrap();
+    let (written, _) = run_container_task(&pod, task, 3).await;
+    let (first, second, done) = (&written[0], &written[1], &written[2]);
+    assert_eq!(
+        (first["attempts"].as_i64(), second["attempts"].as_i64()),
+        (Some(1), Some(2))
+    );
     assert_eq!(
         (done["state"].as_str(), done["attempts"].as_i64()),
         (Some("Succeeded"), Some(2))
