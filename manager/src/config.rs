@@ -21,9 +21,19 @@ pub struct ManagerConfig {
     pub data_dir: Option<PathBuf>,
     /// Where the runtime packages and compiled modules are kept.
     pub cache_dir: PathBuf,
-    /// Where snapshots are stored; managers given the same folder restore each other's.
-    /// `None`: `session-snapshots` in the cache folder.
-    pub snapshot_dir: Option<PathBuf>,
+    /// Where snapshots and suspended sessions are stored: a folder, or `s3://bucket/prefix`.
+    /// Managers given the same store restore each other's (and need distinct `id_prefix`es).
+    /// `None`: snapshots in `session-snapshots` in the cache folder, sessions in `store` in
+    /// the data folder (so that they survive a restart only with `data_dir` given).
+    pub store: Option<String>,
+    /// A client's session unused this long is suspended to the store (its instance freed)
+    /// and resumed on its next request; zero: never.
+    pub suspend_after: Duration,
+    /// A suspended session unused this long is ended (reason `idle`).
+    pub suspended_ttl: Duration,
+    /// Live sessions that ran a turn since their last checkpoint are checkpointed to the
+    /// store this often, so that a restart on the same store brings them back; zero: never.
+    pub checkpoint_every: Duration,
     /// How often the reaper looks for idle and expired sessions (and tops up warm ones).
     pub reap_interval: Duration,
     /// Sessions kept started ahead per runtime with a bootstrap, for creates that ask for the
@@ -66,7 +76,10 @@ impl ManagerConfig {
             max_memory_bytes: 4 << 30,
             max_timeout: Duration::from_secs(3600),
             data_dir: None,
-            snapshot_dir: None,
+            store: None,
+            suspend_after: Duration::from_secs(60),
+            suspended_ttl: Duration::from_secs(7 * 24 * 3600),
+            checkpoint_every: Duration::from_secs(30),
             cache_dir,
             reap_interval: Duration::from_secs(1),
             warm_sessions: 4,
@@ -78,11 +91,14 @@ impl ManagerConfig {
         }
     }
 
-    /// The folder snapshots are stored in.
-    pub fn snapshot_dir(&self) -> PathBuf {
-        self.snapshot_dir
-            .clone()
-            .unwrap_or_else(|| self.cache_dir.join("session-snapshots"))
+    /// Where snapshots and suspended sessions are stored.
+    pub fn store(&self) -> String {
+        self.store.clone().unwrap_or_else(|| {
+            self.cache_dir
+                .join("session-snapshots")
+                .display()
+                .to_string()
+        })
     }
 
     /// Refuses settings that cannot work together, before a port is bound.
@@ -111,6 +127,9 @@ impl ManagerConfig {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
         {
             return bad("--id-prefix may hold only letters, digits, '-' and '.'".into());
+        }
+        if self.suspended_ttl.is_zero() {
+            return bad("--suspended-ttl-secs must be at least 1".into());
         }
         if d.workspace_bytes == 0 {
             return bad("--workspace-mib must be at least 1".into());

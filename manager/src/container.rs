@@ -409,6 +409,7 @@ async fn load(State(pod): State<Arc<Pod>>) -> Json<crate::metrics::Load> {
         capacity: 1,
         memory_bytes: 0,
         draining: pod.draining.load(Ordering::SeqCst) || pod.broken.load(Ordering::SeqCst),
+        suspended: 0,
     })
 }
 

@@ -47,6 +47,10 @@ pub enum Error {
     ModuleMismatch(String, String),
     #[error("the session's state cannot be taken now: {0}")]
     Refused(String),
+    #[error("the session is held by the manager {0:?} now: ask it (a gateway does this)")]
+    Moved(String),
+    #[error("the session store cannot be reached now ({0}); retry")]
+    StoreUnavailable(String),
     #[error("{0}: {1}")]
     Io(String, #[source] std::io::Error),
     #[error("instantiating the session: {0}")]

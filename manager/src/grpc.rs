@@ -39,7 +39,8 @@ pub fn status(e: Error) -> Status {
         Error::BadSnapshot(_) | Error::ModuleMismatch(..) => Code::InvalidArgument,
         Error::Full(_) | Error::QuotaExceeded(_) | Error::DiskFull(_) => Code::ResourceExhausted,
         Error::NotFound(_) | Error::FileNotFound(_) | Error::SnapshotNotFound(_) => Code::NotFound,
-        Error::Refused(_) => Code::FailedPrecondition,
+        Error::Refused(_) | Error::Moved(_) => Code::FailedPrecondition,
+        Error::StoreUnavailable(_) => Code::Unavailable,
         Error::Ended(_) => Code::FailedPrecondition,
         Error::Busy(_) => Code::Aborted,
         Error::NotReady | Error::Draining | Error::ShuttingDown => Code::Unavailable,
@@ -246,6 +247,7 @@ impl Sessions for SessionService {
             env: (!r.env.is_empty()).then(|| r.env.into_iter().collect()),
             idle_ttl_secs: r.idle_ttl_secs,
             lifetime_secs: r.lifetime_secs,
+            suspend_after_secs: None,
             rollback: r.rollback,
             from_snapshot: (!r.from_snapshot.is_empty()).then_some(r.from_snapshot),
             metadata: (!r.metadata.is_empty()).then(|| r.metadata.into_iter().collect()),
@@ -278,8 +280,12 @@ impl Sessions for SessionService {
         &self,
         request: Request<pb::GetSessionRequest>,
     ) -> Result<Response<pb::Session>, Status> {
-        let found = self.registry.get(&request.get_ref().id).map_err(status)?;
-        Ok(Response::new(session(found.info())))
+        let found = self
+            .registry
+            .info(&request.get_ref().id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(session(found)))
     }
 
     async fn list_sessions(
@@ -296,6 +302,7 @@ impl Sessions for SessionService {
     ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
         self.registry
             .delete(&request.get_ref().id)
+            .await
             .map_err(status)?;
         Ok(Response::new(pb::DeleteSessionResponse {}))
     }
@@ -309,6 +316,7 @@ impl Sessions for SessionService {
         let r = request.into_inner();
         let target = (self.registry)
             .target(&r.session_id, r.timeout_ms)
+            .await
             .map_err(status)?;
         // tonic drops the stream when the client cancels, which stops the turn.
         let events = target
@@ -357,7 +365,7 @@ impl Sessions for SessionService {
                 "the first WriteFile message must name session_id and path",
             ));
         }
-        let target = self.registry.get(&first.session_id).map_err(status)?;
+        let target = self.registry.get(&first.session_id).await.map_err(status)?;
         let (id, path) = (first.session_id, first.path);
         let rest = futures_util::stream::unfold(messages, |mut m| async move {
             match m.message().await {
@@ -396,7 +404,7 @@ impl Sessions for SessionService {
         request: Request<pb::ReadFileRequest>,
     ) -> Result<Response<Self::ReadFileStream>, Status> {
         let r = request.into_inner();
-        let target = self.registry.get(&r.session_id).map_err(status)?;
+        let target = self.registry.get(&r.session_id).await.map_err(status)?;
         let (file, _) = on_workspace(target.workspace.clone(), move |w| w.open_file(&r.path))
             .await
             .map_err(status)?;
@@ -418,7 +426,7 @@ impl Sessions for SessionService {
         request: Request<pb::ListFilesRequest>,
     ) -> Result<Response<pb::ListFilesResponse>, Status> {
         let r = request.into_inner();
-        let target = self.registry.get(&r.session_id).map_err(status)?;
+        let target = self.registry.get(&r.session_id).await.map_err(status)?;
         let entries = on_workspace(target.workspace.clone(), move |w| w.list(&r.path))
             .await
             .map_err(status)?;
@@ -432,7 +440,7 @@ impl Sessions for SessionService {
         request: Request<pb::DeleteFileRequest>,
     ) -> Result<Response<pb::DeleteFileResponse>, Status> {
         let r = request.into_inner();
-        let target = self.registry.get(&r.session_id).map_err(status)?;
+        let target = self.registry.get(&r.session_id).await.map_err(status)?;
         on_workspace(target.workspace.clone(), move |w| w.delete(&r.path))
             .await
             .map_err(status)?;
@@ -452,6 +460,7 @@ impl Sessions for SessionService {
         let target = self
             .registry
             .get(&request.get_ref().session_id)
+            .await
             .map_err(status)?;
         let (lines, _) = target.history();
         let entries = lines.into_iter().filter_map(|line| {
@@ -496,6 +505,7 @@ impl Sessions for SessionService {
             .registry
             .snapshots()
             .info(&request.get_ref().id)
+            .await
             .map_err(status)?;
         Ok(Response::new(snapshot(info)))
     }
@@ -504,10 +514,7 @@ impl Sessions for SessionService {
         &self,
         _: Request<pb::ListSnapshotsRequest>,
     ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
-        let snapshots = self.registry.snapshots().clone();
-        let all = tokio::task::spawn_blocking(move || snapshots.list())
-            .await
-            .unwrap_or_default();
+        let all = self.registry.snapshots().list().await.map_err(status)?;
         Ok(Response::new(pb::ListSnapshotsResponse {
             snapshots: all.into_iter().map(snapshot).collect(),
         }))
@@ -520,6 +527,7 @@ impl Sessions for SessionService {
         self.registry
             .snapshots()
             .delete(&request.get_ref().id)
+            .await
             .map_err(status)?;
         Ok(Response::new(pb::DeleteSnapshotResponse {}))
     }

@@ -104,10 +104,24 @@ struct Serve {
     /// Where session workspaces live [default: a private temporary folder].
     #[arg(long, env = "ARL_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Where session snapshots are stored; managers given the same folder restore each
-    /// other's [default: `session-snapshots` in the cache folder].
-    #[arg(long, env = "ARL_SNAPSHOT_DIR")]
-    snapshot_dir: Option<PathBuf>,
+    /// Where snapshots, suspended sessions and checkpoints are stored: a folder, or
+    /// `s3://bucket[/prefix]` with credentials, region and endpoint from the `AWS_*`
+    /// environment. Managers given the same store resume each other's sessions [default:
+    /// `session-snapshots` in the cache folder]
+    #[arg(long, alias = "snapshot-dir", env = "ARL_STORE")]
+    store: Option<String>,
+    /// Seconds a session may sit unused before it is suspended to the store (its memory
+    /// freed; its next request resumes it under the same id); 0: never. A create may ask
+    /// for its own (`suspend_after_secs`).
+    #[arg(long, env = "ARL_SUSPEND_AFTER_SECS", default_value_t = 60)]
+    suspend_after_secs: u64,
+    /// Seconds a suspended session is kept unused before it is ended (reason `idle`).
+    #[arg(long, env = "ARL_SUSPENDED_TTL_SECS", default_value_t = 7 * 24 * 3600)]
+    suspended_ttl_secs: u64,
+    /// Seconds between checkpoints of live sessions that ran a turn since their last one, so
+    /// that a manager restarted on the same store brings them back; 0: never.
+    #[arg(long, env = "ARL_CHECKPOINT_EVERY_SECS", default_value_t = 30)]
+    checkpoint_every_secs: u64,
     /// Let a failed turn (deadline, trap, cancel, memory blow-up) end its session instead of
     /// being rolled back; a create may still ask for either with `rollback`.
     #[arg(long, env = "ARL_NO_ROLLBACK")]
@@ -207,7 +221,10 @@ fn config(serve: &Serve) -> anyhow::Result<ManagerConfig> {
     config.max_memory_bytes = serve.max_memory_mib << 20;
     config.max_timeout = Duration::from_millis(serve.max_timeout_ms);
     config.data_dir = serve.data_dir.clone();
-    config.snapshot_dir = serve.snapshot_dir.clone();
+    config.store = serve.store.clone();
+    config.suspend_after = Duration::from_secs(serve.suspend_after_secs);
+    config.suspended_ttl = Duration::from_secs(serve.suspended_ttl_secs);
+    config.checkpoint_every = Duration::from_secs(serve.checkpoint_every_secs);
     config.network = arl_manager::egress::NetworkLimits {
         ceiling: match &serve.network_allow {
             Some(list) => Some(arl_manager::egress::NetworkLimits::parse_ceiling(list)?),
@@ -318,6 +335,11 @@ async fn run(serve: Serve) -> anyhow::Result<()> {
         }
         Ok(())
     });
+    // Before the reaper: what a dead predecessor left is cleaned before anything is made.
+    registry
+        .recover()
+        .await
+        .context("reading the session store")?;
     registry.spawn_reaper();
     let options = ServeOptions {
         body_limit: serve.body_limit_bytes,

@@ -25,6 +25,8 @@ pub struct Load {
     pub memory_bytes: u64,
     /// Whether new sessions are refused.
     pub draining: bool,
+    /// Sessions suspended to the store (no instance; resumed by their next request).
+    pub suspended: u64,
 }
 
 /// Live sessions.
@@ -35,6 +37,12 @@ pub const SESSIONS_CAPACITY: &str = "arl_sessions_capacity";
 pub const MEMORY_BYTES: &str = "arl_memory_bytes";
 /// 1 while the manager refuses new sessions (drain), else 0.
 pub const DRAINING: &str = "arl_draining";
+/// Sessions suspended to the store.
+pub const SESSIONS_SUSPENDED: &str = "arl_sessions_suspended";
+/// Suspensions and resumes, by `direction` (`suspend`, `resume`).
+pub const SUSPENSIONS: &str = "arl_suspensions_total";
+/// Writes and reads of the session store that failed (the session stayed as it was).
+pub const STORE_FAILURES: &str = "arl_store_failures_total";
 /// Sessions created, by `runtime`.
 pub const SESSIONS_CREATED: &str = "arl_sessions_created_total";
 /// Sessions ended, by `reason` (`deleted`, `idle`, `deadline`, `exit`, `trap`, ...).
@@ -56,8 +64,11 @@ pub const EGRESS_REQUESTS: &str = "arl_egress_requests_total";
 pub const EGRESS_BYTES: &str = "arl_egress_bytes_total";
 
 /// Every name above, for documentation and tests.
-pub const ALL: [&str; 12] = [
+pub const ALL: [&str; 15] = [
     SESSIONS_ACTIVE,
+    SESSIONS_SUSPENDED,
+    SUSPENSIONS,
+    STORE_FAILURES,
     SESSIONS_CAPACITY,
     MEMORY_BYTES,
     DRAINING,
@@ -139,6 +150,9 @@ pub struct Metrics {
     duration: Histogram,
     http: Family<HttpLabels, Counter>,
     whole_memory: Counter,
+    suspensions: Family<DirectionLabel, Counter>,
+    store_failures: Counter,
+    suspended: Gauge,
     egress: Family<EgressLabels, Counter>,
     egress_bytes: Family<DirectionLabel, Counter>,
     active: Gauge,
@@ -163,6 +177,9 @@ impl Metrics {
             duration: Histogram::new(exponential_buckets(0.000_25, 2.0, 20)),
             http: Family::default(),
             whole_memory: Counter::default(),
+            suspensions: Family::default(),
+            store_failures: Counter::default(),
+            suspended: Gauge::default(),
             egress: Family::default(),
             egress_bytes: Family::default(),
             active: Gauge::default(),
@@ -220,6 +237,21 @@ impl Metrics {
             this.whole_memory.clone(),
         );
         registry.register(
+            SESSIONS_SUSPENDED,
+            "Sessions suspended to the store",
+            this.suspended.clone(),
+        );
+        registry.register(
+            counter(SUSPENSIONS),
+            "Suspensions and resumes, by direction",
+            this.suspensions.clone(),
+        );
+        registry.register(
+            counter(STORE_FAILURES),
+            "Session store writes and reads that failed",
+            this.store_failures.clone(),
+        );
+        registry.register(
             counter(EGRESS_REQUESTS),
             "Calls guests made out of their sandbox, by kind and outcome",
             this.egress.clone(),
@@ -235,6 +267,11 @@ impl Metrics {
                 let kind = kind.to_owned();
                 let _ = this.egress.get_or_create(&EgressLabels { kind, outcome });
             }
+        }
+        for direction in ["suspend", "resume"] {
+            let _ = this
+                .suspensions
+                .get_or_create(&DirectionLabel { direction });
         }
         for direction in ["sent", "received"] {
             let _ = this
@@ -264,6 +301,27 @@ impl Metrics {
                 runtime: runtime.to_owned(),
             })
             .inc();
+    }
+
+    /// A session went to the store.
+    pub fn suspended(&self) {
+        let direction = "suspend";
+        self.suspensions
+            .get_or_create(&DirectionLabel { direction })
+            .inc();
+    }
+
+    /// A session came back from the store.
+    pub fn resumed(&self) {
+        let direction = "resume";
+        self.suspensions
+            .get_or_create(&DirectionLabel { direction })
+            .inc();
+    }
+
+    /// A write or read of the session store failed.
+    pub fn store_failure(&self) {
+        self.store_failures.inc();
     }
 
     pub fn session_ended(&self, reason: &EndReason) {
@@ -300,6 +358,7 @@ impl Metrics {
         self.capacity.set(gauge(load.capacity));
         self.memory.set(gauge(load.memory_bytes));
         self.draining.set(i64::from(load.draining));
+        self.suspended.set(gauge(load.suspended));
         let whole = crate::image::pages::whole_memory_captures();
         self.whole_memory
             .inc_by(whole.saturating_sub(self.whole_memory.get()));
@@ -326,6 +385,7 @@ mod tests {
             capacity: 10,
             memory_bytes: 1 << 20,
             draining: true,
+            suspended: 2,
         });
         for name in ALL {
             assert!(text.contains(name), "{name} missing from:\n{text}");

@@ -193,7 +193,7 @@ async fn prober() {
     refused(m.exec(&other, "read /tmp/scratch").await, "44"); // and so is /tmp
     assert_eq!(m.exec(&other, "list /tmp").await["result"], "");
     // Both folders live in the session's own folder on the host, removed when it ends.
-    let dir = m.registry.get(&id).unwrap().dir.clone();
+    let dir = m.registry.get(&id).await.unwrap().dir.clone();
     assert_eq!(
         std::fs::read_to_string(dir.join("tmp/scratch")).unwrap(),
         "mine"

@@ -15,7 +15,7 @@ fn manager() -> &'static Arc<TestManager> {
     M.get_or_init(|| {
         let dir = SNAPSHOTS.get_or_init(|| tempfile::tempdir().unwrap());
         let mut c = python_config();
-        c.snapshot_dir = Some(dir.path().to_owned());
+        c.store = Some(dir.path().display().to_string());
         TestManager::start(c, Runtimes::python())
     })
 }

@@ -73,7 +73,7 @@ pub async fn upload(
     Path((id, path)): Path<(String, String)>,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<FileView>)> {
-    let session = registry.get(&id)?;
+    let session = registry.get(&id).await?;
     let data = body.into_data_stream().map(|chunk| {
         chunk.map_err(|e| Error::InvalidRequest(format!("reading the request body: {e}")))
     });
@@ -102,7 +102,7 @@ pub async fn download(
     State(registry): State<Registry>,
     Path((id, path)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    let session = registry.get(&id)?;
+    let session = registry.get(&id).await?;
     let (file, len) = on_workspace(session.workspace.clone(), move |w| w.open_file(&path)).await?;
     let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
         tokio::fs::File::from_std(file),
@@ -134,7 +134,7 @@ pub async fn remove(
     State(registry): State<Registry>,
     Path((id, path)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    let session = registry.get(&id)?;
+    let session = registry.get(&id).await?;
     on_workspace(session.workspace.clone(), move |w| w.delete(&path)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -153,7 +153,7 @@ pub async fn list(
     Path(id): Path<String>,
     Query(query): Query<ListQuery>,
 ) -> ApiResult<Json<FileList>> {
-    let session = registry.get(&id)?;
+    let session = registry.get(&id).await?;
     let path = query.path.unwrap_or_default();
     let dir = path.clone();
     let entries = on_workspace(session.workspace.clone(), move |w| w.list(&dir)).await?;

@@ -465,7 +465,7 @@ struct Deleted<'a>(&'a Registry, String);
 
 impl Drop for Deleted<'_> {
     fn drop(&mut self) {
-        let _ = self.0.delete(&self.1);
+        self.0.discard(&self.1);
     }
 }
 

@@ -175,10 +175,10 @@ impl Tools {
             let session = self.registry.create(CreateRequest::default()).await?;
             session.forgo_rollback(); // one call, then it is deleted
             let outcome = session.execute(args.code, timeout, None).await;
-            let _ = self.registry.delete(&session.id);
+            self.registry.discard(&session.id);
             return outcome.map(executed);
         };
-        let session = self.registry.get(id)?;
+        let session = self.registry.get(id).await?;
         session
             .execute(args.code, timeout, None)
             .await
@@ -193,7 +193,7 @@ impl Tools {
         Parameters(args): Parameters<ListArgs>,
     ) -> Result<CallToolResult, ErrorData> {
         let listed = async {
-            let session = self.registry.get(&args.session_id)?;
+            let session = self.registry.get(&args.session_id).await?;
             let path = args.path.unwrap_or_default();
             let entries = on_workspace(session.workspace.clone(), move |w| w.list(&path)).await?;
             let views: Vec<FileView> = entries.into_iter().map(Into::into).collect();
@@ -208,7 +208,7 @@ impl Tools {
         Parameters(args): Parameters<FileArgs>,
     ) -> Result<CallToolResult, ErrorData> {
         let read = async {
-            let session = self.registry.get(&args.session_id)?;
+            let session = self.registry.get(&args.session_id).await?;
             let path = args.path.clone();
             let bytes = on_workspace(session.workspace.clone(), move |w| {
                 let (mut file, len) = w.open_file(&path)?;
@@ -248,7 +248,7 @@ impl Tools {
             ));
         }
         let written = async {
-            let session = self.registry.get(&args.session_id)?;
+            let session = self.registry.get(&args.session_id).await?;
             let data = bytes::Bytes::from(args.content.into_bytes());
             let once = futures_util::stream::once(async move { Ok(data) });
             let (entry, _) = files::upload(session.workspace.clone(), args.path, once).await?;
@@ -264,7 +264,7 @@ impl Tools {
         &self,
         Parameters(args): Parameters<SessionArgs>,
     ) -> Result<CallToolResult, ErrorData> {
-        answer(self.registry.delete(&args.session_id).map(|()| {
+        answer(self.registry.delete(&args.session_id).await.map(|()| {
             let said = format!("session {} deleted", args.session_id);
             CallToolResult::success(vec![ContentBlock::text(said)])
         }))

@@ -30,8 +30,8 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::Error;
 use crate::registry::Registry;
-use crate::{EndReason, Error};
 
 /// Request bodies larger than this answer 413 unless the router is given another limit.
 /// File uploads are bounded by the workspace quota instead.
@@ -115,6 +115,8 @@ fn documented(import_limit: usize) -> OpenApiRouter<Registry> {
         .routes(routes!(ops::openapi_json))
         .routes(routes!(sessions::create, sessions::list))
         .routes(routes!(sessions::show, sessions::delete))
+        .routes(routes!(sessions::suspend))
+        .routes(routes!(sessions::resume))
         .routes(routes!(sessions::execute))
         .routes(routes!(snapshots::fork))
         .routes(routes!(snapshots::snapshot))
@@ -138,6 +140,7 @@ fn documented(import_limit: usize) -> OpenApiRouter<Registry> {
         .routes(routes!(e2b::connect))
         .routes(routes!(e2b::connect_v1))
         .routes(routes!(e2b::set_timeout))
+        .routes(routes!(e2b::pause))
         .routes(routes!(e2b::fork))
         .routes(routes!(e2b::info, e2b::kill))
         .routes(routes!(e2b::execute))
@@ -274,7 +277,8 @@ pub struct ErrorDetail {
     pub code: &'static str,
     /// For people.
     pub message: String,
-    /// Why the session ended, on `session_ended`.
+    /// Why the session ended, on `session_ended` (`idle`, `lost`, ...); the manager (its id
+    /// prefix) that holds the session now, on `session_moved`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
@@ -285,7 +289,7 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
-    reason: Option<EndReason>,
+    reason: Option<String>,
 }
 
 impl ApiError {
@@ -303,7 +307,7 @@ impl ApiError {
             error: ErrorDetail {
                 code: self.code,
                 message: self.message.clone(),
-                reason: self.reason.as_ref().map(ToString::to_string),
+                reason: self.reason.clone(),
             },
         }
     }
@@ -328,6 +332,8 @@ impl From<Error> for ApiError {
                 (StatusCode::UNPROCESSABLE_ENTITY, "snapshot_module_mismatch")
             }
             Error::Refused(_) => (StatusCode::CONFLICT, "snapshot_refused"),
+            Error::Moved(_) => (StatusCode::MISDIRECTED_REQUEST, "session_moved"),
+            Error::StoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             Error::Ended(_) => (StatusCode::GONE, "session_ended"),
             Error::Busy(_) => (StatusCode::CONFLICT, "session_busy"),
             Error::NotReady => (StatusCode::SERVICE_UNAVAILABLE, "not_ready"),
@@ -344,7 +350,8 @@ impl From<Error> for ApiError {
             }
         };
         let reason = match e {
-            Error::Ended(reason) => Some(reason),
+            Error::Ended(reason) => Some(reason.to_string()),
+            Error::Moved(owner) => Some(owner),
             _ => None,
         };
         Self {
@@ -372,7 +379,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(self.body())).into_response();
         if self.status == StatusCode::TOO_MANY_REQUESTS
-            || matches!(self.code, "not_ready" | "resources_exhausted")
+            || matches!(
+                self.code,
+                "not_ready" | "resources_exhausted" | "store_unavailable"
+            )
         {
             response
                 .headers_mut()

@@ -47,11 +47,31 @@ pub async fn load(State(registry): State<Registry>) -> Json<Load> {
     Json(registry.load())
 }
 
-/// Starts draining: new sessions answer 503 `draining`, existing ones continue. Idempotent.
+/// How a drain treats the sessions already here.
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DrainQuery {
+    /// `true`: hand every session to the managers sharing the store (each is suspended with
+    /// no owner; the next request through a gateway resumes it on another manager, under the
+    /// same id). `false` (the default): they carry on here until they end.
+    pub move_sessions: Option<bool>,
+}
+
+/// Starts draining: new sessions answer 503 `draining`; existing ones continue, or are moved
+/// out through the store (`move_sessions=true`, in the background: the load shows them go).
+/// Idempotent.
 #[utoipa::path(post, path = "/v1/drain", operation_id = "drain", tag = "operations",
+    params(DrainQuery),
     responses((status = 200, description = "Draining; the load after the change", body = Load)))]
-pub async fn drain(State(registry): State<Registry>) -> Json<Load> {
+pub async fn drain(
+    State(registry): State<Registry>,
+    axum::extract::Query(query): axum::extract::Query<DrainQuery>,
+) -> Json<Load> {
     registry.set_draining(true);
+    if query.move_sessions == Some(true) {
+        let mover = registry.clone();
+        tokio::spawn(async move { mover.move_out().await });
+    }
     Json(registry.load())
 }
 

@@ -103,7 +103,7 @@ pub async fn execute(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<RlmExecuted>> {
     let request: RlmExecute = parse(body, false)?;
-    let Target { session, timeout } = registry.target(&id, request.timeout_ms)?;
+    let Target { session, timeout } = registry.target(&id, request.timeout_ms).await?;
     let o = session.execute(request.code, timeout, None).await?;
     let mut output = o.stdout.clone();
     if let Some(result) = &o.result {
@@ -149,7 +149,7 @@ pub async fn delete(
     State(registry): State<Registry>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<RlmDeleted>> {
-    registry.delete(&id)?;
+    registry.delete(&id).await?;
     Ok(Json(RlmDeleted {
         session_id: id,
         status: "deleted",

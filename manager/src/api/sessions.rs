@@ -31,7 +31,8 @@ const KEEP_ALIVE: Duration = Duration::from_secs(1);
 pub struct SessionView {
     pub id: String,
     pub runtime: String,
-    /// `starting`, `idle`, `running` or `ended`.
+    /// `starting`, `idle`, `running`, `suspended` (in the store; its next request resumes
+    /// it) or `ended`.
     pub state: &'static str,
     /// RFC 3339.
     pub created_at: String,
@@ -143,19 +144,58 @@ pub async fn list(State(registry): State<Registry>) -> Json<SessionList> {
     Json(SessionList { sessions })
 }
 
-/// One session.
+/// One session, live or suspended (looking does not resume it).
 #[utoipa::path(get, path = "/v1/sessions/{id}", operation_id = "get_session", tag = "sessions",
     params(("id" = String, Path, description = "The session's id")),
     responses(
         (status = 200, description = "The session", body = SessionView),
         (status = 404, description = "`session_not_found`", body = ErrorBody),
-        (status = 410, description = "`session_ended`, with the reason", body = ErrorBody),
+        (status = 410, description = "`session_ended`, with the reason (`lost`: held by a \
+            manager that stopped without saving it)", body = ErrorBody),
+        (status = 421, description = "`session_moved`: another manager holds it (`reason` \
+            names it)", body = ErrorBody),
     ))]
 pub async fn show(
     State(registry): State<Registry>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<SessionView>> {
-    Ok(Json(registry.get(&id)?.info().into()))
+    Ok(Json(registry.info(&id).await?.into()))
+}
+
+/// Suspends the session now, after the turns already queued: its state goes to the store and
+/// its memory is freed. Its next request resumes it under the same id.
+#[utoipa::path(post, path = "/v1/sessions/{id}/suspend", operation_id = "suspend_session", tag = "sessions",
+    params(("id" = String, Path, description = "The session's id")),
+    responses(
+        (status = 200, description = "The session, `suspended`", body = SessionView),
+        (status = 404, description = "`session_not_found`", body = ErrorBody),
+        (status = 409, description = "`snapshot_refused`: its state cannot be taken now", body = ErrorBody),
+        (status = 410, description = "`session_ended`", body = ErrorBody),
+        (status = 503, description = "`store_unavailable`: the store refused it; the session \
+            stays live", body = ErrorBody),
+    ))]
+pub async fn suspend(
+    State(registry): State<Registry>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SessionView>> {
+    Ok(Json(registry.suspend(&id).await?.into()))
+}
+
+/// Resumes a suspended session now (any request to it would); a live one is left as it is.
+#[utoipa::path(post, path = "/v1/sessions/{id}/resume", operation_id = "resume_session", tag = "sessions",
+    params(("id" = String, Path, description = "The session's id")),
+    responses(
+        (status = 200, description = "The session, live", body = SessionView),
+        (status = 404, description = "`session_not_found`", body = ErrorBody),
+        (status = 410, description = "`session_ended` (`lost`: the store cannot give it back)", body = ErrorBody),
+        (status = 429, description = "`capacity_exhausted`", body = ErrorBody),
+        (status = 503, description = "`store_unavailable`", body = ErrorBody),
+    ))]
+pub async fn resume(
+    State(registry): State<Registry>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SessionView>> {
+    Ok(Json(registry.resume_now(&id).await?.into()))
 }
 
 /// Ends the session now (a running execution is stopped) and removes its workspace.
@@ -170,7 +210,7 @@ pub async fn delete(
     State(registry): State<Registry>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    registry.delete(&id)?;
+    registry.delete(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -257,7 +297,7 @@ pub async fn execute(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let request: ExecuteRequest = parse(body, false)?;
-    let Target { session, timeout } = registry.target(&id, request.timeout_ms)?;
+    let Target { session, timeout } = registry.target(&id, request.timeout_ms).await?;
     if wants_events(&headers) {
         let turn = session.execute_streaming(request.code, timeout);
         return Ok(Sse::new(sse_events(turn))

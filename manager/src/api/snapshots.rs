@@ -159,7 +159,7 @@ pub async fn history(
     State(registry): State<Registry>,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let (lines, dropped) = registry.get(&id)?.history();
+    let (lines, dropped) = registry.get(&id).await?.history();
     let mut body = String::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
     for line in &lines {
         body.push_str(line);
@@ -181,14 +181,11 @@ pub async fn history(
 /// Stored snapshots, newest first.
 #[utoipa::path(get, path = "/v1/snapshots", operation_id = "list_snapshots", tag = "state",
     responses((status = 200, description = "Stored snapshots", body = SnapshotList)))]
-pub async fn list(State(registry): State<Registry>) -> Json<SnapshotList> {
-    let snapshots = registry.snapshots().clone();
-    let all = tokio::task::spawn_blocking(move || snapshots.list())
-        .await
-        .unwrap_or_default();
-    Json(SnapshotList {
+pub async fn list(State(registry): State<Registry>) -> ApiResult<Json<SnapshotList>> {
+    let all = registry.snapshots().list().await?;
+    Ok(Json(SnapshotList {
         snapshots: all.into_iter().map(Into::into).collect(),
-    })
+    }))
 }
 
 /// One snapshot.
@@ -203,7 +200,7 @@ pub async fn show(
     State(registry): State<Registry>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<SnapshotView>> {
-    Ok(Json(registry.snapshots().info(&id)?.into()))
+    Ok(Json(registry.snapshots().info(&id).await?.into()))
 }
 
 /// Removes a snapshot; sessions restored from it are not touched.
@@ -217,6 +214,6 @@ pub async fn delete(
     State(registry): State<Registry>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    registry.snapshots().delete(&id)?;
+    registry.snapshots().delete(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -242,7 +242,7 @@ impl Record {
 }
 
 /// A session's egress as its view shows it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct Summary {
     /// The rules of its allow-list; empty: no network.
     pub allow: Vec<String>,

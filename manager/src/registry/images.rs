@@ -55,7 +55,7 @@ impl Registry {
     /// own from now: its pseudo-random states are drawn anew on its first turn.
     pub async fn fork(&self, id: &str) -> Result<Arc<Session>> {
         self.check_open()?;
-        let source = self.get(id)?;
+        let source = self.get(id).await?;
         let image = source.capture().await?;
         let request = CreateRequest::default();
         let fork = self
@@ -69,8 +69,7 @@ impl Registry {
     /// Stores the state and files of session `id` as a snapshot.
     pub async fn snapshot(&self, id: &str) -> Result<SnapshotInfo> {
         let image = self.image_with_files(id).await?;
-        let snapshots = self.inner.snapshots.clone();
-        blocking(move || snapshots.save(&image)).await
+        self.inner.snapshots.save(image).await
     }
 
     /// The state and files of session `id`, as bytes another manager can import.
@@ -106,7 +105,7 @@ impl Registry {
     }
 
     async fn image_with_files(&self, id: &str) -> Result<Image> {
-        let session = self.get(id)?;
+        let session = self.get(id).await?;
         let mut image = session.capture().await?;
         let (dir, quota) = (session.dir.clone(), session.limits.workspace_bytes);
         image.files = blocking(move || image::read_dirs(&dir, quota)).await?;

@@ -8,11 +8,15 @@
 //! | [`warm`] | the warm pool of sessions started ahead of demand |
 //! | [`images`] | fork, snapshot, export, import, restore |
 //! | [`reaper`] | idle TTL, lifetime and memory-pressure upkeep |
+//! | [`suspend`] | sessions at rest in the store: suspend, resume, checkpoints, recovery |
+//! | [`private`] | the private data folder, and the ones dead managers left |
 
 pub mod images;
+mod private;
 pub mod reaper;
 pub mod request;
 pub mod runtimes;
+pub mod suspend;
 pub mod warm;
 
 use std::collections::{HashMap, VecDeque};
@@ -28,7 +32,7 @@ use crate::engine::{EngineSettings, SandboxEngine};
 use crate::image;
 use crate::metrics::{Load, Metrics};
 use crate::runtime::Runtime;
-use crate::session::{self, EndReason, Info, Limits, NewSession, Origin, Session};
+use crate::session::{self, EndReason, Info, Limits, Live, NewSession, Origin, Session};
 use crate::snapshots::SnapshotStore;
 use crate::{Error, Result};
 
@@ -36,6 +40,8 @@ use images::Provenance;
 pub use reaper::available_memory;
 pub use request::{CreateRequest, MAX_TTL_SECS};
 use request::{check_env, check_metadata};
+pub use suspend::Recovered;
+use suspend::{Found, Parked};
 use warm::WarmPool;
 
 /// Images decoded at once (imports and restores): each may hold up to the manager's image
@@ -60,6 +66,8 @@ struct ManagerState {
     /// Runtimes being loaded: a create for one of them answers "not ready", not "unknown".
     loading: RwLock<Vec<String>>,
     sessions: RwLock<HashMap<String, Arc<Session>>>,
+    /// Clients' sessions suspended to the store. Locked after `sessions` when both are.
+    parked: RwLock<HashMap<String, Arc<Parked>>>,
     tombstones: Mutex<Tombstones>,
     slots: Arc<Semaphore>,
     /// Turns to decode an image (see [`DECODING`]).
@@ -68,10 +76,13 @@ struct ManagerState {
     metrics: Arc<Metrics>,
     draining: AtomicBool,
     stopping: AtomicBool,
+    /// Clients' snapshots.
     snapshots: SnapshotStore,
+    /// Suspended and checkpointed sessions (the snapshot store when one is given).
+    store: SnapshotStore,
     egress: crate::egress::Egress,
     data_dir: PathBuf,
-    _private_dir: Option<tempfile::TempDir>,
+    _private_dir: Option<private::PrivateDir>,
 }
 
 #[derive(Default)]
@@ -107,7 +118,7 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 /// Where a turn goes: the live session a client named, and the deadline it asked for
 /// (`None`: the session's own). Every door (HTTP, RLM, gRPC) resolves its turns here.
 pub struct Target {
-    pub session: Arc<Session>,
+    pub session: Live,
     pub timeout: Option<Duration>,
 }
 
@@ -122,12 +133,15 @@ impl Registry {
         let (data_dir, private) = match &config.data_dir {
             Some(dir) => (dir.clone(), None),
             None => {
-                let tmp = tempfile::Builder::new()
-                    .prefix("arl-manager-")
-                    .tempdir()
-                    .map_err(|e| Error::Io("creating the data folder".into(), e))?;
-                (tmp.path().to_owned(), Some(tmp))
+                let private = private::PrivateDir::new()?;
+                (private.path().to_owned(), Some(private))
             }
+        };
+        // Sessions outlive a restart only in a store the next manager is given too: one named
+        // by `--store`, or the data folder's.
+        let store = match &config.store {
+            Some(location) => SnapshotStore::open(location)?,
+            None => SnapshotStore::open(&data_dir.join("store").display().to_string())?,
         };
         let sessions_dir = data_dir.join("sessions");
         std::fs::create_dir_all(&sessions_dir)
@@ -143,12 +157,14 @@ impl Registry {
                 egress,
                 cache: arl_runtimes::ModuleCache::new(config.cache_dir.join("modules")),
                 slots: Arc::new(Semaphore::new(config.max_sessions as usize)),
-                snapshots: SnapshotStore::new(config.snapshot_dir()),
+                snapshots: SnapshotStore::open(&config.store())?,
+                store,
                 config,
                 engine,
                 runtimes: RwLock::default(),
                 loading: RwLock::default(),
                 sessions: RwLock::default(),
+                parked: RwLock::default(),
                 tombstones: Mutex::default(),
                 decoding: Semaphore::new(DECODING),
                 warm: WarmPool::default(),
@@ -177,6 +193,7 @@ impl Registry {
             capacity: u64::from(self.inner.config.max_sessions),
             memory_bytes: sessions.values().map(|s| s.memory_bytes()).sum(),
             draining: self.draining(),
+            suspended: read(&self.inner.parked).len() as u64,
         }
     }
 
@@ -205,11 +222,8 @@ impl Registry {
     pub async fn create(&self, request: CreateRequest) -> Result<Arc<Session>> {
         self.check_open()?;
         if let Some(id) = &request.from_snapshot {
-            let (max_memory, max_files) = self.image_bounds();
-            let snapshots = self.inner.snapshots.clone();
-            let id = id.clone();
             let _decoding = self.decoding_slot().await?;
-            let image = blocking(move || snapshots.load(&id, max_memory, max_files)).await?;
+            let image = self.inner.snapshots.load(id, self.image_bounds()).await?;
             return self.restore(image, &request, Provenance::Elsewhere).await;
         }
         let runtime = self.runtime(&request.runtime_name("python")?)?;
@@ -236,6 +250,9 @@ impl Registry {
         session.set_metadata(metadata);
         session.door.grant(grants);
         self.adopt(&session);
+        if let Some(secs) = request.suspend_after_secs {
+            session.set_suspend_after(Duration::from_secs(secs));
+        }
         self.top_up_soon();
         Ok(session)
     }
@@ -259,62 +276,73 @@ impl Registry {
 
     /// The session `id` names and the deadline `timeout_ms` asks for, both checked: the
     /// deadline first (422 before 404), then the session (404, or 410 with why it ended).
-    pub fn target(&self, id: &str, timeout_ms: Option<u64>) -> Result<Target> {
+    pub async fn target(&self, id: &str, timeout_ms: Option<u64>) -> Result<Target> {
         let timeout = self.check_timeout(timeout_ms)?;
         Ok(Target {
-            session: self.get(id)?,
+            session: self.get(id).await?,
             timeout,
         })
     }
 
-    /// The live session with `id`; an ended one answers why it ended.
-    pub fn get(&self, id: &str) -> Result<Arc<Session>> {
-        if let Some(session) = read(&self.inner.sessions).get(id) {
-            return match session.ended() {
-                Some(reason) => Err(Error::Ended(reason)),
-                None => Ok(session.clone()),
-            };
-        }
-        let tombstones = self
-            .inner
-            .tombstones
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        match tombstones.reasons.get(id) {
-            Some(reason) => Err(Error::Ended(reason.clone())),
-            None => Err(Error::NotFound(id.to_owned())),
-        }
-    }
-
-    /// Every live session, oldest first.
+    /// Every client's session, live or suspended, oldest first.
     pub fn list(&self) -> Vec<Info> {
         let mut all: Vec<Info> = read(&self.inner.sessions)
             .values()
             .map(|s| s.info())
             .collect();
+        all.extend(self.parked_infos());
         all.sort_by_key(|i| i.created_at);
         all
     }
 
-    /// Ends and forgets a session at a client's request; later calls answer 404.
-    pub fn delete(&self, id: &str) -> Result<()> {
+    /// Ends and forgets a session at a client's request, live or suspended; later calls
+    /// answer 404.
+    pub async fn delete(&self, id: &str) -> Result<()> {
         let session = write(&self.inner.sessions).remove(id);
-        match session {
-            Some(session) => {
-                session.end(EndReason::Deleted);
+        if let Some(session) = session {
+            session.end(EndReason::Deleted);
+            return Ok(());
+        }
+        match self.find(id) {
+            Found::Parked(parked) => {
+                let _turn = parked.turn.lock().await;
+                if write(&self.inner.parked).remove(id).is_some() {
+                    self.inner.metrics.session_ended(&EndReason::Deleted);
+                    self.inner.forget_stored(id);
+                }
                 Ok(())
             }
-            None => self.get(id).map(drop),
+            Found::Live(_) => Box::pin(self.delete(id)).await,
+            Found::Gone(Error::NotFound(_)) => self.get(id).await.map(drop),
+            Found::Gone(e) => Err(e),
         }
     }
 
-    /// Deletes every session; how many there were.
+    /// Deletes session `id` from a context that cannot wait (a guard's `drop`): a live
+    /// session ends at once, a suspended one in the background.
+    pub fn discard(&self, id: &str) {
+        let session = write(&self.inner.sessions).remove(id);
+        match session {
+            Some(session) => session.end(EndReason::Deleted),
+            None => {
+                let (registry, id) = (self.clone(), id.to_owned());
+                tokio::spawn(async move { registry.delete(&id).await });
+            }
+        }
+    }
+
+    /// Deletes every session, live or suspended; how many there were.
     pub fn delete_all(&self) -> usize {
         let all: Vec<_> = write(&self.inner.sessions).drain().collect();
         for (_, session) in &all {
             session.end(EndReason::Deleted);
         }
-        all.len()
+        let parked: Vec<_> = write(&self.inner.parked).drain().collect();
+        for (id, _) in &parked {
+            self.inner.metrics.session_ended(&EndReason::Deleted);
+            self.inner.forget_stored(id);
+        }
+        all.len() + parked.len()
     }
 
     /// Ends every session (the manager is stopping) and waits until their stores are gone.
@@ -340,12 +368,32 @@ impl Registry {
         warm: bool,
         origin: Option<(Origin, Option<PathBuf>)>,
     ) -> Result<Arc<Session>> {
+        self.start_as(None, runtime, limits, env, permit, warm, origin)
+            .await
+    }
+
+    /// Like [`start`](Self::start), under `id` when one is given (a resumed session keeps
+    /// its own). Each instance has a folder of its own, whatever its id.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the parts of a session, each distinct"
+    )]
+    pub(super) async fn start_as(
+        &self,
+        id: Option<String>,
+        runtime: Arc<Runtime>,
+        limits: Limits,
+        env: Vec<(String, String)>,
+        permit: OwnedSemaphorePermit,
+        warm: bool,
+        origin: Option<(Origin, Option<PathBuf>)>,
+    ) -> Result<Arc<Session>> {
         let hex = uuid::Uuid::new_v4().simple();
-        let id = match self.inner.config.id_prefix.as_str() {
+        let id = id.unwrap_or_else(|| match self.inner.config.id_prefix.as_str() {
             "" => hex.to_string(),
             prefix => format!("{prefix}.{hex}"),
-        };
-        let dir = self.inner.data_dir.join("sessions").join(&id);
+        });
+        let dir = self.inner.data_dir.join("sessions").join(hex.to_string());
         let origin = match origin {
             None => None,
             Some((origin, copy_from)) => {
@@ -396,9 +444,10 @@ impl Registry {
         })
     }
 
-    /// Makes `session` a client's: listed, counted, reaped.
+    /// Makes `session` a client's: listed, counted, reaped, suspended when idle.
     pub(super) fn adopt(&self, session: &Arc<Session>) {
         self.inner.metrics.session_created(&session.runtime);
+        session.set_suspend_after(self.inner.config.suspend_after);
         write(&self.inner.sessions).insert(session.id.clone(), session.clone());
     }
 }
@@ -406,17 +455,26 @@ impl Registry {
 impl ManagerState {
     fn forget(&self, session: &Session, reason: EndReason) {
         let id = session.id.as_str();
-        write(&self.sessions).remove(id);
-        if session.is_warm() {
-            return; // never a client's: nothing to count or remember
+        {
+            let mut sessions = write(&self.sessions);
+            if sessions
+                .get(id)
+                .is_some_and(|s| std::ptr::eq(s.as_ref(), session))
+            {
+                sessions.remove(id);
+            }
         }
-        self.metrics.session_ended(&reason);
-        if reason != EndReason::Deleted {
+        if session.is_warm() || reason == EndReason::Suspended {
+            return; // never a client's, or lives on in the store: nothing to count or remember
+        }
+        if session.stored() {
+            self.forget_stored(id);
+        }
+        if reason == EndReason::Deleted {
+            self.metrics.session_ended(&reason);
+        } else {
             tracing::info!(session = id, %reason, "session ended");
-            self.tombstones
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(id.to_owned(), reason);
+            self.bury(id, reason);
         }
     }
 }

@@ -13,9 +13,10 @@ impl Registry {
         self.inner.reap(now)
     }
 
-    /// Starts the reaper task, which also keeps the warm sessions topped up; it stops when the
-    /// registry is dropped.
+    /// Starts the reaper task, which also suspends idle sessions and keeps the warm sessions
+    /// topped up, and the checkpoint task; they stop when the registry is dropped.
     pub fn spawn_reaper(&self) {
+        self.spawn_checkpoints();
         let weak: Weak<ManagerState> = Arc::downgrade(&self.inner);
         let every = self.inner.config.reap_interval;
         tokio::spawn(async move {
@@ -25,7 +26,9 @@ impl Registry {
                 tick.tick().await;
                 let Some(inner) = weak.upgrade() else { break };
                 inner.reap(Instant::now());
-                Registry { inner }.top_up().await;
+                let registry = Registry { inner };
+                registry.suspend_idle(Instant::now()).await;
+                registry.top_up().await;
             }
         });
     }

@@ -34,9 +34,12 @@ pub struct CreateRequest {
     pub env: Option<BTreeMap<String, String>>,
     /// End the session after this long unused; the manager's default when absent.
     pub idle_ttl_secs: Option<u64>,
-    /// End the session this long after its creation, even mid-turn; the manager's default
-    /// when absent.
+    /// End the session this long after its creation, even mid-turn (time spent suspended
+    /// does not count); the manager's default when absent.
     pub lifetime_secs: Option<u64>,
+    /// Suspend the session to the store after this long unused (its next request resumes
+    /// it, under the same id); `0`: never. The manager's `--suspend-after-secs` when absent.
+    pub suspend_after_secs: Option<u64>,
     /// Roll a turn that traps, times out, is cancelled or blows the memory limit back, and
     /// carry on (`true`, the manager's default unless it runs with `--no-rollback`); or end
     /// the session (`false`).
@@ -137,6 +140,11 @@ impl Registry {
                 )));
             }
             limits.memory_bytes = bytes;
+        }
+        if request.suspend_after_secs.is_some_and(|s| s > MAX_TTL_SECS) {
+            return Err(Error::InvalidRequest(format!(
+                "suspend_after_secs must be between 0 (never) and {MAX_TTL_SECS}"
+            )));
         }
         for (name, asked, limit) in [
             ("idle_ttl_secs", request.idle_ttl_secs, &mut limits.idle_ttl),

@@ -169,6 +169,7 @@ pub async fn start(
         history: image.map_or_else(History::default, |i| History::from_lines(&i.history)),
         memory_bytes: exports.memory.data_size(&store) as u64,
         door,
+        suspend_after: Duration::ZERO,
     });
     // Brought up to date when the session is first at rest; an image's pages are a start
     // (shared, not copied).
@@ -199,6 +200,7 @@ pub async fn start(
         }
         drop(permit); // the pooled slot is free again only now, with the store gone
         on_end(&ended, reason);
+        ended.finish();
     });
     Ok(session)
 }

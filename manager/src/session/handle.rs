@@ -2,10 +2,11 @@
 //! reads the bookkeeping the task keeps up to date. Dropping a turn's future cancels the turn.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use super::history::{History, HistoryEntry};
 use super::stream::TurnStream;
@@ -40,6 +41,12 @@ pub(super) struct Stats {
     pub metadata: Arc<Metadata>,
     /// Failed turns are rolled back: its limits' choice, until [`Session::forgo_rollback`].
     pub rollback: bool,
+    /// Unused this long, it is suspended to the store; zero: never.
+    pub suspend_after: Duration,
+    /// `executions` when the store last got its state (`None`: never).
+    pub saved: Option<u64>,
+    /// The store has something of it (a record, at least) to remove when it ends.
+    pub stored: bool,
 }
 
 /// A client's labels for a session: names to values.
@@ -81,6 +88,63 @@ pub struct Session {
     pub dir: PathBuf,
     /// What its guest may reach outside the sandbox, and what it has spent.
     pub door: Arc<Door>,
+    /// Requests holding the session (see [`Live`]): it is not suspended under them.
+    holds: AtomicUsize,
+    released: Notify,
+    /// Set once its task is over: the store dropped, the folder removed, the slot free.
+    done: watch::Sender<bool>,
+    /// Held while its state is written to the store, so that writes land in turn order.
+    pub saving: tokio::sync::Mutex<()>,
+}
+
+/// A live session as a request holds it: while any is held, the session is not suspended,
+/// so that nothing a request sends it is lost to a suspension racing it.
+pub struct Live(Arc<Session>);
+
+impl Live {
+    /// The session, no longer held (for what outlives the request).
+    pub fn arc(&self) -> Arc<Session> {
+        self.0.clone()
+    }
+
+    /// Like [`Session::execute_streaming_in`], holding the session until the stream ends.
+    pub fn execute_streaming_in(
+        self,
+        context: Option<Context>,
+        code: String,
+        timeout: Option<Duration>,
+    ) -> TurnStream {
+        let (sink, output) = mpsc::unbounded_channel();
+        TurnStream::new(output, async move {
+            self.0.execute_in(context, code, timeout, Some(sink)).await
+        })
+    }
+
+    /// Like [`Session::execute_streaming`], holding the session until the stream ends.
+    pub fn execute_streaming(self, code: String, timeout: Option<Duration>) -> TurnStream {
+        self.execute_streaming_in(None, code, timeout)
+    }
+}
+
+impl Clone for Live {
+    fn clone(&self) -> Self {
+        self.0.hold()
+    }
+}
+
+impl std::ops::Deref for Live {
+    type Target = Arc<Session>;
+    fn deref(&self) -> &Arc<Session> {
+        &self.0
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        if self.0.holds.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.released.notify_waiters();
+        }
+    }
 }
 
 /// The receiving ends of a session's handle: what its task reads.
@@ -102,6 +166,7 @@ pub(super) struct Start {
     pub history: History,
     pub memory_bytes: u64,
     pub door: Arc<Door>,
+    pub suspend_after: Duration,
 }
 
 impl Session {
@@ -132,12 +197,19 @@ impl Session {
                 lifetime: start.limits.lifetime,
                 metadata: Arc::default(),
                 rollback: start.limits.rollback,
+                suspend_after: start.suspend_after,
+                saved: None,
+                stored: false,
             }),
             history: Mutex::new(start.history),
             contexts: Mutex::default(),
             companions: Mutex::default(),
             dir: start.dir,
             door: start.door,
+            holds: AtomicUsize::new(0),
+            released: Notify::new(),
+            done: watch::Sender::new(false),
+            saving: tokio::sync::Mutex::new(()),
         });
         let inbox = Inbox {
             jobs: queue,
@@ -168,6 +240,89 @@ impl Session {
             metadata: stats.metadata.clone(),
             network: self.door.summary(),
         }
+    }
+
+    /// Holds the session for a request (see [`Live`]).
+    pub fn hold(self: &Arc<Self>) -> Live {
+        self.holds.fetch_add(1, Ordering::SeqCst);
+        Live(self.clone())
+    }
+
+    /// Whether a request holds the session.
+    pub fn held(&self) -> bool {
+        self.holds.load(Ordering::SeqCst) > 0
+    }
+
+    /// Waits until no request holds the session.
+    pub async fn released(&self) {
+        loop {
+            let notified = self.released.notified();
+            if !self.held() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Marks its task over (see [`finished`](Self::finished)).
+    pub(super) fn finish(&self) {
+        self.done.send_replace(true);
+    }
+
+    /// Waits until its task is over: the store dropped, the folder removed, the slot free.
+    pub async fn finished(&self) {
+        let _ = self.done.subscribe().wait_for(|done| *done).await;
+    }
+
+    /// Unused this long, the session is suspended; zero: never.
+    pub fn suspend_after(&self) -> Duration {
+        self.stats().suspend_after
+    }
+
+    /// Sets how long the session may sit unused before it is suspended.
+    pub fn set_suspend_after(&self, after: Duration) {
+        self.stats().suspend_after = after;
+    }
+
+    /// Whether the store lacks its latest state: it ran a turn since it was last saved, or
+    /// (having run none) the store does not know it yet.
+    pub fn needs_saving(&self) -> bool {
+        let stats = self.stats();
+        match stats.executions {
+            0 => !stats.stored,
+            n => stats.saved != Some(n),
+        }
+    }
+
+    /// Turns it has run.
+    pub fn executions(&self) -> u64 {
+        self.stats().executions
+    }
+
+    /// Whether the store has something of it.
+    pub fn stored(&self) -> bool {
+        self.stats().stored
+    }
+
+    /// Notes that the store holds its record, and its state as of `executions` turns when
+    /// given.
+    pub fn saved(&self, executions: Option<u64>) {
+        let mut stats = self.stats();
+        stats.stored = true;
+        if executions.is_some() {
+            stats.saved = executions;
+        }
+    }
+
+    /// Carries a resumed session's clocks on from its record: when it was created and last
+    /// used, and the lifetime it had left (a suspended session's clock does not run).
+    pub fn resumed(&self, created_at: SystemTime, last_used_at: SystemTime, left: Duration) {
+        let mut stats = self.stats();
+        stats.created_at = created_at;
+        stats.last_used_at = last_used_at;
+        stats.lifetime = stats.created.elapsed().saturating_add(left);
+        stats.saved = Some(stats.executions);
+        stats.stored = true;
     }
 
     /// How long until the session's end.
@@ -254,7 +409,9 @@ impl Session {
         if now.duration_since(stats.created) >= stats.lifetime {
             return Some(EndReason::Lifetime);
         }
-        let idle = matches!(stats.state, Lifecycle::Idle | Lifecycle::Starting);
+        // One that is suspended before its idle TTL is up lives on in the store instead.
+        let suspends = !stats.suspend_after.is_zero() && stats.suspend_after < self.limits.idle_ttl;
+        let idle = matches!(stats.state, Lifecycle::Idle | Lifecycle::Starting) && !suspends;
         (idle && now.duration_since(stats.last_used) >= self.limits.idle_ttl)
             .then_some(EndReason::Idle)
     }
@@ -379,6 +536,11 @@ impl Session {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Gives a resumed session the contexts it had.
+    pub fn set_contexts(&self, contexts: Vec<Context>) {
+        *self.contexts.lock().unwrap_or_else(PoisonError::into_inner) = contexts;
     }
 
     /// The context `id`, if the session has it.

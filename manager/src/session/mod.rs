@@ -24,7 +24,7 @@ pub mod stream;
 pub mod types;
 
 pub use driver::{NewSession, Origin, start};
-pub use handle::{Metadata, QUEUE_DEPTH, Session};
+pub use handle::{Live, Metadata, QUEUE_DEPTH, Session};
 pub use history::{HISTORY_BYTES, HistoryEntry};
 pub use store::SessionState;
 pub use stream::{TurnEvent, TurnStream};

@@ -91,6 +91,12 @@ pub enum EndReason {
     Cancelled,
     /// A turn's files passed the session's quota (bytes), with rollback off.
     Disk(u64),
+    /// Its instance was freed after its state went to the store: the session lives on there
+    /// (never shown to clients, who see it suspended).
+    Suspended,
+    /// Held by a manager that stopped without saving it (a crash), or kept in a store that
+    /// cannot give it back: it cannot be restored.
+    Lost,
 }
 
 impl EndReason {
@@ -107,6 +113,8 @@ impl EndReason {
             EndReason::Shutdown => "shutdown",
             EndReason::Cancelled => "cancelled",
             EndReason::Disk(_) => "disk_quota",
+            EndReason::Suspended => "suspended",
+            EndReason::Lost => "lost",
         }
     }
 }
@@ -139,6 +147,8 @@ pub enum Lifecycle {
     Idle,
     /// A client's, running a turn.
     Running,
+    /// A client's, suspended to the store: no instance, resumed by its next request.
+    Suspended,
     /// Ended; no turn will run again.
     Ended(EndReason),
 }
@@ -151,6 +161,7 @@ impl Lifecycle {
             Lifecycle::Starting => "starting",
             Lifecycle::Idle => "idle",
             Lifecycle::Running => "running",
+            Lifecycle::Suspended => "suspended",
             Lifecycle::Ended(_) => "ended",
         }
     }

@@ -59,6 +59,12 @@ impl Manager {
 }
 
 impl Manager {
+    /// Kills the manager as a crash would (SIGKILL): nothing of it runs after.
+    pub fn crash(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// This manager as a member of a gateway's fleet, ready, reached with `token`.
     pub fn member(&self, token: Option<&str>) -> arl_operator::fleet::Member {
         arl_operator::fleet::Member {

@@ -148,7 +148,7 @@ pub async fn create_context(
     body: Result<Bytes, BytesRejection>,
 ) -> E2bResult {
     let asked: NewContext = super::body(body)?;
-    let sandbox = sandbox(&registry, &headers)?;
+    let sandbox = sandbox(&registry, &headers).await?;
     let session = kernel(&registry, &sandbox, asked.language.as_deref()).await?;
     if !registry.has_contexts(&session.runtime) {
         return refuse(
@@ -170,7 +170,7 @@ pub async fn create_context(
         (status = 404, description = "No such sandbox", body = Object),
     ))]
 pub async fn list_contexts(State(registry): State<Registry>, headers: HeaderMap) -> E2bResult {
-    let session = sandbox(&registry, &headers)?;
+    let session = sandbox(&registry, &headers).await?;
     let own = ContextView {
         id: DEFAULT.to_owned(),
         language: "python",
@@ -178,7 +178,7 @@ pub async fn list_contexts(State(registry): State<Registry>, headers: HeaderMap)
     };
     let all: Vec<ContextView> = std::iter::once(own)
         .chain(
-            std::iter::once(session.clone())
+            std::iter::once(session.arc())
                 .chain(session.companions())
                 .flat_map(|s| {
                     let runtime = s.runtime.clone();
@@ -206,7 +206,7 @@ pub async fn remove_context(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> E2bResult {
-    let sandbox = sandbox(&registry, &headers)?;
+    let sandbox = sandbox(&registry, &headers).await?;
     if id == DEFAULT {
         return refuse(
             StatusCode::BAD_REQUEST,
@@ -236,9 +236,9 @@ pub async fn restart_context(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> E2bResult {
-    let sandbox = sandbox(&registry, &headers)?;
+    let sandbox = sandbox(&registry, &headers).await?;
     let (session, which) = if id == DEFAULT {
-        (sandbox, None)
+        (sandbox.arc(), None)
     } else if let Some((session, _)) = find(&sandbox, &id) {
         (session, Some(id.as_str()))
     } else {

@@ -82,7 +82,7 @@ pub async fn read_file(
     Query(query): Query<FileQuery>,
     headers: HeaderMap,
 ) -> E2bResult {
-    let session = sandbox(&registry, &headers)?;
+    let session = sandbox(&registry, &headers).await?;
     let rel = in_home(named(&query)?)?;
     let bytes = files::on_workspace(session.workspace.clone(), move |w| w.read(&rel)).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
@@ -133,7 +133,7 @@ pub async fn write_files(
     Query(query): Query<FileQuery>,
     request: Request,
 ) -> E2bResult {
-    let session = sandbox(&registry, request.headers())?;
+    let session = sandbox(&registry, request.headers()).await?;
     if request.headers().contains_key(header::CONTENT_ENCODING) {
         return refuse(
             StatusCode::BAD_REQUEST,
@@ -192,6 +192,7 @@ pub async fn write_files(
 pub async fn health(State(registry): State<Registry>, headers: HeaderMap) -> E2bResult {
     if headers.contains_key(super::SANDBOX_HEADER) {
         sandbox(&registry, &headers)
+            .await
             .map_err(|E2bError(_, why)| E2bError(StatusCode::BAD_GATEWAY, why))?;
     }
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -273,7 +274,7 @@ pub async fn filesystem(
             Err(e) => return connect_error(StatusCode::BAD_REQUEST, format!("the body: {e}")),
         }
     };
-    let session = match sandbox(&registry, &headers) {
+    let session = match sandbox(&registry, &headers).await {
         Ok(session) => session,
         Err(refusal) => return refusal.connect(),
     };

@@ -11,7 +11,6 @@ mod envd;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Json;
@@ -37,7 +36,7 @@ pub use envd::{
 use super::sessions::{Piece, pieces};
 use crate::output::Stream;
 use crate::registry::{CreateRequest, MAX_TTL_SECS, Registry};
-use crate::session::{Info, Session, TurnStream};
+use crate::session::{Info, Live, Session, TurnStream};
 use crate::{Error, Outcome, rfc3339};
 
 /// The headers E2B's SDK authenticates with: the API key on the control plane, the sandbox's
@@ -195,7 +194,7 @@ fn access_token(headers: &HeaderMap) -> Option<String> {
 }
 
 /// The session named by `E2b-Sandbox-Id`.
-fn sandbox(registry: &Registry, headers: &HeaderMap) -> Result<Arc<Session>, E2bError> {
+async fn sandbox(registry: &Registry, headers: &HeaderMap) -> Result<Live, E2bError> {
     let id = headers
         .get(SANDBOX_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -205,7 +204,7 @@ fn sandbox(registry: &Registry, headers: &HeaderMap) -> Result<Arc<Session>, E2b
                 "name the sandbox in E2b-Sandbox-Id".into(),
             )
         })?;
-    Ok(registry.get(id)?)
+    Ok(registry.get(id).await?)
 }
 
 /// The runtime an E2B template means.
@@ -340,11 +339,24 @@ pub async fn connect(
     body: Result<Bytes, BytesRejection>,
 ) -> E2bResult {
     let asked: Timeout = self::body(body)?;
-    let session = registry.get(&id)?;
+    let session = registry.get(&id).await?;
     if let Some(timeout) = asked.timeout {
         session.end_in(lifetime(timeout)?);
     }
     Ok(Json(created(&session, &headers)).into_response())
+}
+
+/// Pauses a sandbox (`Sandbox.beta_pause`): it is suspended to the store, and a connect (or
+/// any request) resumes it.
+#[utoipa::path(post, path = "/sandboxes/{id}/pause", operation_id = "e2b_pause", tag = "e2b",
+    params(("id" = String, Path, description = "The sandbox's id")),
+    responses(
+        (status = 204, description = "Paused"),
+        (status = 404, description = "No such sandbox", body = Object),
+    ))]
+pub async fn pause(State(registry): State<Registry>, Path(id): Path<String>) -> E2bResult {
+    registry.suspend(&id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// Connects as e2b 2.7's SDK does (`POST /sandboxes/{id}/connect`).
@@ -380,7 +392,7 @@ pub async fn set_timeout(
         return refuse(StatusCode::BAD_REQUEST, "name the timeout in seconds");
     };
     let from_now = lifetime(timeout)?;
-    registry.get(&id)?.end_in(from_now);
+    registry.get(&id).await?.end_in(from_now);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -396,7 +408,7 @@ pub async fn info(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> E2bResult {
-    let session = registry.get(&id)?;
+    let session = registry.get(&id).await?;
     Ok(Json(detail(session.info(), access_token(&headers))).into_response())
 }
 
@@ -524,7 +536,7 @@ pub async fn fork(
         );
     }
     let lifetime = asked.timeout.map(lifetime).transpose()?;
-    let parent = registry.get(&id)?;
+    let parent = registry.get(&id).await?;
     let mut forks = Vec::with_capacity(count as usize);
     for _ in 0..count {
         forks.push(match registry.fork(&id).await {
@@ -551,7 +563,7 @@ pub async fn fork(
         (status = 404, description = "No such sandbox", body = Object),
     ))]
 pub async fn kill(State(registry): State<Registry>, Path(id): Path<String>) -> E2bResult {
-    registry.delete(&id)?;
+    registry.delete(&id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -587,7 +599,7 @@ pub async fn execute(
 ) -> E2bResult {
     let request: ExecuteCode =
         super::parse(body, false).map_err(|e| E2bError(StatusCode::BAD_REQUEST, e.message))?;
-    let sandbox = sandbox(&registry, &headers)?;
+    let sandbox = sandbox(&registry, &headers).await?;
     if request.env_vars.is_some_and(|env| !env.is_empty()) {
         return refuse(
             StatusCode::BAD_REQUEST,
