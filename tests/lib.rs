@@ -22,10 +22,7 @@ pub mod guests {
 
 /// The cache the tests share with each other and with `arl-manager serve` (the same default).
 pub fn cache_dir() -> PathBuf {
-    std::env::var_os("ARL_CACHE_DIR")
-        .map(PathBuf::from)
-        .or_else(|| dirs::cache_dir().map(|d| d.join("arl")))
-        .unwrap_or_else(|| std::env::temp_dir().join("arl-cache"))
+    arl_build_support::cache_dir()
 }
 
 /// The Python interpreter tools run with (`ARL_PYTHON`, else `python3`).
@@ -36,43 +33,7 @@ pub fn python() -> String {
 /// A folder holding the PyPI `packages` (pinned `name==version`), installed with pip into
 /// the shared cache on first use; put it on `sys.path` to import them.
 pub fn pytools(packages: &[&str]) -> PathBuf {
-    // One install at a time in this process (tests of one binary run side by side and would
-    // share the staging folder below); other processes stage in their own.
-    static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one = INSTALLING
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let name = packages.join("+").replace("==", "-");
-    let target = cache_dir().join("pytools").join(name);
-    if target.join("READY").exists() {
-        return target;
-    }
-    let staging = target.with_extension(format!("partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
-    let out = std::process::Command::new(python())
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--target",
-        ])
-        .arg(&staging)
-        .args(packages)
-        .output()
-        .expect("running pip");
-    assert!(
-        out.status.success(),
-        "pip install {packages:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::write(staging.join("READY"), "").unwrap();
-    // Another test binary may have won the race; its copy is as good as ours.
-    if std::fs::rename(&staging, &target).is_err() {
-        let _ = std::fs::remove_dir_all(&staging);
-    }
-    target
+    arl_build_support::pytools(&cache_dir(), &python(), packages)
 }
 
 /// A default configuration for tests, with the shared cache.

@@ -1,8 +1,10 @@
 //! What the workspace's build scripts share: they build WebAssembly guests (the test guests of
 //! `wasm-guests/`, the JavaScript runtime of `runtimes/javascript/`) with a nested cargo, for
-//! `wasm32-wasip1`, and a fresh rustup install lacks that target's standard library.
+//! `wasm32-wasip1`, and a fresh rustup install lacks that target's standard library. The
+//! tests of several crates share [`pytools`] too: PyPI packages installed once into the cache.
 //!
-//! Build scripts report failure by panicking, so these functions do too, with what to do.
+//! Build scripts and tests report failure by panicking, so these functions do too, with what
+//! to do.
 #![allow(
     clippy::expect_used,
     reason = "build scripts report failure by panicking"
@@ -87,4 +89,60 @@ pub fn build_guests(root: &Path) -> PathBuf {
         root.display()
     );
     target_dir.join(TARGET).join("release")
+}
+
+/// A folder holding the PyPI `packages` (pinned `name==version`), installed with `python`'s
+/// pip into `cache/pytools` on first use; put it on `sys.path` to import them.
+pub fn pytools(cache: &Path, python: &str, packages: &[&str]) -> PathBuf {
+    // One install at a time in this process (tests of one binary run side by side and would
+    // share the staging folder below); other processes stage in their own.
+    static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = INSTALLING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let name = packages.join("+").replace("==", "-");
+    let target = cache.join("pytools").join(name);
+    if target.join("READY").exists() {
+        return target;
+    }
+    let staging = target.with_extension(format!("partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    let out = Command::new(python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .arg("--target")
+        .arg(&staging)
+        .args(packages)
+        .output()
+        .expect("running pip");
+    assert!(
+        out.status.success(),
+        "pip install {packages:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(staging.join("READY"), "").expect("marking the install done");
+    // Another test binary may have won the race; its copy is as good as ours.
+    if std::fs::rename(&staging, &target).is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    target
+}
+
+/// The cache `arl-manager` uses by default, which the tests share: `ARL_CACHE_DIR`, else
+/// `arl` in the user's cache folder (`XDG_CACHE_HOME`, else `~/.cache`).
+pub fn cache_dir() -> PathBuf {
+    let var = |name| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    var("ARL_CACHE_DIR")
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("arl")))
+        .or_else(|| var("HOME").map(|d| d.join(".cache").join("arl")))
+        .unwrap_or_else(|| std::env::temp_dir().join("arl-cache"))
 }

@@ -47,7 +47,7 @@ pub enum Error {
     ModuleMismatch(String, String),
     #[error("the session's state cannot be taken now: {0}")]
     Refused(String),
-    #[error("the session is held by the manager {0:?} now: ask it (a gateway does this)")]
+    #[error("{}", moved(.0))]
     Moved(String),
     #[error("the session store cannot be reached now ({0}); retry")]
     StoreUnavailable(String),
@@ -59,6 +59,18 @@ pub enum Error {
     Engine(#[source] wasmtime::Error),
     #[error(transparent)]
     Runtime(#[from] arl_runtimes::Error),
+}
+
+/// Where a session went, as [`Error::Moved`] says it.
+fn moved(owner: &str) -> String {
+    match owner {
+        "" => "the session moved out of this draining manager: any manager sharing its store \
+               resumes it (a gateway sends the request there)"
+            .into(),
+        owner => format!(
+            "the session is held by the manager {owner:?} now: ask it (a gateway does this)"
+        ),
+    }
 }
 
 impl Error {

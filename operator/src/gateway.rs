@@ -5,9 +5,10 @@
 //! manager returns is `<namespace>.<pod>.<hex>` (its `--id-prefix` is the fleet's key for
 //! it, `fleet::member_key`), so every later call
 //! is routed by the id alone, with no table to keep or lose. Bodies and responses, server-sent
-//! events included, are streamed through untouched. A session whose pod is gone, or no longer
-//! answers, is `410 session_gone`: a manager's sessions die with it, unless they were
-//! exported first and imported elsewhere (`POST /v1/sessions/import` is placed like a create).
+//! events included, are streamed through untouched. A session a drain moved to another
+//! manager through the store they share keeps its id: the old pod, or the store, says where
+//! it is, and the gateway follows (see [`to_owner`]). A session whose pod is gone with it,
+//! or no longer answers, is `410 session_gone`.
 //! Snapshots are not routed by id: managers that share a snapshot folder all have them, so
 //! the gateway asks each in turn.
 
@@ -67,7 +68,16 @@ pub struct Gateway {
     listing: (usize, Duration),
     /// Turns to pass an import on.
     imports: Arc<Semaphore>,
+    /// Sessions that a drain moved to another manager through the store, by id: the member
+    /// now holding each. A cache: a gateway that lost it finds them again (see [`to_owner`]).
+    moved: Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
 }
+
+/// Sessions the gateway remembers as moved; past it, it forgets them all and finds each
+/// again on its next call.
+const MOVED: usize = 100_000;
+/// Managers a call about one session is tried on before it is answered as gone.
+const HOPS: usize = 4;
 
 /// How much of one manager's `GET /v1/sessions` or `/v1/snapshots` the gateway reads, and
 /// for how long: a manager that answers more, or slower, is reported unreachable rather
@@ -90,7 +100,23 @@ impl Gateway {
             token: Bearer::new(token),
             listing: (LISTING_BYTES, LISTING_TIME),
             imports: Arc::new(Semaphore::new(IMPORTS)),
+            moved: Arc::default(),
         }
+    }
+
+    fn moved(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, String>> {
+        self.moved
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Notes that session `id` is held by member `key` (not the pod its id names).
+    fn note_moved(&self, id: &str, key: String) {
+        let mut moved = self.moved();
+        if moved.len() >= MOVED {
+            moved.clear();
+        }
+        moved.insert(id.to_owned(), key);
     }
 
     /// The same gateway reading at most `bytes` of each manager's listing, within `time`.
@@ -830,6 +856,12 @@ async fn forward(State(gateway): State<Gateway>, request: Request) -> Response {
 }
 
 /// Passes a call (method, path and query, headers, body) to the manager that owns session `id`.
+///
+/// That is the pod its id names, unless a drain moved the session out through the store the
+/// managers share: then the pod is gone or answers 421 `session_moved`, naming the manager
+/// that holds it now (or none yet: any manager of the namespace that serves resumes it, and
+/// the first asked does). The gateway follows, and remembers where it went; a gateway that
+/// restarted finds it again the same way, since the store keeps who holds each session.
 async fn to_owner(
     gateway: &Gateway,
     id: &str,
@@ -844,31 +876,95 @@ async fn to_owner(
             ),
         );
     };
-    let Some(member) = gateway.fleet.get(pod) else {
-        return error(
+    let gone = |why: &str| {
+        error(
             StatusCode::GONE,
             "session_gone",
-            format!("pod {pod}, which held session {id}, is gone; its sessions are lost"),
-        );
+            format!("pod {pod}, which held session {id}, {why}; its sessions are lost"),
+        )
     };
-    match send(gateway, &member, method, path_and_query, headers, payload).await {
-        Ok(response) => relay(response).await,
-        Err(e) if e.is_connect() => {
-            gateway.fleet.set_load(&member.key(), None);
-            error(
-                StatusCode::GONE,
-                "session_gone",
-                format!(
-                    "pod {pod}, which held session {id}, does not answer; its sessions are lost"
-                ),
-            )
+    let namespace = pod.rsplit_once('.').map_or("", |(namespace, _)| namespace);
+    let mut next = Some(
+        gateway
+            .moved()
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| pod.to_owned()),
+    );
+    let mut payload = Some(payload);
+    let mut tried: Vec<String> = Vec::new();
+    for _ in 0..HOPS {
+        // The manager named, or else one of the namespace's serving ones not asked yet.
+        let member = next
+            .take()
+            .and_then(|key| gateway.fleet.get(&key))
+            .or_else(|| {
+                let mut serving = gateway.fleet.ranked(|m| {
+                    m.namespace == namespace && m.serving() && !tried.contains(&m.key())
+                });
+                serving.sort_by_key(Member::key);
+                serving.into_iter().next()
+            });
+        let Some(member) = member.filter(|m| !tried.contains(&m.key())) else {
+            break;
+        };
+        let key = member.key();
+        tried.push(key.clone());
+        // A body read whole is sent again to the next manager; a streamed one only once.
+        let body = match payload.take() {
+            Some(Payload::Whole(bytes)) => {
+                payload = Some(Payload::Whole(bytes.clone()));
+                Payload::Whole(bytes)
+            }
+            Some(stream) => stream,
+            None => break,
+        };
+        let response = match send(
+            gateway,
+            &member,
+            method.clone(),
+            path_and_query,
+            headers,
+            body,
+        )
+        .await
+        {
+            Ok(response) => response,
+            Err(e) if e.is_connect() && key == pod => {
+                gateway.fleet.set_load(&key, None);
+                return gone("does not answer");
+            }
+            Err(e) if e.is_connect() => {
+                gateway.fleet.set_load(&key, None);
+                continue;
+            }
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    "bad_gateway",
+                    format!("pod {key}: {e}"),
+                );
+            }
+        };
+        match response.status() {
+            StatusCode::MISDIRECTED_REQUEST if payload.is_some() => {
+                let moved: Value = response.json().await.unwrap_or(Value::Null);
+                next = moved["error"]["reason"]
+                    .as_str()
+                    .filter(|owner| !owner.is_empty())
+                    .map(str::to_owned);
+            }
+            // A manager asked in the pod's stead does not know it: no store holds it.
+            StatusCode::NOT_FOUND if key != pod => {}
+            _ => {
+                if key != pod {
+                    gateway.note_moved(id, key);
+                }
+                return relay(response).await;
+            }
         }
-        Err(e) => error(
-            StatusCode::BAD_GATEWAY,
-            "bad_gateway",
-            format!("pod {pod}: {e}"),
-        ),
     }
+    gone("is gone")
 }
 
 /// MCP (`POST /mcp`, served statelessly by each manager): a tool call that names a
@@ -890,14 +986,9 @@ async fn mcp(State(gateway): State<Gateway>, headers: HeaderMap, body: Body) -> 
     let Some(id) = session else {
         return place(&gateway, "python", None, "/mcp", &headers, body).await;
     };
-    if owner(id).is_none_or(|pod| gateway.fleet.get(pod).is_none()) {
+    if owner(id).is_none() {
         // The tool's error result, as a manager would give it: the model reads why.
-        let why = match owner(id) {
-            Some(pod) => {
-                format!("pod {pod}, which held session {id}, is gone; its sessions are lost")
-            }
-            None => format!("`{id}` is not a session id this gateway handed out"),
-        };
+        let why = format!("`{id}` is not a session id this gateway handed out");
         let content = json!([{ "type": "text", "text": why }]);
         let result = json!({ "content": content, "isError": true });
         let answer = json!({ "jsonrpc": "2.0", "id": message["id"], "result": result });

@@ -88,6 +88,9 @@ impl Drop for Manager {
     /// Stops the manager as Kubernetes does (SIGTERM, then SIGKILL past a grace), so that it
     /// removes its data folder as a stopped manager must.
     fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return; // crashed already
+        }
         let term = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
