@@ -139,6 +139,7 @@ mod tests {
             drain_timeout_seconds: 600,
             template: None,
             network: None,
+            session_store: None,
         }
     }
 

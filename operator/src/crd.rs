@@ -100,6 +100,26 @@ pub struct WarmPoolSpec {
     /// NetworkPolicy opens for it. Absent: the pods reach nothing and sessions have no network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<PoolNetwork>,
+    /// Where the pool's managers keep suspended and checkpointed sessions, shared by all its
+    /// pods. With one, a pod being drained moves its sessions out through it (each resumes on
+    /// another pod under the same id, where the gateway follows it) instead of waiting for
+    /// them to end. Absent: each pod keeps its own in its data volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_store: Option<SessionStore>,
+}
+
+/// An S3-compatible bucket the pool's sessions are kept in.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionStore {
+    /// `s3://bucket/prefix`.
+    #[x_kube(validation = Rule::new("self.startsWith('s3://') && size(self) > 5").message("sessionStore.url is s3://bucket/prefix"))]
+    pub url: String,
+    /// A Secret in the pool's namespace whose keys become the managers' environment: the
+    /// `AWS_*` variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
+    /// `AWS_ENDPOINT` for a bucket outside AWS). Absent: the pods' own identity (IRSA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
 }
 
 /// A pool's egress.

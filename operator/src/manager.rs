@@ -131,14 +131,15 @@ impl Managers {
         })
     }
 
-    /// `POST /v1/drain` (`on`) or `DELETE /v1/drain`.
-    pub async fn drain(&self, at: &Endpoint, on: bool) -> Result<()> {
-        let method = if on {
-            reqwest::Method::POST
-        } else {
-            reqwest::Method::DELETE
+    /// `POST /v1/drain` (`on`; with `move_sessions`, the sessions move out through the store
+    /// the pool's managers share) or `DELETE /v1/drain`.
+    pub async fn drain(&self, at: &Endpoint, on: bool, move_sessions: bool) -> Result<()> {
+        let (method, path) = match (on, move_sessions) {
+            (true, true) => (reqwest::Method::POST, "/v1/drain?move_sessions=true"),
+            (true, false) => (reqwest::Method::POST, "/v1/drain"),
+            (false, _) => (reqwest::Method::DELETE, "/v1/drain"),
         };
-        let (status, body) = self.send(at, self.request(method, at, "/v1/drain")).await?;
+        let (status, body) = self.send(at, self.request(method, at, path)).await?;
         if !(200..300).contains(&status) {
             return Err(Self::refused(at, status, &body));
         }

@@ -3,9 +3,10 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    HTTPGetAction, ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, Probe, SeccompProfile,
-    Secret, SecretKeySelector, SecurityContext, Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar,
+    EnvVarSource, HTTPGetAction, ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, Probe,
+    SeccompProfile, Secret, SecretEnvSource, SecretKeySelector, SecurityContext, Volume,
+    VolumeMount,
 };
 use k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
@@ -300,6 +301,8 @@ pub fn manager_pod(pool: &WarmPool, default_image: &str) -> Pod {
         .get_or_insert_with(BTreeMap::new)
         .entry("ephemeral-storage".into())
         .or_insert_with(|| data_size.clone());
+    // A shared session store: where suspended sessions go, and drained ones move through.
+    let store = spec.session_store.as_ref();
     let mut manager = Container {
         name: MANAGER_CONTAINER.into(),
         image: Some(
@@ -339,6 +342,17 @@ pub fn manager_pod(pool: &WarmPool, default_image: &str) -> Pod {
                 ..EnvVar::default()
             },
         ]),
+        env_from: store
+            .and_then(|s| s.credentials_secret.clone())
+            .map(|name| {
+                vec![EnvFromSource {
+                    secret_ref: Some(SecretEnvSource {
+                        name,
+                        optional: Some(false),
+                    }),
+                    ..EnvFromSource::default()
+                }]
+            }),
         ports: Some(vec![
             ContainerPort {
                 name: Some("http".into()),
@@ -368,6 +382,9 @@ pub fn manager_pod(pool: &WarmPool, default_image: &str) -> Pod {
                 .into_iter()
                 .filter_map(|(k, v)| Some(env(k, v?.to_string()))),
         );
+    }
+    if let (Some(store), Some(env_vars)) = (store, manager.env.as_mut()) {
+        env_vars.push(env("ARL_STORE", store.url.clone()));
     }
     let mut containers = Vec::new();
     let mut init_containers = None;
@@ -525,6 +542,27 @@ mod tests {
             let runtimes = env.iter().find(|e| e.name == "ARL_RUNTIMES").unwrap();
             assert_eq!(runtimes.value.as_deref(), Some(loaded), "{wasm}");
         }
+    }
+
+    #[test]
+    fn a_pools_session_store_and_its_credentials_reach_the_manager() {
+        let p = pool(json!({
+            "runtime": { "wasm": "python" },
+            "sessionStore": { "url": "s3://arl-sessions/agents", "credentialsSecret": "s3-keys" },
+        }));
+        let manager = manager_pod(&p, "img").spec.unwrap().containers[0].clone();
+        let env = manager.env.unwrap();
+        let store = env.iter().find(|e| e.name == "ARL_STORE").unwrap();
+        assert_eq!(store.value.as_deref(), Some("s3://arl-sessions/agents"));
+        let from = manager.env_from.unwrap();
+        assert_eq!(from[0].secret_ref.as_ref().unwrap().name, "s3-keys");
+        let without = manager_pod(&pool(json!({ "runtime": { "wasm": "python" } })), "img");
+        let manager = &without.spec.unwrap().containers[0];
+        assert!(manager.env_from.is_none());
+        assert!(
+            !manager.env.as_ref().unwrap().iter().any(|e| e.name == "ARL_STORE"),
+            "each pod keeps its own sessions"
+        );
     }
 
     #[test]

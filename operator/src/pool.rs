@@ -158,11 +158,12 @@ pub async fn reconcile(pool: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Action>
             .await?;
         tracing::info!(pod = %pod.name_any(), "created");
     }
+    let moves = pool.spec.session_store.is_some();
     for pod in &plan.drain {
-        set_draining(&ctx, &pods, &namespace, pod, Some(now)).await?;
+        set_draining(&ctx, &pods, (&namespace, pod), Some(now), moves).await?;
     }
     for pod in &plan.undrain {
-        set_draining(&ctx, &pods, &namespace, pod, None).await?;
+        set_draining(&ctx, &pods, (&namespace, pod), None, moves).await?;
     }
     for pod in &plan.delete {
         match pods.delete(pod, &DeleteParams::default()).await {
@@ -190,16 +191,20 @@ pub async fn reconcile(pool: Arc<WarmPool>, ctx: Arc<Context>) -> Result<Action>
 }
 
 /// Starts (`since`) or ends (`None`) a pod's drain: the manager first, so that no session
-/// lands on it after the annotation says it drains.
+/// lands on it after the annotation says it drains. With `moves` (the pool has a session
+/// store), the manager moves its sessions out through the store, so the pod empties at once.
 async fn set_draining(
     ctx: &Context,
     pods: &Api<Pod>,
-    namespace: &str,
-    pod: &str,
+    (namespace, pod): (&str, &str),
     since: Option<SystemTime>,
+    moves: bool,
 ) -> Result<()> {
     if let Some(member) = ctx.fleet.pod(namespace, pod)
-        && let Err(e) = ctx.managers.drain(&member.endpoint, since.is_some()).await
+        && let Err(e) = ctx
+            .managers
+            .drain(&member.endpoint, since.is_some(), moves)
+            .await
     {
         // An unreachable manager has no sessions left to protect; the annotation still
         // takes the pod out of service.
