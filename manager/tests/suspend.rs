@@ -404,3 +404,110 @@ fn sessions_roam_between_managers_through_an_s3_bucket() {
         assert_eq!((status, &v["error"]["reason"]), (421, &json!("b")), "{v}");
     });
 }
+
+#[test]
+fn a_drain_under_load_moves_every_session_and_fails_no_request() {
+    use arl_operator::fleet::Fleet;
+    use arl_operator::gateway::{self, Gateway};
+    use arl_operator::manager::Managers;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    runtime().block_on(async {
+        let s3 = S3::start("arl-drain").await;
+        let managers: Vec<Manager> = ["a", "b", "c"]
+            .into_iter()
+            .map(|name| {
+                Manager::spawn(name, |command| {
+                    s3.configure(command);
+                    command
+                        .args(["--store", "s3://arl-drain/pool"])
+                        .args(["--runtimes", "python"]);
+                })
+            })
+            .collect();
+        let fleet = Fleet::default();
+        for m in &managers {
+            wait_ready(&m.base).await;
+            fleet.upsert(m.member(None));
+        }
+        fleet.poll(&Managers::new()).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gw = format!("http://{}", listener.local_addr().unwrap());
+        let router = gateway::router(Gateway::new(fleet.clone(), None));
+        tokio::spawn(arl_serve::serve_http(
+            listener,
+            router,
+            std::future::pending(),
+        ));
+
+        let mut ids = Vec::new();
+        for _ in 0..9 {
+            let id = create(&gw, json!({})).await;
+            result(&gw, &id, "n = 0").await;
+            ids.push(id);
+        }
+        let owner = |id: &str| id.split('.').next().unwrap().to_owned();
+        let victim = owner(&ids[0]);
+        let on_victim = ids.iter().filter(|id| owner(id) == victim).count();
+
+        // Each client steps its own session without pause; only the documented retryable
+        // statuses (429, 503) are retried. Every answer must be this session's own count.
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients: Vec<_> = ids
+            .iter()
+            .map(|id| {
+                let (gw, id, stop) = (gw.clone(), id.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut count = 0u64;
+                    while !stop.load(Ordering::SeqCst) {
+                        let (status, v) = post(
+                            format!("{gw}/v1/sessions/{id}/execute"),
+                            json!({"code": "n += 1\nn"}),
+                        )
+                        .await;
+                        match status {
+                            200 => {
+                                count += 1;
+                                assert_eq!(v["result"], count.to_string(), "{id}: {v}");
+                            }
+                            429 | 503 => tokio::time::sleep(Duration::from_millis(20)).await,
+                            _ => panic!("{id}: {status} {v}"),
+                        }
+                    }
+                    count
+                })
+            })
+            .collect();
+
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let base = &managers.iter().find(|m| m.name == victim).unwrap().base;
+        let (status, _) = post(format!("{base}/v1/drain?move_sessions=true"), json!(null)).await;
+        assert_eq!(status, 200);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, load) = get(format!("{base}/v1/load")).await;
+            if load["sessions"] == 0 && load["suspended"] == 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{victim} kept sessions: {load}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        fleet.poll(&Managers::new()).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop.store(true, Ordering::SeqCst);
+        let mut counts = Vec::new();
+        for client in clients {
+            counts.push(client.await.unwrap());
+        }
+
+        // Every session carries on elsewhere with all its turns; none stayed on the victim.
+        for (id, count) in ids.iter().zip(counts) {
+            assert!(count > 0, "{id} was never stepped");
+            assert_eq!(result(&gw, id, "n").await, count.to_string(), "{id}");
+        }
+        let (_, load) = get(format!("{base}/v1/load")).await;
+        assert_eq!(load["sessions"], 0, "{load}");
+        assert!(on_victim >= 1);
+    });
+}

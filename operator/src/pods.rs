@@ -560,7 +560,12 @@ mod tests {
         let manager = &without.spec.unwrap().containers[0];
         assert!(manager.env_from.is_none());
         assert!(
-            !manager.env.as_ref().unwrap().iter().any(|e| e.name == "ARL_STORE"),
+            !manager
+                .env
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|e| e.name == "ARL_STORE"),
             "each pod keeps its own sessions"
         );
     }

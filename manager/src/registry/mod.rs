@@ -75,6 +75,8 @@ struct ManagerState {
     warm: WarmPool,
     metrics: Arc<Metrics>,
     draining: AtomicBool,
+    /// The drain moves sessions out through the store (see [`Registry::move_out`]).
+    moving: AtomicBool,
     stopping: AtomicBool,
     /// Clients' snapshots.
     snapshots: SnapshotStore,
@@ -170,6 +172,7 @@ impl Registry {
                 warm: WarmPool::default(),
                 metrics: Arc::new(Metrics::new()),
                 draining: AtomicBool::new(false),
+                moving: AtomicBool::new(false),
                 stopping: AtomicBool::new(false),
                 data_dir,
                 _private_dir: private,
@@ -202,6 +205,8 @@ impl Registry {
         let was = self.inner.draining.swap(draining, Ordering::SeqCst);
         if draining {
             self.drop_warm();
+        } else {
+            self.inner.moving.store(false, Ordering::SeqCst);
         }
         if was != draining {
             tracing::info!(draining, "drain changed");

@@ -10,6 +10,7 @@
 //! turn sent to the session is lost to the suspension.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::Mutex as AsyncMutex;
@@ -36,6 +37,18 @@ pub(super) struct Parked {
     pub(super) turn: Arc<AsyncMutex<()>>,
     /// When it was last used, on this process's clock.
     idle_since: Instant,
+}
+
+/// Why a session is suspended, which decides what waits for what and who holds it after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Suspension {
+    /// It sat idle: only if no request holds it; it stays this manager's.
+    Idle,
+    /// A client asked: after the requests holding it; it stays this manager's.
+    Asked,
+    /// A drain: after the requests holding it; released for any manager sharing the store to
+    /// resume, and forgotten here.
+    Release,
 }
 
 /// Where a lookup found a session.
@@ -122,7 +135,7 @@ impl Registry {
             Found::Parked(parked) => return Ok(parked.info.clone()),
             Found::Gone(e) => return Err(e),
         };
-        self.park(&session, true).await
+        self.park(&session, Suspension::Asked).await
     }
 
     /// Resumes session `id` now, if it is suspended.
@@ -131,9 +144,9 @@ impl Registry {
     }
 
     /// Puts `session`'s state in the store and frees its instance; it stays a session of this
-    /// manager, parked. With `wait`, requests holding it are waited for; without, a held
-    /// session is left live (`Refused`). A failure leaves it live, and is counted.
-    pub(super) async fn park(&self, session: &Arc<Session>, wait: bool) -> Result<Info> {
+    /// manager, parked, unless it is released (see [`Suspension`]). A failure leaves it live,
+    /// and is counted.
+    pub(super) async fn park(&self, session: &Arc<Session>, why: Suspension) -> Result<Info> {
         if !session.companions().is_empty() {
             return Err(Error::Refused(
                 "it runs other languages' kernels beside its own; those cannot be suspended".into(),
@@ -162,14 +175,15 @@ impl Registry {
             if !ours || session.ended().is_some() {
                 return Err(Error::Ended(session.ended().unwrap_or(EndReason::Deleted)));
             }
-            if !wait && session.held() {
+            if why == Suspension::Idle && session.held() {
                 return Err(Error::Refused("a request is using it".into()));
             }
             sessions.remove(&id);
             parked_map.insert(id.clone(), parked.clone());
         }
         session.released().await;
-        let saved = self.save(session, Kept::Suspended).await;
+        let owner = (why != Suspension::Release).then(|| self.inner.config.id_prefix.clone());
+        let saved = self.save(session, Kept::Suspended, owner).await;
         if let Err(e) = saved {
             self.unpark(session, &parked);
             self.inner.metrics.store_failure();
@@ -179,6 +193,10 @@ impl Registry {
         session.end(EndReason::Suspended);
         session.finished().await;
         self.inner.metrics.suspended();
+        if why == Suspension::Release {
+            // Requests waiting on it find it gone, and learn from the store where it went.
+            write(&self.inner.parked).remove(&id);
+        }
         drop(parking);
         Ok(parked.info.clone())
     }
@@ -197,8 +215,14 @@ impl Registry {
     }
 
     /// Writes `session`'s state (or, for a session that never ran a turn and is only held,
-    /// its record alone) to the store, as of the turns queued before this call.
-    pub(super) async fn save(&self, session: &Arc<Session>, kept: Kept) -> Result<u64> {
+    /// its record alone) to the store, as of the turns queued before this call, held by
+    /// `owner` (`None`: released for any manager).
+    pub(super) async fn save(
+        &self,
+        session: &Arc<Session>,
+        kept: Kept,
+        owner: Option<String>,
+    ) -> Result<u64> {
         let _saving = session.saving.lock().await;
         let info = session.info();
         let bare = kept == Kept::Held;
@@ -215,7 +239,7 @@ impl Registry {
             id: session.id.clone(),
             runtime: session.runtime.clone(),
             kept,
-            owner: Some(self.inner.config.id_prefix.clone()),
+            owner,
             executions,
             created_at_ms: epoch_ms(info.created_at),
             last_used_at_ms: epoch_ms(info.last_used_at),
@@ -235,6 +259,11 @@ impl Registry {
     /// Resumes the parked session `id` from the store under the same id (unless another
     /// request did it first). A state the store cannot give back makes the session lost.
     async fn resume(&self, id: &str, parked: &Arc<Parked>) -> Result<()> {
+        if self.inner.moving.load(Ordering::SeqCst) {
+            // Its sessions are leaving this manager: this one goes too, and is resumed there.
+            self.release(id, parked).await?;
+            return Err(Error::Moved(String::new()));
+        }
         let _turn = parked.turn.lock().await;
         let still = read(&self.inner.parked)
             .get(id)
@@ -309,7 +338,7 @@ impl Registry {
                     .min_by_key(|(t, _)| *t)
                     .map(|(_, s)| s);
                 match idle {
-                    Some(victim) if self.park(&victim, false).await.is_ok() => {
+                    Some(victim) if self.park(&victim, Suspension::Idle).await.is_ok() => {
                         self.acquire_slot().await
                     }
                     _ => Err(Error::Full(n)),
@@ -434,44 +463,69 @@ impl Registry {
     /// suspended (after the turns queued before) and released with no owner, and forgotten
     /// here, where a request for it answers 421 `session_moved`. How many moved.
     pub async fn move_out(&self) -> usize {
-        let live: Vec<_> = read(&self.inner.sessions)
-            .values()
-            .filter(|s| !s.is_warm())
-            .cloned()
-            .collect();
-        for session in &live {
-            if let Err(e) = self.park(session, true).await {
-                tracing::warn!(session = %session.id, error = %e, "could not move a session out");
-            }
-        }
-        let parked: Vec<_> = read(&self.inner.parked)
-            .iter()
-            .map(|(id, p)| (id.clone(), p.clone()))
-            .collect();
+        self.inner.moving.store(true, Ordering::SeqCst);
         let mut moved = 0;
-        for (id, parked) in parked {
-            let _turn = parked.turn.lock().await;
-            let released = match self.inner.store.session(&id).await {
-                Ok(Some(mut record)) => {
-                    record.owner = None;
-                    self.inner.store.put_record(&record).await
+        // A request that was resuming a session as the move began brings it back live: the
+        // next round takes it.
+        for _ in 0..3 {
+            let live: Vec<_> = read(&self.inner.sessions)
+                .values()
+                .filter(|s| !s.is_warm())
+                .cloned()
+                .collect();
+            for session in &live {
+                match self.park(session, Suspension::Release).await {
+                    Ok(_) => moved += 1,
+                    Err(e) => {
+                        tracing::warn!(session = %session.id, error = %e, "could not move a session out");
+                    }
                 }
-                Ok(None) => Err(Error::BadSnapshot("its record is gone".into())),
-                Err(e) => Err(e),
-            };
-            match released {
-                Ok(()) => {
-                    write(&self.inner.parked).remove(&id);
+            }
+            let parked: Vec<_> = read(&self.inner.parked)
+                .iter()
+                .map(|(id, p)| (id.clone(), p.clone()))
+                .collect();
+            for (id, parked) in &parked {
+                if self.release(id, parked).await.is_ok() {
                     moved += 1;
                 }
-                Err(e) => {
-                    self.inner.metrics.store_failure();
-                    tracing::warn!(session = id, error = %e, "could not release a session");
-                }
+            }
+            if live.is_empty() && parked.is_empty() {
+                break;
             }
         }
         tracing::info!(moved, "moved the sessions out through the store");
         moved
+    }
+
+    /// Releases the parked session `id` for any manager sharing the store, and forgets it.
+    async fn release(&self, id: &str, parked: &Arc<Parked>) -> Result<()> {
+        let _turn = parked.turn.lock().await;
+        let still = read(&self.inner.parked)
+            .get(id)
+            .is_some_and(|p| Arc::ptr_eq(p, parked));
+        if !still {
+            return Ok(());
+        }
+        let released = match self.inner.store.session(id).await {
+            Ok(Some(mut record)) => {
+                record.owner = None;
+                self.inner.store.put_record(&record).await
+            }
+            Ok(None) => Err(Error::BadSnapshot("its record is gone".into())),
+            Err(e) => Err(e),
+        };
+        match released {
+            Ok(()) => {
+                write(&self.inner.parked).remove(id);
+                Ok(())
+            }
+            Err(e) => {
+                self.inner.metrics.store_failure();
+                tracing::warn!(session = id, error = %e, "could not release a session");
+                Err(e)
+            }
+        }
     }
 
     /// Suspends the sessions unused past their `suspend_after`, ends parked sessions unused
@@ -490,7 +544,7 @@ impl Registry {
             .cloned()
             .collect();
         for session in &due {
-            if let Err(e) = self.park(session, false).await {
+            if let Err(e) = self.park(session, Suspension::Idle).await {
                 tracing::debug!(session = %session.id, error = %e, "not suspended");
             }
         }
@@ -524,7 +578,8 @@ impl Registry {
             } else {
                 Kept::Checkpoint
             };
-            match self.save(&session, kept).await {
+            let owner = Some(self.inner.config.id_prefix.clone());
+            match self.save(&session, kept, owner).await {
                 Ok(_) => written += 1,
                 Err(Error::Ended(_) | Error::Refused(_)) => {}
                 Err(e) => {
