@@ -59,7 +59,8 @@ pub struct ListQuery {
         ("id" = String, Path, description = "The session's id"),
         ("path" = String, Path, description = "Relative to the workspace; may contain `/`"),
     ),
-    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    request_body(content = Option<Vec<u8>>, content_type = "application/octet-stream",
+        description = "The file's bytes; none makes an empty file"),
     responses(
         (status = 201, description = "Created", body = FileView),
         (status = 200, description = "Replaced a file", body = FileView),

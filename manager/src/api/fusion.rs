@@ -122,8 +122,8 @@ impl RunCodeResponse {
 }
 
 /// Answers `"pong"`: SandboxFusion's liveness route.
-#[utoipa::path(get, path = "/v1/ping", operation_id = "fusion_ping", tag = "sandbox-fusion",
-    responses((status = 200, description = "`\"pong\"`", body = String)))]
+#[utoipa::path(get, path = "/v1/ping", operation_id = "fusion_ping", tag = "sandbox-fusion", security(()),
+    responses((status = 200, description = "`\"pong\"`", body = String, content_type = "application/json")))]
 pub async fn ping() -> Json<&'static str> {
     Json("pong")
 }

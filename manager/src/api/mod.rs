@@ -10,12 +10,15 @@ mod e2b;
 mod files;
 mod fusion;
 mod mcp;
-mod ops;
+pub(crate) mod ops;
 mod rlm;
 mod sessions;
 mod snapshots;
 
+use std::sync::Arc;
+
 use arl_serve::Bearer;
+
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -160,8 +163,15 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 /// The manager's routes over `registry`.
 pub fn router(registry: Registry, options: RouterOptions) -> Router {
-    let (routes, doc) = documented(registry.import_limit()).split_for_parts();
+    let (routes, mut doc) = documented(registry.import_limit()).split_for_parts();
     let auth = options.auth;
+    if !auth.required() {
+        // The document says what this server does: without a token, no route needs one.
+        doc.security = None;
+        if let Some(components) = doc.components.as_mut() {
+            components.security_schemes.clear();
+        }
+    }
     // MCP's streamable HTTP transport; behind a token it takes any `Host`, as the manager's
     // other routes do.
     let mcp = mcp::service(registry.clone(), auth.required());
@@ -175,9 +185,10 @@ pub fn router(registry: Registry, options: RouterOptions) -> Router {
         .nest_service("/mcp", mcp)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(Extension(ops::OpenApiJson(Bytes::from(
-            doc.to_json().unwrap_or_default(), // a derived document always serializes
-        ))))
+        .layer(Extension(ops::OpenApiJson {
+            doc: Arc::new(serde_json::to_value(&doc).unwrap_or_default()), // it serializes
+            auth: auth.required(),
+        }))
         .layer(DefaultBodyLimit::max(options.body_limit))
         .layer(middleware::from_fn(move |r: Request, next: Next| {
             let path = r.uri().path();
@@ -395,13 +406,13 @@ impl IntoResponse for ApiError {
 type ApiResult<T> = Result<T, ApiError>;
 
 /// Parses a JSON body: malformed JSON is 400, a well-formed body of the wrong shape 422. An
-/// empty body is `T::default()` when `empty_ok`.
+/// empty body (or `null`) is `T::default()` when `empty_ok`.
 fn parse<T: DeserializeOwned + Default>(
     body: Result<Bytes, BytesRejection>,
     empty_ok: bool,
 ) -> ApiResult<T> {
     let body = body?;
-    if empty_ok && body.iter().all(u8::is_ascii_whitespace) {
+    if empty_ok && (body.iter().all(u8::is_ascii_whitespace) || body.trim_ascii() == b"null") {
         return Ok(T::default());
     }
     serde_json::from_slice(&body).map_err(|e| {

@@ -4,7 +4,6 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::{Extension, Json};
-use bytes::Bytes;
 use serde::Serialize;
 
 use super::{ApiResult, ErrorBody};
@@ -62,17 +61,27 @@ pub struct DrainQuery {
 /// Idempotent.
 #[utoipa::path(post, path = "/v1/drain", operation_id = "drain", tag = "operations",
     params(DrainQuery),
-    responses((status = 200, description = "Draining; the load after the change", body = Load)))]
+    responses(
+        (status = 200, description = "Draining; the load after the change", body = Load),
+        (status = 400, description = "`invalid_query`: `move_sessions` is not `true` or `false`", body = ErrorBody),
+    ))]
 pub async fn drain(
     State(registry): State<Registry>,
-    axum::extract::Query(query): axum::extract::Query<DrainQuery>,
-) -> Json<Load> {
+    query: Result<axum::extract::Query<DrainQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<Load>> {
+    let axum::extract::Query(query) = query.map_err(|e| {
+        super::ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "invalid_query",
+            e.body_text(),
+        )
+    })?;
     registry.set_draining(true);
     if query.move_sessions == Some(true) {
         let mover = registry.clone();
         tokio::spawn(async move { mover.move_out().await });
     }
-    Json(registry.load())
+    Ok(Json(registry.load()))
 }
 
 /// Stops draining: new sessions are taken again.
@@ -96,10 +105,142 @@ pub async fn metrics(State(registry): State<Registry>) -> impl IntoResponse {
 #[utoipa::path(get, path = "/openapi.json", operation_id = "openapi", tag = "operations",
     responses((status = 200, description = "The OpenAPI 3.1 document of every route",
         content_type = "application/json")))]
-pub async fn openapi_json(Extension(doc): Extension<OpenApiJson>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/json")], doc.0)
+pub async fn openapi_json(
+    State(registry): State<Registry>,
+    Extension(doc): Extension<OpenApiJson>,
+) -> impl IntoResponse {
+    let auth = doc.auth;
+    let mut doc = (*doc.doc).clone();
+    narrow(&mut doc, &registry.document_facts());
+    if auth {
+        say_unauthorized(&mut doc);
+    }
+    ([(header::CONTENT_TYPE, "application/json")], Json(doc))
 }
 
-/// The OpenAPI document, serialized once when the router is made.
+/// The OpenAPI document as the code derives it, made once with the router; each request for
+/// it narrows it to this manager (see [`narrow`]).
 #[derive(Debug, Clone)]
-pub struct OpenApiJson(pub Bytes);
+pub struct OpenApiJson {
+    pub doc: std::sync::Arc<serde_json::Value>,
+    /// The manager needs a token: every route but the open ones may answer 401.
+    pub auth: bool,
+}
+
+/// What a create may ask of this manager, which the derived document cannot know.
+#[derive(Debug, Clone, Default)]
+pub struct DocumentFacts {
+    /// The runtimes it serves (or is loading), with the languages each runs and the least
+    /// memory each needs, in MiB (`None` while loading).
+    pub runtimes: Vec<(String, Vec<&'static str>, Option<u64>)>,
+    pub max_memory_mib: u64,
+    pub max_timeout_ms: u64,
+    /// The most a session's network may spend (`--network-max-bytes`, `--network-max-requests`).
+    pub network_max: (u64, u64),
+}
+
+/// Adds the 401 a token-guarded route answers without the token to every operation that
+/// needs one (those not marked open with an empty security requirement).
+fn say_unauthorized(doc: &mut serde_json::Value) {
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for operation in paths
+        .values_mut()
+        .filter_map(|p| p.as_object_mut())
+        .flat_map(|p| p.values_mut())
+    {
+        let open = operation["security"].as_array().is_some_and(|s| {
+            s.iter()
+                .any(|r| r.as_object().is_some_and(|r| r.is_empty()))
+        });
+        if !open && operation["responses"].is_object() {
+            operation["responses"]["401"] = serde_json::json!({
+                "description": "`unauthorized`: no `Authorization: Bearer <token>`, or another token",
+                "content": { "application/json": { "schema": { "$ref": "#/components/schemas/ErrorBody" } } }
+            });
+        }
+    }
+}
+
+/// Narrows the document's bounds to what this manager takes, so that a request the document
+/// allows is one the manager serves: the runtimes it runs and each one's languages and
+/// memory floor, its memory and deadline ceilings.
+pub fn narrow(doc: &mut serde_json::Value, facts: &DocumentFacts) {
+    use serde_json::json;
+    let schemas = &mut doc["components"]["schemas"];
+    for name in ["CreateRequest", "ExecuteRequest"] {
+        if let Some(timeout) = schemas[name]["properties"].get_mut("timeout_ms") {
+            timeout["maximum"] = json!(facts.max_timeout_ms);
+        }
+    }
+    // What the checks of a create take, where utoipa cannot say it: maps' names and sizes,
+    // a tool's name (an ASCII identifier, called from Python), a rule's grammar.
+    use crate::registry::request::{MAX_ENV, MAX_ENV_CHARS, MAX_METADATA, MAX_METADATA_CHARS};
+    let create = &mut schemas["CreateRequest"]["properties"];
+    create["tools"]["propertyNames"] = json!({ "pattern": "^[A-Za-z_][A-Za-z0-9_]{0,63}$" });
+    create["tools"]["maxProperties"] = json!(crate::egress::MAX_TOOLS);
+    create["env"]["maxProperties"] = json!(MAX_ENV);
+    create["env"]["propertyNames"] =
+        json!({ "pattern": "^[^=\\u0000]+$", "maxLength": MAX_ENV_CHARS });
+    create["env"]["additionalProperties"] =
+        json!({ "type": "string", "pattern": "^[^\\u0000]*$", "maxLength": MAX_ENV_CHARS });
+    create["metadata"]["maxProperties"] = json!(MAX_METADATA);
+    create["metadata"]["propertyNames"] =
+        json!({ "minLength": 1, "maxLength": MAX_METADATA_CHARS });
+    create["metadata"]["additionalProperties"] =
+        json!({ "type": "string", "maxLength": MAX_METADATA_CHARS });
+    let label = "[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?";
+    // A URL's last label starts with a letter: WHATWG reads `a.0` as an IPv4 address.
+    let last = "[A-Za-z]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?";
+    let port = "(:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?";
+    let network = &mut schemas["NetworkRequest"]["properties"];
+    network["allow"]["items"] = json!({
+        "type": "string",
+        "pattern": format!("^(\\*\\.{label}\\.)?{label}(\\.{label})*{port}$"),
+    });
+    network["allow"]["maxItems"] = json!(crate::egress::policy::MAX_RULES);
+    network["max_bytes"]["maximum"] = json!(facts.network_max.0);
+    network["max_requests"]["maximum"] = json!(facts.network_max.1);
+    schemas["ToolSpec"]["properties"]["url"]["pattern"] =
+        json!(format!("^https?://({label}\\.)*{last}{port}([/?#][!-~]*)?$"));
+    if facts.runtimes.is_empty() {
+        return;
+    }
+    let create = &mut schemas["CreateRequest"];
+    let mut names: Vec<serde_json::Value> = facts
+        .runtimes
+        .iter()
+        .map(|(name, ..)| json!(name))
+        .collect();
+    names.push(serde_json::Value::Null);
+    create["properties"]["runtime"]["enum"] = serde_json::Value::Array(names);
+    create["properties"]["memory_mib"]["maximum"] = json!(facts.max_memory_mib);
+    // Each runtime's own languages and memory floor; no runtime named is `python`.
+    let rules: Vec<serde_json::Value> = facts
+        .runtimes
+        .iter()
+        .map(|(name, languages, min_mib)| {
+            let mut languages: Vec<serde_json::Value> =
+                languages.iter().map(|l| json!(l)).collect();
+            languages.push(serde_json::Value::Null);
+            let mut then = json!({ "properties": { "language": { "enum": languages } } });
+            if let Some(min) = min_mib {
+                then["properties"]["memory_mib"] = json!({ "minimum": min });
+            }
+            let named =
+                json!({ "required": ["runtime"], "properties": { "runtime": { "const": name } } });
+            let condition = if name == "python" {
+                json!({ "anyOf": [
+                    named,
+                    { "not": { "required": ["runtime"] } },
+                    { "required": ["runtime"], "properties": { "runtime": { "const": null } } },
+                ] })
+            } else {
+                named
+            };
+            json!({ "if": condition, "then": then })
+        })
+        .collect();
+    create["allOf"] = serde_json::Value::Array(rules);
+}

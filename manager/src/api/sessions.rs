@@ -123,7 +123,9 @@ pub struct SessionList {
     responses(
         (status = 201, description = "Created", body = Created),
         (status = 400, description = "Malformed JSON (`invalid_json`)", body = ErrorBody),
-        (status = 422, description = "`invalid_request` or `unknown_runtime`", body = ErrorBody),
+        (status = 404, description = "`snapshot_not_found`: `from_snapshot` names none", body = ErrorBody),
+        (status = 422, description = "`invalid_request`, `unknown_runtime`, `unknown_language` or \
+            `invalid_snapshot`", body = ErrorBody),
         (status = 429, description = "At capacity (`capacity_exhausted`); see Retry-After", body = ErrorBody),
         (status = 503, description = "`not_ready`, `draining` or `shutting_down`", body = ErrorBody),
     ))]
@@ -221,6 +223,8 @@ pub struct ExecuteRequest {
     #[schema(example = "x = 41\nx + 1")]
     pub code: String,
     /// Overrides the session's deadline for this turn.
+    #[serde(default, deserialize_with = "crate::registry::request::whole_number")]
+    #[schema(minimum = 1, maximum = 3_600_000)]
     pub timeout_ms: Option<u64>,
 }
 

@@ -33,7 +33,10 @@ use crate::{Error, Result};
 pub struct ToolSpec {
     /// Where the call is POSTed: `{"tool", "session_id", "args", "kwargs"}` in, any JSON (the
     /// call's value) out.
-    #[schema(example = "http://127.0.0.1:8000/llm")]
+    #[schema(
+        example = "http://127.0.0.1:8000/llm",
+        pattern = "^https?://[^/?#@\\s]+([/?#].*)?$"
+    )]
     pub url: String,
     /// Sent with every call (a token for the caller's endpoint, say); never shown to the guest.
     #[serde(default)]
@@ -41,7 +44,7 @@ pub struct ToolSpec {
 }
 
 /// Tools a session may have.
-const MAX_TOOLS: usize = 32;
+pub const MAX_TOOLS: usize = 32;
 
 /// A session's tools, checked.
 #[derive(Debug, Clone, Default)]

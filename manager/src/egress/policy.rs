@@ -18,10 +18,15 @@ pub struct NetworkRequest {
     pub allow: Vec<String>,
     /// Bytes of request and response bodies the session may move in all; the manager's
     /// default (and most) when absent.
+    #[serde(default, deserialize_with = "crate::registry::request::whole_number")]
     pub max_bytes: Option<u64>,
     /// Requests the session may make in all; the manager's default (and most) when absent.
+    #[serde(default, deserialize_with = "crate::registry::request::whole_number")]
     pub max_requests: Option<u64>,
 }
+
+/// Rules a session's allow-list may have.
+pub const MAX_RULES: usize = 256;
 
 /// The host part of a rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,7 +237,6 @@ impl Policy {
     /// The request as the session's policy: its rules parsed and each within `ceiling`'s,
     /// its budgets within the manager's. Errors name the field.
     pub fn from_request(request: &NetworkRequest, limits: &NetworkLimits) -> Result<Policy> {
-        const MAX_RULES: usize = 256;
         let bad = |m: String| Err(Error::InvalidRequest(m));
         if request.allow.len() > MAX_RULES {
             return bad(format!(

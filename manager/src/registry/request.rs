@@ -11,8 +11,8 @@ use crate::session::Limits;
 use crate::{Error, Result};
 
 /// Entries a request's `env` may have, and bytes each key or value may hold.
-const MAX_ENV: usize = 256;
-const MAX_ENV_BYTES: usize = 32 << 10;
+pub const MAX_ENV: usize = 256;
+pub const MAX_ENV_CHARS: usize = 32 << 10;
 
 /// What a client asks for when it creates a session; every field optional.
 #[derive(Debug, Clone, Default, serde::Deserialize, utoipa::ToSchema)]
@@ -26,19 +26,29 @@ pub struct CreateRequest {
     /// the runtime `"typescript"`).
     #[schema(example = "typescript")]
     pub language: Option<String>,
-    /// Deadline of one execution; the manager's default when absent.
+    /// Deadline of one execution; the manager's default when absent. At most
+    /// `--max-timeout-ms` (an hour unless the manager says otherwise).
+    #[serde(default, deserialize_with = "whole_number")]
+    #[schema(minimum = 1, maximum = 3_600_000)]
     pub timeout_ms: Option<u64>,
     /// Memory limit; the manager's default when absent.
+    #[serde(default, deserialize_with = "whole_number")]
     pub memory_mib: Option<u64>,
     /// Added to the guest's fixed environment.
     pub env: Option<BTreeMap<String, String>>,
     /// End the session after this long unused; the manager's default when absent.
+    #[serde(default, deserialize_with = "whole_number")]
+    #[schema(minimum = 1, maximum = 2_592_000)]
     pub idle_ttl_secs: Option<u64>,
     /// End the session this long after its creation, even mid-turn (time spent suspended
     /// does not count); the manager's default when absent.
+    #[serde(default, deserialize_with = "whole_number")]
+    #[schema(minimum = 1, maximum = 2_592_000)]
     pub lifetime_secs: Option<u64>,
     /// Suspend the session to the store after this long unused (its next request resumes
     /// it, under the same id); `0`: never. The manager's `--suspend-after-secs` when absent.
+    #[serde(default, deserialize_with = "whole_number")]
+    #[schema(minimum = 0, maximum = 2_592_000)]
     pub suspend_after_secs: Option<u64>,
     /// Roll a turn that traps, times out, is cancelled or blows the memory limit back, and
     /// carry on (`true`, the manager's default unless it runs with `--no-rollback`); or end
@@ -58,9 +68,29 @@ pub struct CreateRequest {
     pub tools: Option<BTreeMap<String, crate::egress::ToolSpec>>,
 }
 
+/// An optional count that JSON may write as `5` or `5.0` (JSON Schema's integers include
+/// both); a fraction, a negative or a non-number is refused.
+pub fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    use serde::Deserialize as _;
+    let Some(number) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    if let Some(n) = number.as_u64() {
+        return Ok(Some(n));
+    }
+    match number.as_f64() {
+        Some(f) if f >= 0.0 && f.fract() == 0.0 && f <= 9_007_199_254_740_992.0 => {
+            Ok(Some(f as u64))
+        }
+        _ => Err(serde::de::Error::custom(format!(
+            "expected a whole number of at least 0, not {number}"
+        ))),
+    }
+}
+
 /// Labels a session may have, and bytes each name or value may hold.
-const MAX_METADATA: usize = 64;
-const MAX_METADATA_BYTES: usize = 1 << 10;
+pub const MAX_METADATA: usize = 64;
+pub const MAX_METADATA_CHARS: usize = 1 << 10;
 
 /// The longest idle TTL or lifetime a request may ask for: 30 days.
 pub const MAX_TTL_SECS: u64 = 30 * 24 * 3600;
@@ -211,10 +241,11 @@ pub(super) fn check_metadata(metadata: &BTreeMap<String, String>) -> Result<()> 
         )));
     }
     for (key, value) in metadata {
-        if key.is_empty() || key.len() > MAX_METADATA_BYTES || value.len() > MAX_METADATA_BYTES {
+        let long = |s: &str| s.chars().count() > MAX_METADATA_CHARS;
+        if key.is_empty() || long(key) || long(value) {
             return Err(Error::InvalidRequest(format!(
                 "metadata {key:?}: names must be non-empty, names and values at most \
-                 {MAX_METADATA_BYTES} bytes"
+                 {MAX_METADATA_CHARS} characters"
             )));
         }
     }
@@ -228,14 +259,15 @@ pub(super) fn check_env(env: BTreeMap<String, String>) -> Result<Vec<(String, St
         )));
     }
     for (key, value) in &env {
-        if key.is_empty() || key.contains(['=', '\0']) || key.len() > MAX_ENV_BYTES {
+        let long = |s: &str| s.chars().count() > MAX_ENV_CHARS;
+        if key.is_empty() || key.contains(['=', '\0']) || long(key) {
             return Err(Error::InvalidRequest(format!(
-                "env key {key:?} must be non-empty, without '=' or NUL, at most {MAX_ENV_BYTES} bytes"
+                "env key {key:?} must be non-empty, without '=' or NUL, at most {MAX_ENV_CHARS} characters"
             )));
         }
-        if value.contains('\0') || value.len() > MAX_ENV_BYTES {
+        if value.contains('\0') || long(value) {
             return Err(Error::InvalidRequest(format!(
-                "env value of {key:?} must have no NUL and at most {MAX_ENV_BYTES} bytes"
+                "env value of {key:?} must have no NUL and at most {MAX_ENV_CHARS} characters"
             )));
         }
     }

@@ -9,6 +9,9 @@ use crate::runtime::{Runtime, RuntimeSpec};
 use crate::session::Session;
 use crate::{Error, Result};
 
+/// Every language name a create may give (`language`), for some runtime.
+const LANGUAGES: [&str; 6] = ["python", "python3", "javascript", "js", "typescript", "ts"];
+
 /// The runtimes a manager can serve, by the name sessions ask for.
 pub const RUNTIMES: &[&str] = &["python", "javascript"];
 
@@ -54,6 +57,49 @@ impl Registry {
             "python" => self.load_python(progress),
             "javascript" => self.load_javascript(progress),
             other => Err(Error::UnknownRuntime(other.to_owned(), RUNTIMES.join(", "))),
+        }
+    }
+
+    /// What the OpenAPI document should say of this manager's creates: its runtimes (loaded
+    /// or loading), their languages and memory floors, and its ceilings.
+    pub fn document_facts(&self) -> crate::api::ops::DocumentFacts {
+        let runtimes = read(&self.inner.runtimes);
+        let mut names: Vec<String> = runtimes.keys().cloned().collect();
+        for loading in read(&self.inner.loading).iter() {
+            let served: &[&str] = match loading.as_str() {
+                "javascript" => &["javascript", "typescript"],
+                other => &[other],
+            };
+            names.extend(served.iter().map(|s| (*s).to_owned()));
+        }
+        names.sort();
+        names.dedup();
+        let config = &self.inner.config;
+        crate::api::ops::DocumentFacts {
+            runtimes: names
+                .into_iter()
+                .map(|name| {
+                    // The languages a create may name with it, as a create reads them.
+                    let languages = LANGUAGES
+                        .into_iter()
+                        .filter(|language| {
+                            let asked = super::CreateRequest {
+                                runtime: Some(name.clone()),
+                                language: Some((*language).to_owned()),
+                                ..super::CreateRequest::default()
+                            };
+                            asked.runtime_name("python").is_ok()
+                        })
+                        .collect();
+                    let min = runtimes
+                        .get(&name)
+                        .map(|r| r.min_memory_bytes.div_ceil(1 << 20));
+                    (name, languages, min)
+                })
+                .collect(),
+            max_memory_mib: config.max_memory_bytes >> 20,
+            max_timeout_ms: u64::try_from(config.max_timeout.as_millis()).unwrap_or(u64::MAX),
+            network_max: (config.network.max_bytes, config.network.max_requests),
         }
     }
 
