@@ -162,6 +162,10 @@ async fn start(bench: &Bench) -> anyhow::Result<Manager> {
             &bench.cache_dir().join("bench-wheelhouse"),
         )?)
         .args(&bench.manager_args)
+        // Sessions stay live and unsaved through the figures, unless a flag says otherwise:
+        // the suspend figures suspend on demand.
+        .env("ARL_SUSPEND_AFTER_SECS", "0")
+        .env("ARL_CHECKPOINT_EVERY_SECS", "0")
         .stdout(Stdio::null());
     let child = command.spawn().with_context(|| {
         format!(

@@ -1,7 +1,7 @@
 //! What is made of a session's state, against how much of it there is: fork, snapshot,
-//! restore from a snapshot and roll back a timed-out turn, for a small session and for ones
-//! that hold a numpy array and a pandas frame; and what keeping a turn's checkpoint costs
-//! an ordinary execute.
+//! restore from a snapshot, suspend to the store and resume, and roll back a timed-out turn,
+//! for a small session and for ones that hold a numpy array and a pandas frame; the disk a
+//! suspended session takes; and what keeping a turn's checkpoint costs an ordinary execute.
 
 use std::time::{Duration, Instant};
 
@@ -92,6 +92,29 @@ pub async fn run(
         }
         figures.latency(&name("restore from disk"), &mut samples);
         delete(manager, &format!("/v1/snapshots/{snap_id}")).await?;
+
+        // Suspend to the store and resume on demand; then the transparent path, an execute
+        // sent to a suspended session.
+        let (mut suspends, mut resumes, mut touches) = (Vec::new(), Vec::new(), Vec::new());
+        let mut stored = 0.0;
+        for _ in 0..iterations.min(40) {
+            let t = Instant::now();
+            let (_, v) = post(manager, &format!("/v1/sessions/{id}/suspend"), 200).await?;
+            suspends.push(t.elapsed());
+            stored = mib(&v["stored_bytes"]);
+            let t = Instant::now();
+            post(manager, &format!("/v1/sessions/{id}/resume"), 200).await?;
+            resumes.push(t.elapsed());
+            wait_idle(manager, &id).await?;
+            post(manager, &format!("/v1/sessions/{id}/suspend"), 200).await?;
+            let t = Instant::now();
+            manager.execute(&mut id, "1").await?;
+            touches.push(t.elapsed());
+        }
+        figures.latency(&name("suspend to the store"), &mut suspends);
+        figures.latency(&name("resume"), &mut resumes);
+        figures.latency(&name("execute 1 on a suspended session"), &mut touches);
+        println!("  disk per suspended {tier} session: {stored:.2} MiB");
 
         // The answer's latency less the turn's own time (its 20 ms deadline): the rollback,
         // plus one HTTP exchange.

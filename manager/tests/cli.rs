@@ -38,7 +38,10 @@ fn every_serve_flag_has_an_env_twin_in_help() {
         ("--shutdown-grace-secs", "ARL_SHUTDOWN_GRACE_SECS"),
         ("--log", "ARL_LOG"),
         ("--id-prefix", "ARL_ID_PREFIX"),
-        ("--snapshot-dir", "ARL_SNAPSHOT_DIR"),
+        ("--store", "ARL_STORE"),
+        ("--suspend-after-secs", "ARL_SUSPEND_AFTER_SECS"),
+        ("--suspended-ttl-secs", "ARL_SUSPENDED_TTL_SECS"),
+        ("--checkpoint-every-secs", "ARL_CHECKPOINT_EVERY_SECS"),
         ("--no-rollback", "ARL_NO_ROLLBACK"),
         ("--network-allow", "ARL_NETWORK_ALLOW"),
         ("--network-max-bytes", "ARL_NETWORK_MAX_BYTES"),
@@ -57,7 +60,7 @@ fn every_serve_flag_has_an_env_twin_in_help() {
     }
     assert_eq!(
         help.matches("[env: ARL_").count(),
-        31,
+        34,
         "a flag without a documented twin:\n{help}"
     );
 }
@@ -340,7 +343,7 @@ fn a_javascript_snapshot_is_restored_by_a_second_process() {
     let args = [
         "--runtimes",
         "javascript",
-        "--snapshot-dir",
+        "--store",
         snapshots.to_str().unwrap(),
     ];
     let (mut first, base) = serve(&args, tmp.path(), &rt);

@@ -116,10 +116,38 @@ pub struct SessionStore {
     #[x_kube(validation = Rule::new("self.startsWith('s3://') && size(self) > 5").message("sessionStore.url is s3://bucket/prefix"))]
     pub url: String,
     /// A Secret in the pool's namespace whose keys become the managers' environment: the
-    /// `AWS_*` variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
-    /// `AWS_ENDPOINT` for a bucket outside AWS). Absent: the pods' own identity (IRSA).
+    /// `AWS_*` variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`).
+    /// Absent: the pods' own identity (IRSA).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret: Option<String>,
+    /// The S3 API's URL for a bucket outside AWS (`http://10.0.0.9:9000` for MinIO); absent:
+    /// AWS. The pods' NetworkPolicy opens its port (on that address when it is one, else on
+    /// public addresses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("sessionStore.endpoint is an http(s) URL"))]
+    pub endpoint: Option<String>,
+}
+
+impl SessionStore {
+    /// The egress rule (`host:port`) its endpoint needs.
+    pub fn egress_rule(&self) -> String {
+        let Some(endpoint) = &self.endpoint else {
+            return "s3.amazonaws.com:443".into();
+        };
+        let (default_port, rest) = match endpoint.strip_prefix("http://") {
+            Some(rest) => (80, rest),
+            None => (443, endpoint.trim_start_matches("https://")),
+        };
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        let has_port = authority
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok());
+        if has_port {
+            authority.to_owned()
+        } else {
+            format!("{authority}:{default_port}")
+        }
+    }
 }
 
 /// A pool's egress.

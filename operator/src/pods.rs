@@ -19,7 +19,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 
-use crate::crd::{MANAGER_CONTAINER, POOL_LABEL, RUNTIME_ANNOTATION, WarmPool};
+use crate::crd::{MANAGER_CONTAINER, POOL_LABEL, RUNTIME_ANNOTATION, SessionStore, WarmPool};
 use crate::token::TokenKey;
 
 /// Port of the manager's HTTP API in a pod.
@@ -99,12 +99,26 @@ pub fn network_policy(pool: &WarmPool, system_namespace: &str) -> NetworkPolicy 
                 }]),
                 ports: Some(vec![port(HTTP_PORT), port(GRPC_PORT)]),
             }]),
-            egress: Some(
-                pool.spec
+            egress: Some({
+                // What sessions may reach, and the session store the managers write to.
+                let mut rules: Vec<String> = pool
+                    .spec
                     .network
                     .as_ref()
-                    .map_or_else(Vec::new, |n| egress(&n.allow)),
-            ),
+                    .map(|n| n.allow.clone())
+                    .unwrap_or_default();
+                rules.extend(
+                    pool.spec
+                        .session_store
+                        .as_ref()
+                        .map(SessionStore::egress_rule),
+                );
+                if rules.is_empty() {
+                    vec![]
+                } else {
+                    egress(&rules)
+                }
+            }),
         }),
     }
 }
@@ -385,6 +399,13 @@ pub fn manager_pod(pool: &WarmPool, default_image: &str) -> Pod {
     }
     if let (Some(store), Some(env_vars)) = (store, manager.env.as_mut()) {
         env_vars.push(env("ARL_STORE", store.url.clone()));
+        if let Some(endpoint) = &store.endpoint {
+            env_vars.push(env("AWS_ENDPOINT", endpoint.clone()));
+            env_vars.push(env(
+                "AWS_ALLOW_HTTP",
+                endpoint.starts_with("http://").to_string(),
+            ));
+        }
     }
     let mut containers = Vec::new();
     let mut init_containers = None;
@@ -556,6 +577,39 @@ mod tests {
         assert_eq!(store.value.as_deref(), Some("s3://arl-sessions/agents"));
         let from = manager.env_from.unwrap();
         assert_eq!(from[0].secret_ref.as_ref().unwrap().name, "s3-keys");
+        let policy = network_policy(&p, "arl-system").spec.unwrap();
+        let egress = policy.egress.unwrap();
+        assert!(
+            egress.iter().any(|r| r
+                .ports
+                .iter()
+                .flatten()
+                .any(|p| p.port == Some(IntOrString::Int(443)))),
+            "the store's API is reachable: {egress:?}"
+        );
+        let minio = pool(json!({
+            "runtime": { "wasm": "python" },
+            "sessionStore": { "url": "s3://s/p", "endpoint": "http://10.0.0.9:9000" },
+        }));
+        let egress = network_policy(&minio, "arl-system")
+            .spec
+            .unwrap()
+            .egress
+            .unwrap();
+        let to_minio = egress.iter().find(|r| {
+            r.to.iter()
+                .flatten()
+                .any(|p| p.ip_block.as_ref().is_some_and(|b| b.cidr == "10.0.0.9/32"))
+        });
+        assert!(to_minio.is_some(), "{egress:?}");
+        let env = manager_pod(&minio, "img").spec.unwrap().containers[0]
+            .env
+            .clone()
+            .unwrap();
+        assert!(
+            env.iter()
+                .any(|e| e.name == "AWS_ALLOW_HTTP" && e.value.as_deref() == Some("true"))
+        );
         let without = manager_pod(&pool(json!({ "runtime": { "wasm": "python" } })), "img");
         let manager = &without.spec.unwrap().containers[0];
         assert!(manager.env_from.is_none());

@@ -202,8 +202,9 @@ pub fn narrow(doc: &mut serde_json::Value, facts: &DocumentFacts) {
     network["allow"]["maxItems"] = json!(crate::egress::policy::MAX_RULES);
     network["max_bytes"]["maximum"] = json!(facts.network_max.0);
     network["max_requests"]["maximum"] = json!(facts.network_max.1);
-    schemas["ToolSpec"]["properties"]["url"]["pattern"] =
-        json!(format!("^https?://({label}\\.)*{last}{port}([/?#][!-~]*)?$"));
+    schemas["ToolSpec"]["properties"]["url"]["pattern"] = json!(format!(
+        "^https?://({label}\\.)*{last}{port}([/?#][!-~]*)?$"
+    ));
     if facts.runtimes.is_empty() {
         return;
     }

@@ -46,6 +46,9 @@ pub struct SessionView {
     /// What its guest may reach over brokered HTTP (the allow-list and budgets), what it
     /// has spent, and its host tools.
     pub network: crate::egress::Summary,
+    /// Bytes the store holds of it while it is suspended (its compressed image; 0 while it
+    /// is live).
+    pub stored_bytes: u64,
 }
 
 /// Limits as `/v1` shows them.
@@ -88,6 +91,7 @@ impl From<Info> for SessionView {
             limits: i.limits.into(),
             metadata: (*i.metadata).clone(),
             network: i.network,
+            stored_bytes: i.stored_bytes,
         }
     }
 }

@@ -37,6 +37,17 @@ pub(super) struct Parked {
     pub(super) turn: Arc<AsyncMutex<()>>,
     /// When it was last used, on this process's clock.
     idle_since: Instant,
+    /// Bytes the store holds of it.
+    stored_bytes: std::sync::atomic::AtomicU64,
+}
+
+impl Parked {
+    fn info(&self) -> Info {
+        Info {
+            stored_bytes: self.stored_bytes.load(Ordering::SeqCst),
+            ..self.info.clone()
+        }
+    }
 }
 
 /// Why a session is suspended, which decides what waits for what and who holds it after.
@@ -108,7 +119,7 @@ impl Registry {
     pub async fn info(&self, id: &str) -> Result<Info> {
         match self.find(id) {
             Found::Live(live) => Ok(live.info()),
-            Found::Parked(parked) => Ok(parked.info.clone()),
+            Found::Parked(parked) => Ok(parked.info()),
             Found::Gone(Error::NotFound(_)) if self.adopt_stored(id).await? => self
                 .parked_info(id)
                 .ok_or_else(|| Error::NotFound(id.to_owned())),
@@ -117,14 +128,14 @@ impl Registry {
     }
 
     fn parked_info(&self, id: &str) -> Option<Info> {
-        read(&self.inner.parked).get(id).map(|p| p.info.clone())
+        read(&self.inner.parked).get(id).map(|p| p.info())
     }
 
     /// Every parked session's description.
     pub(super) fn parked_infos(&self) -> Vec<Info> {
         read(&self.inner.parked)
             .values()
-            .map(|p| p.info.clone())
+            .map(|p| p.info())
             .collect()
     }
 
@@ -132,7 +143,7 @@ impl Registry {
     pub async fn suspend(&self, id: &str) -> Result<Info> {
         let session = match self.find(id) {
             Found::Live(live) => live.arc(),
-            Found::Parked(parked) => return Ok(parked.info.clone()),
+            Found::Parked(parked) => return Ok(parked.info()),
             Found::Gone(e) => return Err(e),
         };
         self.park(&session, Suspension::Asked).await
@@ -167,6 +178,7 @@ impl Registry {
             contexts: session.contexts(),
             turn,
             idle_since: session.idle_since().unwrap_or_else(Instant::now),
+            stored_bytes: std::sync::atomic::AtomicU64::new(0),
         });
         {
             let mut sessions = write(&self.inner.sessions);
@@ -184,6 +196,9 @@ impl Registry {
         session.released().await;
         let owner = (why != Suspension::Release).then(|| self.inner.config.id_prefix.clone());
         let saved = self.save(session, Kept::Suspended, owner).await;
+        if let Ok(bytes) = saved {
+            parked.stored_bytes.store(bytes, Ordering::SeqCst);
+        }
         if let Err(e) = saved {
             self.unpark(session, &parked);
             self.inner.metrics.store_failure();
@@ -198,7 +213,7 @@ impl Registry {
             write(&self.inner.parked).remove(&id);
         }
         drop(parking);
-        Ok(parked.info.clone())
+        Ok(parked.info())
     }
 
     /// Puts a session whose suspension failed back among the live ones.
@@ -407,6 +422,7 @@ impl Registry {
                 limits: record.limits.into(),
                 metadata: Arc::new(record.metadata),
                 network: crate::egress::Summary::default(),
+                stored_bytes: record.image_bytes,
             },
             lifetime_left: Duration::from_millis(record.lifetime_left_ms),
             suspend_after: Duration::from_millis(record.suspend_after_ms),
@@ -414,6 +430,7 @@ impl Registry {
             contexts: vec![],
             turn: Arc::default(),
             idle_since: Instant::now(),
+            stored_bytes: std::sync::atomic::AtomicU64::new(record.image_bytes),
         });
         let _sessions = read(&self.inner.sessions);
         write(&self.inner.parked).insert(record.id, parked);

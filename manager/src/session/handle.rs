@@ -239,6 +239,7 @@ impl Session {
             },
             metadata: stats.metadata.clone(),
             network: self.door.summary(),
+            stored_bytes: 0,
         }
     }
 

@@ -214,6 +214,8 @@ pub struct Info {
     pub metadata: std::sync::Arc<super::handle::Metadata>,
     /// What its guest may reach outside the sandbox, and has spent.
     pub network: crate::egress::Summary,
+    /// Bytes the store holds of it while it is suspended (0 while it is live).
+    pub stored_bytes: u64,
 }
 
 impl EndReason {
