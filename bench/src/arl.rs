@@ -166,6 +166,9 @@ async fn start(bench: &Bench) -> anyhow::Result<Manager> {
         // the suspend figures suspend on demand.
         .env("ARL_SUSPEND_AFTER_SECS", "0")
         .env("ARL_CHECKPOINT_EVERY_SECS", "0")
+        // As the manager image runs it (deploy/docker/manager.Dockerfile).
+        .env("MALLOC_ARENA_MAX", "2")
+        .env("MALLOC_TRIM_THRESHOLD_", "262144")
         .stdout(Stdio::null());
     let child = command.spawn().with_context(|| {
         format!(

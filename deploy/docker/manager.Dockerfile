@@ -41,13 +41,17 @@ COPY --from=build /out/arl-manager /usr/local/bin/arl-manager
 COPY --from=build /out/arl-exec /usr/local/bin/arl-exec
 # Owned by root and read-only to the manager (uid 65532).
 COPY --from=build /opt/arl/cache /opt/arl/cache
-# Snapshots go beside the workspaces, on the pod's writable volume (the cache is read-only);
-# mount a shared volume at ARL_SNAPSHOT_DIR for managers to restore each other's.
+# Snapshots and suspended sessions go beside the workspaces, on the pod's writable volume (the
+# cache is read-only); a pool's sessionStore (an S3 bucket) replaces it so that managers resume
+# each other's. glibc's malloc keeps two arenas and trims freed memory past 256 KiB: after a
+# burst of sessions the manager gives back what they used (BENCHMARKS.md, "Sessions at rest").
 ENV ARL_CACHE_DIR=/opt/arl/cache \
     ARL_LISTEN=0.0.0.0:8080 \
     ARL_GRPC_LISTEN=0.0.0.0:50051 \
     ARL_DATA_DIR=/var/lib/arl \
-    ARL_SNAPSHOT_DIR=/var/lib/arl/snapshots
+    ARL_STORE=/var/lib/arl/store \
+    MALLOC_ARENA_MAX=2 \
+    MALLOC_TRIM_THRESHOLD_=262144
 USER 65532:65532
 EXPOSE 8080 50051
 ENTRYPOINT ["arl-manager"]

@@ -273,6 +273,16 @@ fn idle_sessions_suspend_resume_and_come_back_after_a_crash() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(get(format!("{base}/v1/sessions/{c}")).await.0, 404);
+
+        // A manager stopped as Kubernetes stops it (SIGTERM) keeps its sessions in the store:
+        // the next one serves them, a session that never ran a turn included.
+        let fresh = create(&base, json!({"suspend_after_secs": 0})).await;
+        assert_eq!(result(&base, &a, "x").await, "41");
+        drop(m);
+        let m = Manager::spawn("m", flags);
+        wait_ready(&m.base).await;
+        assert_eq!(result(&m.base, &a, "x").await, "41");
+        assert_eq!(result(&m.base, &fresh, "1 + 1").await, "2");
     });
 }
 

@@ -351,9 +351,15 @@ impl Registry {
     }
 
     /// Ends every session (the manager is stopping) and waits until their stores are gone.
+    /// Those that ran a turn since their last checkpoint are checkpointed first (within
+    /// `grace`), and what the store holds of them is kept: a manager started again on the same
+    /// store serves them again.
     pub async fn shutdown(&self, grace: Duration) {
         self.inner.stopping.store(true, Ordering::SeqCst);
         self.drop_warm();
+        if !self.inner.config.checkpoint_every.is_zero() {
+            let _ = tokio::time::timeout(grace, self.checkpoint(true)).await;
+        }
         let all: Vec<_> = read(&self.inner.sessions).values().cloned().collect();
         for session in &all {
             session.end(EndReason::Shutdown);
@@ -472,7 +478,8 @@ impl ManagerState {
         if session.is_warm() || reason == EndReason::Suspended {
             return; // never a client's, or lives on in the store: nothing to count or remember
         }
-        if session.stored() {
+        // A manager stopping keeps its sessions in the store, for the next one.
+        if session.stored() && reason != EndReason::Shutdown {
             self.forget_stored(id);
         }
         if reason == EndReason::Deleted {

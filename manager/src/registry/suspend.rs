@@ -580,17 +580,24 @@ impl Registry {
         (due.len(), expired.len())
     }
 
-    /// Checkpoints every live session that ran a turn since its last checkpoint (and records
-    /// new ones), one at a time; how many were written.
-    pub async fn checkpoint(&self) -> usize {
+    /// Checkpoints every live session at rest that ran a turn since its last checkpoint, one
+    /// at a time; a session that never ran one gets a record alone (after a crash it is known,
+    /// and lost), unless `whole` (the manager is stopping: every session is kept whole, to be
+    /// served again). A session mid-turn waits for the next round. How many were written.
+    pub async fn checkpoint(&self, whole: bool) -> usize {
         let due: Vec<_> = read(&self.inner.sessions)
             .values()
-            .filter(|s| !s.is_warm() && s.ended().is_none() && s.needs_saving())
+            .filter(|s| {
+                !s.is_warm()
+                    && s.ended().is_none()
+                    && s.idle_since().is_some()
+                    && s.needs_saving(whole)
+            })
             .cloned()
             .collect();
         let mut written = 0;
         for session in due {
-            let kept = if session.executions() == 0 {
+            let kept = if session.executions() == 0 && !whole {
                 Kept::Held
             } else {
                 Kept::Checkpoint
@@ -623,7 +630,7 @@ impl Registry {
             loop {
                 tick.tick().await;
                 let Some(inner) = weak.upgrade() else { break };
-                Registry { inner }.checkpoint().await;
+                Registry { inner }.checkpoint(false).await;
             }
         });
     }

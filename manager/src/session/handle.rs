@@ -286,11 +286,12 @@ impl Session {
     }
 
     /// Whether the store lacks its latest state: it ran a turn since it was last saved, or
-    /// (having run none) the store does not know it yet.
-    pub fn needs_saving(&self) -> bool {
+    /// (having run none) the store does not know it yet. `whole`: whether the store lacks an
+    /// image of it as it is now, even one that never ran a turn.
+    pub fn needs_saving(&self, whole: bool) -> bool {
         let stats = self.stats();
         match stats.executions {
-            0 => !stats.stored,
+            0 if !whole => !stats.stored,
             n => stats.saved != Some(n),
         }
     }
