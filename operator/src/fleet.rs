@@ -306,6 +306,18 @@ impl Fleet {
         self.ranked(|m| m.accepts() && wanted(m))
     }
 
+    /// Where a session moved out of a drained pod is looked for: the serving member of
+    /// `namespace` first by key, of those not in `tried`. Every caller (the gateway, the
+    /// Sandbox controller) asks in this same order, so a session released for any manager is
+    /// resumed by one, not by two at once.
+    pub fn next_holder(&self, namespace: &str, tried: &[String]) -> Option<Member> {
+        self.read()
+            .values()
+            .filter(|m| m.namespace == namespace && m.serving() && !tried.contains(&m.key()))
+            .min_by_key(|m| m.key())
+            .cloned()
+    }
+
     /// Members matching `wanted`, least utilised first.
     pub fn ranked(&self, wanted: impl Fn(&Member) -> bool) -> Vec<Member> {
         let mut found: Vec<Member> = self

@@ -898,13 +898,7 @@ async fn to_owner(
         let member = next
             .take()
             .and_then(|key| gateway.fleet.get(&key))
-            .or_else(|| {
-                let mut serving = gateway.fleet.ranked(|m| {
-                    m.namespace == namespace && m.serving() && !tried.contains(&m.key())
-                });
-                serving.sort_by_key(Member::key);
-                serving.into_iter().next()
-            });
+            .or_else(|| gateway.fleet.next_holder(namespace, &tried));
         let Some(member) = member.filter(|m| !tried.contains(&m.key())) else {
             break;
         };

@@ -52,6 +52,9 @@ pub enum SessionState {
     Ended(String),
     /// The manager does not know it.
     Unknown,
+    /// A drain moved it through the store: the manager (its id prefix) that holds it now, or
+    /// none yet (any manager sharing the store resumes it).
+    Moved(Option<String>),
 }
 
 /// An HTTP client for managers, with short timeouts: a pod that does not answer is skipped,
@@ -167,6 +170,12 @@ impl Managers {
         match status {
             200 => Ok(SessionState::Live),
             404 => Ok(SessionState::Unknown),
+            421 => Ok(SessionState::Moved(
+                body["error"]["reason"]
+                    .as_str()
+                    .filter(|owner| !owner.is_empty())
+                    .map(str::to_owned),
+            )),
             410 => Ok(SessionState::Ended(
                 body["error"]["message"]
                     .as_str()

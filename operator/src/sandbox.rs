@@ -209,6 +209,9 @@ async fn watch(
         ..status.clone()
     };
     if pods.get_opt(&pod).await?.is_none() {
+        if let Some(holder) = find_moved(ctx, namespace, &pod, &id, None).await {
+            return moved(sandbox, status, ctx, namespace, holder).await;
+        }
         write(
             sandbox,
             ctx,
@@ -226,6 +229,12 @@ async fn watch(
     };
     match ctx.managers.session(&member.endpoint, &id).await {
         Ok(SessionState::Live) | Err(_) => Ok(Action::requeue(ctx.interval)),
+        Ok(SessionState::Moved(owner)) => {
+            match find_moved(ctx, namespace, &pod, &id, owner).await {
+                Some(holder) => moved(sandbox, status, ctx, namespace, holder).await,
+                None => Ok(Action::requeue(ctx.interval)),
+            }
+        }
         Ok(SessionState::Ended(why)) => {
             let ended = SandboxStatus {
                 phase: SandboxPhase::Terminated,
@@ -243,6 +252,55 @@ async fn watch(
             Ok(Action::await_change())
         }
     }
+}
+
+/// The manager that holds session `id` now that its pod `pod` does not (a drain moved it
+/// through the store): the one named by `owner`, or else the namespace's serving managers in
+/// the gateway's order (the first asked resumes a session released for any), following the
+/// `session_moved` answers; `None` when none has it.
+async fn find_moved(
+    ctx: &Context,
+    namespace: &str,
+    pod: &str,
+    id: &str,
+    owner: Option<String>,
+) -> Option<crate::fleet::Member> {
+    let mut tried = vec![crate::fleet::member_key(namespace, pod)];
+    let mut next = owner;
+    for _ in 0..4 {
+        let member = next
+            .take()
+            .and_then(|key| ctx.fleet.get(&key))
+            .or_else(|| ctx.fleet.next_holder(namespace, &tried))?;
+        tried.push(member.key());
+        match ctx.managers.session(&member.endpoint, id).await {
+            Ok(SessionState::Live) => return Some(member),
+            Ok(SessionState::Moved(owner)) => next = owner,
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Records that the Sandbox's session is held by `holder`'s pod now, under the same id.
+async fn moved(
+    sandbox: &Sandbox,
+    status: SandboxStatus,
+    ctx: &Context,
+    namespace: &str,
+    holder: crate::fleet::Member,
+) -> Result<Action> {
+    tracing::info!(pod = %holder.name, session = ?status.session_id, "the sandbox's session moved");
+    let status = SandboxStatus {
+        pod_name: Some(holder.name.clone()),
+        message: Some(format!(
+            "the session moved to pod {} through the session store",
+            holder.name
+        )),
+        ..status
+    };
+    write(sandbox, ctx, namespace, status).await?;
+    Ok(Action::requeue(ctx.interval))
 }
 
 /// Ends the session before the Sandbox goes. A pod already gone has nothing to end.

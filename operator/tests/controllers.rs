@@ -944,6 +944,62 @@ async fn a_sandbox_whose_manager_forgot_its_session_is_lost() {
     assert_eq!(action, Action::await_change());
 }
 
+/// A drain moved the Sandbox's session through the store its pool's managers share: the
+/// controller follows it (its old manager answers 421, the next one resumes it) and records
+/// the pod that holds it now, under the same session id.
+#[tokio::test]
+async fn a_sandbox_whose_session_moved_follows_it_to_its_new_pod() {
+    let store = tempfile::tempdir().unwrap();
+    let sharing = |pod: &str| {
+        let mut config = arl_e2e::config();
+        config.id_prefix = format!("{NS}.{pod}");
+        config.store = Some(store.path().display().to_string());
+        TestManager::start(
+            config,
+            Runtimes {
+                guests: vec![("counter", guests::COUNTER)],
+                ..Runtimes::default()
+            },
+        )
+    };
+    let (a, b) = (sharing("pod-a"), sharing("pod-b"));
+    let id = a.create(json!({ "runtime": "counter" })).await;
+    a.exec(&id, "1").await;
+    let (code, _) = a.post("/v1/drain?move_sessions=true", json!(null)).await;
+    assert_eq!(code, 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while a.get(&format!("/v1/sessions/{id}")).await.0 != 421 {
+        assert!(std::time::Instant::now() < deadline, "the session never moved out");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let fleet = Fleet::default();
+    fleet.upsert(member("pod-a", &a.base, 0, 10));
+    fleet.upsert(member("pod-b", &b.base, 0, 10));
+    let (ctx, mut server) = context(fleet);
+    let status = json!({ "phase": "Ready", "podName": "pod-a", "sessionID": id });
+    let sandbox = a_sandbox(&["arl.infra.io/session"], Some(status), false);
+    let reply = serde_json::to_value(&sandbox).unwrap();
+    let held = id.clone();
+    let action = run(sandbox::reconcile(Arc::new(sandbox), ctx), async move {
+        server
+            .expect(Method::GET, &format!("{PODS}/pod-a"))
+            .await
+            .ok(pod("pod-a", HOUR, None));
+        let call = server
+            .expect(Method::PATCH, &format!("{SANDBOX}/status"))
+            .await;
+        let status = &call.body["status"];
+        assert_eq!(status["phase"], "Ready", "{status}");
+        assert_eq!(status["podName"], "pod-b", "{status}");
+        assert_eq!(status["sessionID"], held, "the same session, moved");
+        call.ok(reply);
+        server.done().await;
+    })
+    .await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(3)), "watched as before");
+    assert_eq!(b.get(&format!("/v1/sessions/{id}")).await.0, 200);
+}
+
 // ---- Tasks ----------------------------------------------------------------------------
 
 const TASK: &str = "/apis/arl.infra.io/v1alpha1/namespaces/agents/tasks/t";
