@@ -33,7 +33,7 @@ pub fn python() -> String {
 /// A folder holding the PyPI `packages` (pinned `name==version`), installed with pip into
 /// the shared cache on first use; put it on `sys.path` to import them.
 pub fn pytools(packages: &[&str]) -> PathBuf {
-    arl_build_support::pytools(&cache_dir(), &python(), packages)
+    arl_build_support::pytools(&cache_dir(), &python(), packages).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A default configuration for tests, with the shared cache.

@@ -59,7 +59,7 @@ mod tempdir {
 
 async fn start(bench: &Bench) -> anyhow::Result<Gateway> {
     let python = std::env::var("ARL_PYTHON").unwrap_or_else(|_| "python3".into());
-    let site = crate::pytools(&bench.cache_dir(), &python, "jupyter-kg-3.0.1", &PACKAGES)?;
+    let site = crate::pytools(&bench.cache_dir(), &python, &PACKAGES)?;
     let port = bench.port + 10;
     let dirs = std::env::temp_dir().join(format!("arl-bench-jupyter-{}", std::process::id()));
     std::fs::create_dir_all(&dirs)?;

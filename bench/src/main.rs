@@ -22,7 +22,7 @@ mod state;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Parser;
 
 /// Benchmarks a real arl-manager over loopback, optionally beside Jupyter Kernel Gateway.
@@ -78,38 +78,13 @@ pub struct Bench {
     cache_dir: Option<PathBuf>,
 }
 
-/// Installs `packages` with pip into `cache/pytools/<name>` once; the folder for `PYTHONPATH`.
-fn pytools(cache: &Path, python: &str, name: &str, packages: &[&str]) -> anyhow::Result<PathBuf> {
-    let target = cache.join("pytools").join(name);
-    if target.join("READY").exists() {
-        return Ok(target);
-    }
-    let staging = target.with_extension("partial");
-    let _ = std::fs::remove_dir_all(&staging);
-    eprintln!("arl-bench: installing {} with pip", packages.join(" "));
-    let out = std::process::Command::new(python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-        ])
-        .arg("--target")
-        .arg(&staging)
-        .args(packages)
-        .output()
-        .with_context(|| format!("running {python} -m pip"))?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "pip install failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let _ = std::fs::remove_dir_all(&target);
-    std::fs::rename(&staging, &target)?;
-    std::fs::write(target.join("READY"), packages.join("\n"))?;
-    Ok(target)
+/// Installs `packages` with pip into `cache/pytools` once; the folder for `PYTHONPATH`.
+fn pytools(cache: &Path, python: &str, packages: &[&str]) -> anyhow::Result<PathBuf> {
+    eprintln!(
+        "arl-bench: {} (installed with pip on first use)",
+        packages.join(" ")
+    );
+    arl_build_support::pytools(cache, python, packages).map_err(anyhow::Error::msg)
 }
 
 impl Bench {

@@ -15,7 +15,7 @@ const PACKAGES: [&str; 1] = ["httpx==0.29.0"];
 
 pub fn run(bench: &Bench, base: &str, figures: &mut Figures) -> anyhow::Result<()> {
     let python = std::env::var("ARL_PYTHON").unwrap_or_else(|_| "python3".into());
-    let tools = crate::pytools(&bench.cache_dir(), &python, "httpx-0.29.0", &PACKAGES)?;
+    let tools = crate::pytools(&bench.cache_dir(), &python, &PACKAGES)?;
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let client = repo.join("clients").join("python").join("src");
     let path = format!("{}:{}", client.display(), tools.display());

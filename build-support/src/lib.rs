@@ -92,8 +92,9 @@ pub fn build_guests(root: &Path) -> PathBuf {
 }
 
 /// A folder holding the PyPI `packages` (pinned `name==version`), installed with `python`'s
-/// pip into `cache/pytools` on first use; put it on `sys.path` to import them.
-pub fn pytools(cache: &Path, python: &str, packages: &[&str]) -> PathBuf {
+/// pip into `cache/pytools` on first use; put it on `sys.path` to import them. The error is
+/// pip's own words.
+pub fn pytools(cache: &Path, python: &str, packages: &[&str]) -> Result<PathBuf, String> {
     // One install at a time in this process (tests of one binary run side by side and would
     // share the staging folder below); other processes stage in their own.
     static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -103,7 +104,7 @@ pub fn pytools(cache: &Path, python: &str, packages: &[&str]) -> PathBuf {
     let name = packages.join("+").replace("==", "-");
     let target = cache.join("pytools").join(name);
     if target.join("READY").exists() {
-        return target;
+        return Ok(target);
     }
     let staging = target.with_extension(format!("partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);
@@ -119,18 +120,19 @@ pub fn pytools(cache: &Path, python: &str, packages: &[&str]) -> PathBuf {
         .arg(&staging)
         .args(packages)
         .output()
-        .expect("running pip");
-    assert!(
-        out.status.success(),
-        "pip install {packages:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::write(staging.join("READY"), "").expect("marking the install done");
-    // Another test binary may have won the race; its copy is as good as ours.
+        .map_err(|e| format!("running {python} -m pip: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "pip install {packages:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    std::fs::write(staging.join("READY"), "").map_err(|e| format!("marking the install: {e}"))?;
+    // Another process may have won the race; its copy is as good as ours.
     if std::fs::rename(&staging, &target).is_err() {
         let _ = std::fs::remove_dir_all(&staging);
     }
-    target
+    Ok(target)
 }
 
 /// The cache `arl-manager` uses by default, which the tests share: `ARL_CACHE_DIR`, else

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{BIN, port, wait_ready};
+use common::{BIN, port, runtime, wait_ready};
 
 #[test]
 fn every_serve_flag_has_an_env_twin_in_help() {
@@ -205,14 +205,6 @@ fn left_in(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect()
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 fn sigterm(child: &std::process::Child) {

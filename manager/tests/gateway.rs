@@ -20,7 +20,7 @@ use tonic::transport::Channel;
 
 mod common;
 
-use common::{Manager, wait_ready};
+use common::{Manager, runtime, wait_ready};
 
 const MANAGER_TOKEN: &str = "manager-token-for-the-test";
 const GATEWAY_TOKEN: &str = "gateway-token-for-the-test";
@@ -142,11 +142,7 @@ fn owner(id: &str) -> &str {
 
 #[test]
 fn the_gateway_spreads_sessions_routes_by_id_and_answers_410_for_a_dead_manager() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     rt.block_on(async {
         let mut managers: Vec<Manager> = ["m1", "m2", "m3"].into_iter().map(spawn).collect();
         for m in &managers {

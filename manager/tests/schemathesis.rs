@@ -10,14 +10,15 @@
 
 mod common;
 
-use common::{Manager, wait_ready};
+use common::{Manager, runtime, wait_ready};
 
 fn schemathesis(base: &str, token: Option<&str>) {
     let tools = arl_build_support::pytools(
         &arl_build_support::cache_dir(),
         "python3",
         &["schemathesis==4.32.5"],
-    );
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let mut command = std::process::Command::new("python3");
     command
         .args(["-m", "schemathesis.cli", "run"])
@@ -44,11 +45,7 @@ fn schemathesis(base: &str, token: Option<&str>) {
 
 #[test]
 fn the_document_says_what_the_server_does() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     for token in [None, Some("st-token")] {
         let m = Manager::spawn("st", |command| {
             command.args(["--runtimes", "python,javascript"]);

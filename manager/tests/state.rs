@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 mod common;
 
-use common::{Manager, wait_ready};
+use common::{Manager, call, post, result, runtime, wait_ready};
 
 fn spawn(name: &str, snapshots: &std::path::Path) -> Manager {
     Manager::spawn(name, |command| {
@@ -21,37 +21,9 @@ fn spawn(name: &str, snapshots: &std::path::Path) -> Manager {
     })
 }
 
-async fn call(method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
-    let mut request = reqwest::Client::new().request(method, url);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let r = request.send().await.unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
-async fn post(url: String, body: Value) -> (u16, Value) {
-    call(reqwest::Method::POST, url, Some(body)).await
-}
-
-async fn result(base: &str, id: &str, code: &str) -> String {
-    let (status, v) = post(
-        format!("{base}/v1/sessions/{id}/execute"),
-        json!({ "code": code }),
-    )
-    .await;
-    assert_eq!((status, &v["error"]), (200, &Value::Null), "{code}: {v}");
-    v["result"].as_str().unwrap_or_default().to_owned()
-}
-
 #[test]
 fn state_moves_between_manager_processes() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let snapshots = tempfile::tempdir().unwrap();
     rt.block_on(async {
         let a = spawn("a", snapshots.path());

@@ -14,49 +14,12 @@ use serde_json::{Value, json};
 
 mod common;
 
-use common::{Manager, port, wait_ready};
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-async fn call(method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
-    let mut request = reqwest::Client::new().request(method, url);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let r = request.send().await.unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
-async fn post(url: String, body: Value) -> (u16, Value) {
-    call(reqwest::Method::POST, url, Some(body)).await
-}
-
-async fn get(url: String) -> (u16, Value) {
-    call(reqwest::Method::GET, url, None).await
-}
+use common::{Manager, call, get, port, post, result, runtime, wait_ready};
 
 async fn create(base: &str, body: Value) -> String {
     let (status, created) = post(format!("{base}/v1/sessions"), body).await;
     assert_eq!(status, 201, "{created}");
     created["id"].as_str().unwrap().to_owned()
-}
-
-/// Runs `code` in session `id`; the repr of its result, after checking that it raised nothing.
-async fn result(base: &str, id: &str, code: &str) -> String {
-    let (status, v) = post(
-        format!("{base}/v1/sessions/{id}/execute"),
-        json!({ "code": code }),
-    )
-    .await;
-    assert_eq!((status, &v["error"]), (200, &Value::Null), "{code}: {v}");
-    v["result"].as_str().unwrap_or_default().to_owned()
 }
 
 /// Waits (up to 20 s) until session `id` shows `state`.
@@ -298,7 +261,8 @@ impl S3 {
             &arl_build_support::cache_dir(),
             "python3",
             &["moto[server]==5.2.6"],
-        );
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         let port = port();
         let child = Command::new("python3")
             .args([

@@ -969,7 +969,10 @@ async fn a_sandbox_whose_session_moved_follows_it_to_its_new_pod() {
     assert_eq!(code, 200);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while a.get(&format!("/v1/sessions/{id}")).await.0 != 421 {
-        assert!(std::time::Instant::now() < deadline, "the session never moved out");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the session never moved out"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let fleet = Fleet::default();
@@ -996,7 +999,11 @@ async fn a_sandbox_whose_session_moved_follows_it_to_its_new_pod() {
         server.done().await;
     })
     .await;
-    assert_eq!(action, Action::requeue(Duration::from_secs(3)), "watched as before");
+    assert_eq!(
+        action,
+        Action::requeue(Duration::from_secs(3)),
+        "watched as before"
+    );
     assert_eq!(b.get(&format!("/v1/sessions/{id}")).await.0, 200);
 }
 

@@ -159,6 +159,7 @@ impl Registry {
         };
         let session = self
             .start(
+                None,
                 runtime,
                 limits,
                 vec![],

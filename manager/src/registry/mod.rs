@@ -248,7 +248,7 @@ impl Registry {
             None => {
                 let env = check_env(request.env.unwrap_or_default())?;
                 let permit = self.acquire_slot().await?;
-                self.start(runtime, limits, env, permit, false, None)
+                self.start(None, runtime, limits, env, permit, false, None)
                     .await?
             }
         };
@@ -368,28 +368,15 @@ impl Registry {
         let _ = tokio::time::timeout(grace, self.inner.slots.acquire_many(all_slots)).await;
     }
 
-    /// Starts a session on `permit`'s slot: a new interpreter, or one from an image whose
-    /// files are written (or copied from a folder) into the new session's folder first.
-    pub(super) async fn start(
-        &self,
-        runtime: Arc<Runtime>,
-        limits: Limits,
-        env: Vec<(String, String)>,
-        permit: OwnedSemaphorePermit,
-        warm: bool,
-        origin: Option<(Origin, Option<PathBuf>)>,
-    ) -> Result<Arc<Session>> {
-        self.start_as(None, runtime, limits, env, permit, warm, origin)
-            .await
-    }
-
-    /// Like [`start`](Self::start), under `id` when one is given (a resumed session keeps
-    /// its own). Each instance has a folder of its own, whatever its id.
+    /// Starts a session on `permit`'s slot, under `id` when one is given (a resumed session
+    /// keeps its own): a new interpreter, or one from an image whose files are written (or
+    /// copied from a folder) into the new session's folder first. Each instance has a folder
+    /// of its own, whatever its id.
     #[allow(
         clippy::too_many_arguments,
         reason = "the parts of a session, each distinct"
     )]
-    pub(super) async fn start_as(
+    pub(super) async fn start(
         &self,
         id: Option<String>,
         runtime: Arc<Runtime>,

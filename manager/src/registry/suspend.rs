@@ -314,7 +314,7 @@ impl Registry {
             reseed: false,
         };
         let session = self
-            .start_as(
+            .start(
                 Some(id.to_owned()),
                 runtime,
                 limits,

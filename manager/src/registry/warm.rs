@@ -158,7 +158,7 @@ impl Registry {
                 };
                 let defaults = self.inner.config.defaults;
                 let session = match self
-                    .start(runtime.clone(), defaults, vec![], permit, true, None)
+                    .start(None, runtime.clone(), defaults, vec![], permit, true, None)
                     .await
                 {
                     Ok(session) => session,

@@ -107,7 +107,9 @@ impl Live {
         self.0.clone()
     }
 
-    /// Like [`Session::execute_streaming_in`], holding the session until the stream ends.
+    /// Like [`Session::execute_in`], as a stream: the output as the guest writes it, then
+    /// the outcome; the session is held until the stream ends. Dropping the stream stops the
+    /// turn.
     pub fn execute_streaming_in(
         self,
         context: Option<Context>,
@@ -120,7 +122,8 @@ impl Live {
         })
     }
 
-    /// Like [`Session::execute_streaming`], holding the session until the stream ends.
+    /// Like [`execute_streaming_in`](Self::execute_streaming_in), in the session's own
+    /// namespace.
     pub fn execute_streaming(self, code: String, timeout: Option<Duration>) -> TurnStream {
         self.execute_streaming_in(None, code, timeout)
     }
@@ -490,29 +493,6 @@ impl Session {
                 .unwrap_or_else(PoisonError::into_inner)
                 .push(line.into());
         }
-    }
-
-    /// Like [`execute`](Self::execute), as a stream: the output as the guest writes it, then
-    /// the outcome. Dropping the stream stops the turn.
-    pub fn execute_streaming(
-        self: Arc<Self>,
-        code: String,
-        timeout: Option<Duration>,
-    ) -> TurnStream {
-        self.execute_streaming_in(None, code, timeout)
-    }
-
-    /// Like [`execute_streaming`](Self::execute_streaming), in `context` when one is named.
-    pub fn execute_streaming_in(
-        self: Arc<Self>,
-        context: Option<Context>,
-        code: String,
-        timeout: Option<Duration>,
-    ) -> TurnStream {
-        let (sink, output) = mpsc::unbounded_channel();
-        TurnStream::new(output, async move {
-            self.execute_in(context, code, timeout, Some(sink)).await
-        })
     }
 
     /// Opens a context, a namespace of its own beside the session's, whose cells start in

@@ -2,6 +2,8 @@
 #![allow(dead_code, reason = "each test binary uses its own part")]
 
 use std::process::{Child, Command, Stdio};
+
+use serde_json::Value;
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_arl-manager");
@@ -104,4 +106,44 @@ impl Drop for Manager {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A tokio runtime for a test: two workers, as the machine has two cores.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// `method url` with `body` as JSON; the status and the JSON answer (`null` when none).
+pub async fn call(method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
+    let mut request = reqwest::Client::new().request(method, url);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let r = request.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+pub async fn post(url: String, body: Value) -> (u16, Value) {
+    call(reqwest::Method::POST, url, Some(body)).await
+}
+
+pub async fn get(url: String) -> (u16, Value) {
+    call(reqwest::Method::GET, url, None).await
+}
+
+/// Runs `code` in session `id` at `base`; the repr of its result, after checking that it
+/// raised nothing.
+pub async fn result(base: &str, id: &str, code: &str) -> String {
+    let (status, v) = post(
+        format!("{base}/v1/sessions/{id}/execute"),
+        serde_json::json!({ "code": code }),
+    )
+    .await;
+    assert_eq!((status, &v["error"]), (200, &Value::Null), "{code}: {v}");
+    v["result"].as_str().unwrap_or_default().to_owned()
 }

@@ -617,9 +617,13 @@ pub async fn execute(
         }
     };
     let turn = session
-        .clone()
+        .hold()
         .execute_streaming_in(context, request.code, None);
-    let lines = ndjson(turn, move || session.info().executions);
+    // The sandbox stays held (not suspended) while its turn streams.
+    let lines = ndjson(turn, move || {
+        let _held = &sandbox;
+        session.info().executions
+    });
     Ok((
         [(header::CONTENT_TYPE, "application/x-ndjson")],
         Body::from_stream(lines),
