@@ -195,15 +195,18 @@ impl Registry {
         }
         session.released().await;
         let owner = (why != Suspension::Release).then(|| self.inner.config.id_prefix.clone());
-        let saved = self.save(session, Kept::Suspended, owner).await;
-        if let Ok(bytes) = saved {
-            parked.stored_bytes.store(bytes, Ordering::SeqCst);
-        }
-        if let Err(e) = saved {
-            self.unpark(session, &parked);
-            self.inner.metrics.store_failure();
-            tracing::warn!(session = %id, error = %e, "could not suspend a session: it stays live");
-            return Err(e);
+        match self.save(session, Kept::Suspended, owner).await {
+            Ok(bytes) => parked.stored_bytes.store(bytes, Ordering::SeqCst),
+            Err(e) => {
+                self.unpark(session, &parked);
+                // A guest holding a file open is refused a capture, and tried again later; the
+                // store's own failures are the operator's to see.
+                if e.is_internal() {
+                    self.inner.metrics.store_failure();
+                    tracing::warn!(session = %id, error = %e, "could not suspend a session: it stays live");
+                }
+                return Err(e);
+            }
         }
         session.end(EndReason::Suspended);
         session.finished().await;
