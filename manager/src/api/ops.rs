@@ -9,6 +9,7 @@ use serde::Serialize;
 use super::{ApiResult, ErrorBody};
 use crate::metrics::Load;
 use crate::registry::Registry;
+use crate::registry::runtimes::DocumentFacts;
 use crate::{Error, metrics};
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -125,18 +126,6 @@ pub struct OpenApiJson {
     pub doc: std::sync::Arc<serde_json::Value>,
     /// The manager needs a token: every route but the open ones may answer 401.
     pub auth: bool,
-}
-
-/// What a create may ask of this manager, which the derived document cannot know.
-#[derive(Debug, Clone, Default)]
-pub struct DocumentFacts {
-    /// The runtimes it serves (or is loading), with the languages each runs and the least
-    /// memory each needs, in MiB (`None` while loading).
-    pub runtimes: Vec<(String, Vec<&'static str>, Option<u64>)>,
-    pub max_memory_mib: u64,
-    pub max_timeout_ms: u64,
-    /// The most a session's network may spend (`--network-max-bytes`, `--network-max-requests`).
-    pub network_max: (u64, u64),
 }
 
 /// Adds the 401 a token-guarded route answers without the token to every operation that

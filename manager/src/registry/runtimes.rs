@@ -9,6 +9,18 @@ use crate::runtime::{Runtime, RuntimeSpec};
 use crate::session::Session;
 use crate::{Error, Result};
 
+/// What a create may ask of this manager, which the derived document cannot know.
+#[derive(Debug, Clone, Default)]
+pub struct DocumentFacts {
+    /// The runtimes it serves (or is loading), with the languages each runs and the least
+    /// memory each needs, in MiB (`None` while loading).
+    pub runtimes: Vec<(String, Vec<&'static str>, Option<u64>)>,
+    pub max_memory_mib: u64,
+    pub max_timeout_ms: u64,
+    /// The most a session's network may spend (`--network-max-bytes`, `--network-max-requests`).
+    pub network_max: (u64, u64),
+}
+
 /// Every language name a create may give (`language`), for some runtime.
 const LANGUAGES: [&str; 6] = ["python", "python3", "javascript", "js", "typescript", "ts"];
 
@@ -62,7 +74,7 @@ impl Registry {
 
     /// What the OpenAPI document should say of this manager's creates: its runtimes (loaded
     /// or loading), their languages and memory floors, and its ceilings.
-    pub fn document_facts(&self) -> crate::api::ops::DocumentFacts {
+    pub fn document_facts(&self) -> DocumentFacts {
         let runtimes = read(&self.inner.runtimes);
         let mut names: Vec<String> = runtimes.keys().cloned().collect();
         for loading in read(&self.inner.loading).iter() {
@@ -75,7 +87,7 @@ impl Registry {
         names.sort();
         names.dedup();
         let config = &self.inner.config;
-        crate::api::ops::DocumentFacts {
+        DocumentFacts {
             runtimes: names
                 .into_iter()
                 .map(|name| {

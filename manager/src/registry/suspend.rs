@@ -351,8 +351,7 @@ impl Registry {
             Err(Error::Full(n)) => {
                 let idle = read(&self.inner.sessions)
                     .values()
-                    .filter(|s| !s.held() && !s.is_warm() && s.companions().is_empty())
-                    .filter_map(|s| s.idle_since().map(|t| (t, s.clone())))
+                    .filter_map(|s| suspendable_since(s).map(|t| (t, s.clone())))
                     .min_by_key(|(t, _)| *t)
                     .map(|(_, s)| s);
                 match idle {
@@ -556,10 +555,7 @@ impl Registry {
             .filter(|s| {
                 let after = s.suspend_after();
                 !after.is_zero()
-                    && !s.held()
-                    && s.companions().is_empty()
-                    && s.idle_since()
-                        .is_some_and(|t| now.duration_since(t) >= after)
+                    && suspendable_since(s).is_some_and(|t| now.duration_since(t) >= after)
             })
             .cloned()
             .collect();
@@ -655,6 +651,13 @@ impl ManagerState {
             }
         });
     }
+}
+
+/// Since when `session` has been at rest, when it could be suspended now: a client's, held
+/// by no request, with no other language's kernel beside it.
+fn suspendable_since(session: &Session) -> Option<Instant> {
+    let free = !session.held() && !session.is_warm() && session.companions().is_empty();
+    session.idle_since().filter(|_| free)
 }
 
 /// Removes every folder in `dir` (a dead predecessor's sessions); how many.
