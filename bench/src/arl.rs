@@ -269,6 +269,17 @@ pub async fn run(bench: &Bench) -> anyhow::Result<Figures> {
     let mut figures = common(&manager, bench.iterations, bench.clients, bench.seconds).await?;
     let n = bench.iterations;
 
+    let mut samples = guest_part(&manager, n).await?;
+    figures.latency("guest part of x + 1 (its duration_ms)", &mut samples);
+    match wrk_rate(&manager, bench.clients, bench.seconds).await? {
+        Some(rate) => figures.add(
+            &format!("execute x + 1, {} clients (wrk)", bench.clients),
+            Figure::PerSecond(rate),
+            "(wrk, 2 threads, one connection per client)",
+        ),
+        None => println!("  (wrk not found: `apt-get install wrk` for the load figure measured with it)"),
+    }
+
     // SandboxFusion's /run_code: a fresh session per program, as verl's reward loop sends.
     let mut samples = Vec::new();
     for _ in 0..n.min(200) {
@@ -401,6 +412,11 @@ pub async fn run(bench: &Bench) -> anyhow::Result<Figures> {
         Figure::MiBPerSession(per),
         &detail,
     );
+    let mut samples = trainer(&manager, RL_CLIENTS, Duration::from_secs(bench.seconds * 3)).await?;
+    figures.latency(
+        &format!("x + 1, {RL_CLIENTS} clients each 1/s over {} sessions", bench.sessions),
+        &mut samples,
+    );
     let (_, all) = manager
         .request(reqwest::Method::DELETE, "/sessions", None)
         .await?;
@@ -408,6 +424,124 @@ pub async fn run(bench: &Bench) -> anyhow::Result<Figures> {
         bail!("expected {} sessions to delete, got {all}", bench.sessions);
     }
     Ok(figures)
+}
+
+/// The guest's own part of a trivial turn: the `duration_ms` the manager reports for `x + 1`
+/// (the call into the instance, the cell and the driver's report through the door), without
+/// HTTP, JSON or the hand-off to the session's task.
+async fn guest_part(manager: &Manager, iterations: usize) -> anyhow::Result<Vec<Duration>> {
+    let mut id = manager.create().await?;
+    manager.execute(&mut id, "x = 1").await?;
+    let path = format!("/v1/sessions/{id}/execute");
+    let mut samples = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let (status, v) = manager
+            .request(reqwest::Method::POST, &path, Some(json!({ "code": "x + 1" })))
+            .await?;
+        let ms = v["duration_ms"].as_f64().filter(|_| v["result"] == "2");
+        let Some(ms) = ms.filter(|_| status == 200) else {
+            bail!("x + 1 answered {status}: {v}");
+        };
+        samples.push(Duration::from_secs_f64(ms / 1e3));
+    }
+    manager.delete(id).await?;
+    Ok(samples)
+}
+
+/// Executes of `x + 1` per second from `wrk` (a C load generator, far lighter on two cores
+/// than this process's own client): `clients` connections over as many sessions, for
+/// `seconds`. `None` when `wrk` is not installed.
+async fn wrk_rate(manager: &Manager, clients: usize, seconds: u64) -> anyhow::Result<Option<f64>> {
+    if Command::new("wrk").arg("--version").output().is_err() {
+        return Ok(None);
+    }
+    let mut ids = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        let mut id = manager.create().await?;
+        manager.execute(&mut id, "x = 1").await?;
+        ids.push(id);
+    }
+    // Each connection keeps to one session: wrk numbers its connections' requests per thread,
+    // so a thread's requests go round its share of the sessions.
+    let quoted: Vec<String> = ids.iter().map(|id| format!("\"{id}\"")).collect();
+    let script = format!(
+        r#"local ids = {{{}}}
+local threads = 0
+function setup(thread) thread:set("first", threads); threads = threads + 1 end
+local n = 0
+function request()
+  n = n + 1
+  local id = ids[((first + n * 2) % #ids) + 1]
+  return wrk.format("POST", "/v1/sessions/" .. id .. "/execute",
+    {{["Content-Type"] = "application/json"}}, '{{"code": "x + 1"}}')
+end
+"#,
+        quoted.join(", ")
+    );
+    let file = std::env::temp_dir().join(format!("arl-bench-{}.lua", std::process::id()));
+    std::fs::write(&file, script)?;
+    let output = tokio::process::Command::new("wrk")
+        .args(["-t", "2", "-c", &clients.to_string(), "-d", &format!("{seconds}s"), "-s"])
+        .arg(&file)
+        .arg(&manager.base)
+        .output()
+        .await?;
+    let _ = std::fs::remove_file(&file);
+    let text = String::from_utf8_lossy(&output.stdout);
+    if let Some(line) = text.lines().find(|l| l.contains("Non-2xx")) {
+        bail!("wrk saw failures: {line}\n{text}");
+    }
+    let rate = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .with_context(|| format!("no rate in wrk's output: {text}"))?;
+    for id in ids {
+        manager.delete(id).await?;
+    }
+    Ok(Some(rate))
+}
+
+/// Clients of an RL trainer: each steps one session a second with `x + 1`, round the sessions
+/// open on the manager (a thousand, from the memory figure), for `run`; every step's latency.
+const RL_CLIENTS: usize = 64;
+
+async fn trainer(manager: &Manager, clients: usize, run: Duration) -> anyhow::Result<Vec<Duration>> {
+    let (_, v) = manager
+        .request(reqwest::Method::GET, "/v1/sessions", None)
+        .await?;
+    let ids: Vec<String> = v["sessions"]
+        .as_array()
+        .context("GET /v1/sessions lists no sessions")?
+        .iter()
+        .filter_map(|s| s["id"].as_str().map(str::to_owned))
+        .collect();
+    if ids.is_empty() {
+        bail!("no sessions to step");
+    }
+    let started = tokio::time::Instant::now();
+    let ids = &ids;
+    let loops = (0..clients).map(|c| async move {
+        let mut samples = Vec::new();
+        // Spread over the second, as independent trainers' steps are.
+        let phase = Duration::from_secs(1).mul_f64(c as f64 / clients as f64);
+        let mut tick = tokio::time::interval_at(started + phase, Duration::from_secs(1));
+        let mut step = c;
+        while started.elapsed() < run {
+            tick.tick().await;
+            let mut id = ids[step % ids.len()].clone();
+            step += clients;
+            let t = Instant::now();
+            let (_, result) = manager.execute(&mut id, "x + 1").await?;
+            samples.push(t.elapsed());
+            if result.as_deref() != Some("2") {
+                bail!("x + 1 answered {result:?}");
+            }
+        }
+        anyhow::Ok(samples)
+    });
+    let all = futures_util::future::try_join_all(loops).await?;
+    Ok(all.into_iter().flatten().collect())
 }
 
 /// A HumanEval-style program: a function and the asserts that check it.

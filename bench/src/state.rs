@@ -154,6 +154,32 @@ pub async fn run(
         manager.delete(plain).await?;
         manager.delete(id).await?;
     }
+    checkpoint_of_writes(manager, figures, iterations).await
+}
+
+/// What the checkpoint costs after a turn that writes 16 MiB, in a session that holds 80 MiB
+/// (the pandas frame and the array written): the time of the `1` that follows it, which waits
+/// for the checkpoint to be brought up to date, with rollback on and off.
+async fn checkpoint_of_writes(
+    manager: &Manager,
+    figures: &mut Figures,
+    iterations: usize,
+) -> anyhow::Result<()> {
+    let setup = format!("{}\nb = np.zeros(2_097_152)", TIERS[2].1);
+    header("checkpoint after a turn that writes 16 MiB, in a session holding 80 MiB");
+    for (what, rollback) in [("rollback on", true), ("rollback off", false)] {
+        let mut id = manager.create_with(json!({ "rollback": rollback })).await?;
+        manager.execute(&mut id, &setup).await?;
+        let mut samples = Vec::new();
+        for _ in 0..iterations.min(100) {
+            manager.execute(&mut id, "b += 1").await?;
+            let t = Instant::now();
+            manager.execute(&mut id, "1").await?;
+            samples.push(t.elapsed());
+        }
+        figures.latency(&format!("execute 1 after 16 MiB written, {what}"), &mut samples);
+        manager.delete(id).await?;
+    }
     Ok(())
 }
 

@@ -155,21 +155,50 @@ impl Pages {
     /// Brings the copies in `pages` up to date with `memory`, which has only grown and been
     /// written since: pages that changed are copied again, pages written for the first time
     /// added. Copies shared with a capture still in use are left to it (copy on write).
+    ///
+    /// Finds what changed by reading the page map and comparing every copy with its page:
+    /// its cost follows what the memory holds. [`Pages::sync_written`] is the cheap way, when
+    /// the kernel says which pages were written.
     pub fn sync(pages: &mut Arc<Pages>, memory: &[u8]) {
         let written = written_pages(memory);
         let changed: Vec<usize> = (0..pages.index.len())
             .filter(|&n| pages.slot(n) != page_of(memory, pages.index[n]))
             .collect();
-        let added: Vec<u32> = {
-            let mut known = pages.index.iter().peekable();
-            written
-                .into_iter()
-                .filter(|i| {
-                    while known.next_if(|k| *k < i).is_some() {}
-                    known.peek() != Some(&i)
-                })
-                .collect()
-        };
+        let added = pages.unknown(written);
+        Self::apply(pages, memory, changed, added);
+    }
+
+    /// [`Pages::sync`] when `written` (ascending) holds every page written since the copies
+    /// were last brought up to date: only those are copied.
+    pub fn sync_written(pages: &mut Arc<Pages>, memory: &[u8], written: &[u32]) {
+        let mut changed = Vec::new();
+        let mut added = Vec::new();
+        let mut known = pages.index.iter().enumerate().peekable();
+        for &i in written {
+            while known.next_if(|(_, k)| **k < i).is_some() {}
+            match known.peek() {
+                Some(&(n, k)) if *k == i => changed.push(n),
+                _ => added.push(i),
+            }
+        }
+        Self::apply(pages, memory, changed, added);
+    }
+
+    /// The pages of `written` (ascending) not held yet.
+    fn unknown(&self, written: Vec<u32>) -> Vec<u32> {
+        let mut known = self.index.iter().peekable();
+        written
+            .into_iter()
+            .filter(|i| {
+                while known.next_if(|k| *k < i).is_some() {}
+                known.peek() != Some(&i)
+            })
+            .collect()
+    }
+
+    /// Copies again the held pages `changed` (positions in the index) and adds the pages
+    /// `added` (numbers, ascending, none held yet) from `memory`.
+    fn apply(pages: &mut Arc<Pages>, memory: &[u8], changed: Vec<usize>, added: Vec<u32>) {
         if changed.is_empty() && added.is_empty() {
             return;
         }
@@ -274,6 +303,24 @@ mod tests {
         let mut old = vec![1u8; page * 8];
         shared.restore(&mut old);
         assert_eq!(old[page * 2], 1);
+    }
+
+    #[test]
+    fn a_sync_of_the_pages_written_copies_only_those() {
+        let page = page_size();
+        let mut memory = vec![0u8; page * 8];
+        memory[page] = 1;
+        memory[page * 5] = 5;
+        let held = [page_of(&memory, 1), page_of(&memory, 5)].concat();
+        let mut pages = Arc::new(Pages::from_parts(vec![1, 5], held));
+        memory[page * 5] = 6; // held, changed
+        memory[page * 3] = 3; // new
+        memory[page] = 2; // changed but not said: a told sync trusts what it is told
+        Pages::sync_written(&mut pages, &memory, &[3, 5]);
+        assert_eq!(pages.numbers(), [1, 3, 5]);
+        let mut back = vec![0u8; page * 8];
+        pages.restore(&mut back);
+        assert_eq!((back[page], back[page * 3], back[page * 5]), (1, 3, 6));
     }
 
     #[test]

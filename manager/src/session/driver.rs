@@ -154,6 +154,7 @@ pub async fn start(
     let clock = image.map_or_else(GuestClock::new, |i| GuestClock::continuing(i.clock_ns));
     let mut store = recipe.store(clock)?;
     let mut exports = recipe.instantiate(&mut store).await?;
+    let writes = limits.rollback.then(|| Writes::track(&exports.memory, &store)).flatten();
     if image.is_some() {
         exports.initialize = None; // the image's interpreter is initialised already
     }
@@ -176,9 +177,11 @@ pub async fn start(
     let checkpoint = limits.rollback.then(|| Checkpoint {
         pages: image.map(|i| i.pages.clone()).unwrap_or_default(),
         memory_bytes: 0,
+        told: writes.is_some(),
     });
     let driver = Driver {
         session: session.clone(),
+        writes,
         store,
         exports,
         protocol: runtime.protocol,
@@ -215,11 +218,64 @@ enum TurnEnd {
 struct Checkpoint {
     pages: Arc<Pages>,
     memory_bytes: u64,
+    /// Every page written since `pages` was last brought up to date is in what the kernel
+    /// tells [`Writes`]: the next sync copies only those.
+    told: bool,
+}
+
+/// The kernel's note of the pages a session's memory was written at (`arl_writes`): what
+/// keeps a checkpoint up to date at the cost of what a turn wrote. Dropped before the store
+/// whose memory it tracks.
+struct Writes {
+    tracked: arl_writes::Tracked<'static>,
+    /// The pages the last sync was told of (kept for its allocation).
+    pages: Vec<u32>,
+}
+
+impl Writes {
+    /// Tracks `memory`'s writes from now, or `None` where the kernel keeps no such note: the
+    /// checkpoint then finds written pages by comparing (said once, at `info`).
+    fn track(memory: &wasmtime::Memory, store: &Store<SessionState>) -> Option<Self> {
+        let tracker = match arl_writes::Tracker::get() {
+            Ok(tracker) => tracker,
+            Err(why) => {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    tracing::info!(
+                        %why,
+                        "rollback checkpoints find written pages by comparing (no kernel write \
+                         tracking)"
+                    );
+                });
+                return None;
+            }
+        };
+        let start = memory.data_ptr(store) as usize;
+        match tracker.track(start, memory.data_size(store)) {
+            Ok(tracked) => Some(Self {
+                tracked,
+                pages: Vec::new(),
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "tracking a session's writes failed: its checkpoints compare");
+                None
+            }
+        }
+    }
+
+    /// The pages written since last asked, with `memory` as it is now (it may have grown).
+    fn take(&mut self, memory: &[u8]) -> std::io::Result<&[u32]> {
+        self.tracked.grow_to(memory.len())?;
+        self.tracked.take_written(&mut self.pages)?;
+        Ok(&self.pages)
+    }
 }
 
 /// The session's task: owns the store, runs turns one at a time.
 struct Driver {
     session: Arc<Session>,
+    /// Which pages of the store's memory were written (declared before `store`: dropped first).
+    writes: Option<Writes>,
     store: Store<SessionState>,
     exports: Exports,
     protocol: Protocol,
@@ -324,6 +380,7 @@ impl Driver {
                 self.checkpoint = Some(Checkpoint {
                     pages: Arc::default(),
                     memory_bytes: 0,
+                    told: false,
                 });
                 self.sync_checkpoint();
             }
@@ -390,13 +447,31 @@ impl Driver {
         }
     }
 
-    /// Brings the rollback checkpoint up to date with the memory at rest.
+    /// Brings the rollback checkpoint up to date with the memory at rest: from what the kernel
+    /// says was written where it keeps a note, else by comparing every page.
     fn sync_checkpoint(&mut self) {
-        if let Some(checkpoint) = &mut self.checkpoint {
-            let memory = self.exports.memory.data(&self.store);
+        let Some(checkpoint) = &mut self.checkpoint else {
+            return;
+        };
+        let memory = self.exports.memory.data(&self.store);
+        let told = match self.writes.as_mut().map(|w| w.take(memory)) {
+            Some(Ok(written)) if checkpoint.told => {
+                Pages::sync_written(&mut checkpoint.pages, memory, written);
+                true
+            }
+            Some(Ok(_)) => false, // armed from now on; this sync compares
+            Some(Err(e)) => {
+                tracing::warn!(session = %self.session.id, error = %e, "reading a session's writes failed: its checkpoints compare");
+                self.writes = None;
+                false
+            }
+            None => false,
+        };
+        if !told {
             Pages::sync(&mut checkpoint.pages, memory);
-            checkpoint.memory_bytes = memory.len() as u64;
         }
+        checkpoint.told = self.writes.is_some();
+        checkpoint.memory_bytes = memory.len() as u64;
     }
 
     /// Puts the checkpoint into a fresh instance in place of the current one, whose state a
@@ -408,9 +483,12 @@ impl Driver {
             ));
         };
         let clock = GuestClock::continuing(self.store.data().clock_ns());
-        // The old store goes first: the pooled slot it holds is this session's.
+        // The old store goes first (its memory's tracking before it): the pooled slot it
+        // holds is this session's.
+        self.writes = None;
         self.store = self.recipe.store(clock)?;
         let mut exports = self.recipe.instantiate(&mut self.store).await?;
+        self.writes = Writes::track(&exports.memory, &self.store);
         restore_memory(
             &mut self.store,
             &exports.memory,
