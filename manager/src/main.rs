@@ -321,6 +321,17 @@ async fn run(serve: Serve) -> anyhow::Result<()> {
         auth = serve.auth_token.is_some(),
         "arl-manager listening; loading the runtimes"
     );
+    match arl_writes::Tracker::get() {
+        Ok(_) => tracing::info!(
+            "rollback checkpoints copy the pages the kernel reports written (userfaultfd \
+             write-protection, PAGEMAP_SCAN)"
+        ),
+        Err(why) => tracing::info!(
+            %why,
+            "rollback checkpoints compare every page the guest wrote: the kernel reports no \
+             writes to this process"
+        ),
+    }
     let loader = registry.clone();
     // The quickest first: JavaScript is ready in milliseconds (seconds on a cold cache).
     let mut runtimes = serve.common.runtimes.clone();

@@ -35,6 +35,9 @@ pub struct Tracker {
 /// Runs of written pages read per `PAGEMAP_SCAN` call; a range with more is read in turns.
 const REGIONS: usize = 256;
 
+/// `UFFDIO_WRITEPROTECT_MODE_WP`: protect (rather than lift protection from) the range.
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
+
 /// `PAGEMAP_SCAN`, `_IOWR('f', 16, struct pm_scan_arg)`.
 const PAGEMAP_SCAN: rustix::ioctl::Opcode =
     opcode::read_write::<sys::pm_scan_arg>(b'f', 16);
@@ -143,6 +146,28 @@ impl Tracker {
         Ok(())
     }
 
+    /// Protects `len` bytes at `start` again: their next write is noted.
+    fn protect(&self, start: usize, len: usize) -> io::Result<()> {
+        let mut protect = sys::uffdio_writeprotect {
+            range: sys::uffdio_range {
+                start: start as u64,
+                len: len as u64,
+            },
+            mode: UFFDIO_WRITEPROTECT_MODE_WP,
+        };
+        // SAFETY: `UFFDIO_WRITEPROTECT` reads a `uffdio_writeprotect`, which `protect` is.
+        // Protecting a registered range in asynchronous mode makes its next writes fault and be
+        // noted by the kernel; none waits for a handler.
+        #[allow(unsafe_code, reason = "an ioctl on the userfaultfd")]
+        unsafe {
+            ioctl(
+                &self.uffd,
+                Updater::<{ nr::UFFDIO_WRITEPROTECT }, _>::new(&mut protect),
+            )
+        }?;
+        Ok(())
+    }
+
     fn untrack(&self, start: usize, len: usize) -> io::Result<()> {
         let mut range = sys::uffdio_range {
             start: start as u64,
@@ -159,9 +184,15 @@ impl Tracker {
         Ok(())
     }
 
-    /// Appends to `pages` the pages of `[start, end)` written since last asked (numbered from
-    /// `base`), and protects them again.
-    fn scan(&self, base: usize, start: usize, end: usize, pages: &mut Vec<u32>) -> io::Result<()> {
+    /// Appends to `pages` the pages of `[start, end)` written since they were last protected
+    /// (numbered from `base`); with `protect`, protects them again.
+    fn scan(
+        &self,
+        base: usize,
+        (start, end): (usize, usize),
+        protect: bool,
+        pages: &mut Vec<u32>,
+    ) -> io::Result<()> {
         let page = rustix::param::page_size() as u64;
         let none = sys::page_region {
             start: 0,
@@ -180,7 +211,12 @@ impl Tracker {
             let not = u64::from(sys::PAGE_IS_FILE | sys::PAGE_IS_PFNZERO);
             let mut arg = sys::pm_scan_arg {
                 size: std::mem::size_of::<sys::pm_scan_arg>() as u64,
-                flags: u64::from(sys::PM_SCAN_WP_MATCHING | sys::PM_SCAN_CHECK_WPASYNC),
+                flags: u64::from(sys::PM_SCAN_CHECK_WPASYNC)
+                    | if protect {
+                        u64::from(sys::PM_SCAN_WP_MATCHING)
+                    } else {
+                        0
+                    },
                 start: at,
                 end,
                 walk_end: 0,
@@ -230,17 +266,45 @@ pub struct Tracked<'a> {
 }
 
 impl Tracked<'_> {
-    /// The pages of the range written since the last call, or since tracking began,
-    /// ascending, numbered from the range's start; and protects them again, so that the next
-    /// call reports only what is written after this one.
+    /// The pages of the range written since they were last protected (or since tracking
+    /// began), ascending, numbered from the range's start. A page stays in the list until it
+    /// is protected: a caller may leave the pages it expects written again unprotected, and
+    /// save their write faults for a comparison of its own.
+    pub fn written(&self, pages: &mut Vec<u32>) -> io::Result<()> {
+        pages.clear();
+        let range = (self.start, self.start + self.len);
+        self.tracker.scan(self.start, range, false, pages)
+    }
+
+    /// Protects `pages` (ascending, numbered from the range's start): each is listed by
+    /// [`written`](Self::written) again only once it is written again. One call per run of
+    /// consecutive pages.
+    pub fn protect(&self, pages: &[u32]) -> io::Result<()> {
+        let page = rustix::param::page_size();
+        let mut runs = pages.iter().peekable();
+        while let Some(&first) = runs.next() {
+            let mut last = first;
+            while let Some(&&next) = runs.peek().filter(|&&&n| n == last + 1) {
+                last = next;
+                runs.next();
+            }
+            let count = (last - first + 1) as usize;
+            self.tracker
+                .protect(self.start + first as usize * page, count * page)?;
+        }
+        Ok(())
+    }
+
+    /// The pages written since the last call, or since tracking began, and protects them all
+    /// again in the same walk: [`written`](Self::written) and [`protect`](Self::protect) at once.
     pub fn take_written(&self, pages: &mut Vec<u32>) -> io::Result<()> {
         pages.clear();
-        let end = self.start + self.len;
-        self.tracker.scan(self.start, self.start, end, pages)
+        let range = (self.start, self.start + self.len);
+        self.tracker.scan(self.start, range, true, pages)
     }
 
     /// Tracks the range on to `len` bytes (a memory that grew): the new pages count as written
-    /// until the next [`take_written`](Self::take_written).
+    /// until protected.
     pub fn grow_to(&mut self, len: usize) -> io::Result<()> {
         if len > self.len {
             self.tracker.register(self.start + self.len, len - self.len)?;
@@ -274,10 +338,8 @@ mod tests {
 
     #[test]
     fn written_pages_are_reported_once() {
-        let Ok(tracker) = Tracker::get() else {
-            eprintln!("no write tracking on this kernel: {:?}", Tracker::get().err());
-            return;
-        };
+        // ARL's tests run on Linux 6.7 or later, with `userfaultfd` allowed.
+        let tracker = Tracker::get().unwrap();
         let page = rustix::param::page_size();
         let mut memory = vec![0u8; page * 65];
         let base = memory.as_mut_ptr() as usize;
@@ -303,6 +365,21 @@ mod tests {
         );
         tracked.take_written(&mut pages).unwrap();
         assert_eq!(pages, [] as [u32; 0]);
+
+        // Listed until protected; protected pages come back once written.
+        for i in [5, 6, 7, 9] {
+            memory[at + i * page] = 2;
+        }
+        tracked.written(&mut pages).unwrap();
+        assert_eq!(pages, [5, 6, 7, 9]);
+        tracked.written(&mut pages).unwrap();
+        assert_eq!(pages, [5, 6, 7, 9], "still unprotected");
+        tracked.protect(&[5, 6, 9]).unwrap();
+        tracked.written(&mut pages).unwrap();
+        assert_eq!(pages, [7]);
+        memory[at + 6 * page] = 3;
+        tracked.written(&mut pages).unwrap();
+        assert_eq!(pages, [6, 7]);
     }
 }
 

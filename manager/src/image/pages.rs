@@ -168,20 +168,24 @@ impl Pages {
         Self::apply(pages, memory, changed, added);
     }
 
-    /// [`Pages::sync`] when `written` (ascending) holds every page written since the copies
-    /// were last brought up to date: only those are copied.
-    pub fn sync_written(pages: &mut Arc<Pages>, memory: &[u8], written: &[u32]) {
-        let mut changed = Vec::new();
-        let mut added = Vec::new();
+    /// [`Pages::sync`] when `listed` (ascending) holds every page written since the copies
+    /// were last brought up to date, and perhaps some that were not: only those are compared
+    /// and copied. Answers the listed pages found unchanged (ascending).
+    pub fn sync_listed(pages: &mut Arc<Pages>, memory: &[u8], listed: &[u32]) -> Vec<u32> {
+        let (mut changed, mut added, mut unchanged) = (Vec::new(), Vec::new(), Vec::new());
         let mut known = pages.index.iter().enumerate().peekable();
-        for &i in written {
+        for &i in listed {
             while known.next_if(|(_, k)| **k < i).is_some() {}
             match known.peek() {
+                Some(&(n, k)) if *k == i && pages.slot(n) == page_of(memory, i) => {
+                    unchanged.push(i);
+                }
                 Some(&(n, k)) if *k == i => changed.push(n),
                 _ => added.push(i),
             }
         }
         Self::apply(pages, memory, changed, added);
+        unchanged
     }
 
     /// The pages of `written` (ascending) not held yet.
@@ -306,7 +310,7 @@ mod tests {
     }
 
     #[test]
-    fn a_sync_of_the_pages_written_copies_only_those() {
+    fn a_sync_of_the_pages_listed_copies_only_those_that_changed() {
         let page = page_size();
         let mut memory = vec![0u8; page * 8];
         memory[page] = 1;
@@ -315,12 +319,18 @@ mod tests {
         let mut pages = Arc::new(Pages::from_parts(vec![1, 5], held));
         memory[page * 5] = 6; // held, changed
         memory[page * 3] = 3; // new
-        memory[page] = 2; // changed but not said: a told sync trusts what it is told
-        Pages::sync_written(&mut pages, &memory, &[3, 5]);
+        memory[page] = 2; // changed, and listed
+        let unchanged = Pages::sync_listed(&mut pages, &memory, &[1, 3, 5]);
+        assert_eq!(unchanged, [] as [u32; 0]);
         assert_eq!(pages.numbers(), [1, 3, 5]);
         let mut back = vec![0u8; page * 8];
         pages.restore(&mut back);
-        assert_eq!((back[page], back[page * 3], back[page * 5]), (1, 3, 6));
+        assert_eq!((back[page], back[page * 3], back[page * 5]), (2, 3, 6));
+        memory[page * 5] = 7;
+        let unchanged = Pages::sync_listed(&mut pages, &memory, &[1, 3, 5]);
+        assert_eq!(unchanged, [1, 3], "listed but not written since");
+        pages.restore(&mut back);
+        assert_eq!(back, memory);
     }
 
     #[test]

@@ -154,7 +154,6 @@ pub async fn start(
     let clock = image.map_or_else(GuestClock::new, |i| GuestClock::continuing(i.clock_ns));
     let mut store = recipe.store(clock)?;
     let mut exports = recipe.instantiate(&mut store).await?;
-    let writes = limits.rollback.then(|| Writes::track(&exports.memory, &store)).flatten();
     if image.is_some() {
         exports.initialize = None; // the image's interpreter is initialised already
     }
@@ -177,11 +176,11 @@ pub async fn start(
     let checkpoint = limits.rollback.then(|| Checkpoint {
         pages: image.map(|i| i.pages.clone()).unwrap_or_default(),
         memory_bytes: 0,
-        told: writes.is_some(),
+        told: false,
     });
     let driver = Driver {
         session: session.clone(),
-        writes,
+        writes: None,
         store,
         exports,
         protocol: runtime.protocol,
@@ -226,35 +225,66 @@ struct Checkpoint {
 /// The kernel's note of the pages a session's memory was written at (`arl_writes`): what
 /// keeps a checkpoint up to date at the cost of what a turn wrote. Dropped before the store
 /// whose memory it tracks.
+///
+/// A protected page costs a write fault when it is next written; an unprotected one is listed
+/// at every sync and compared with its copy. So pages that a session writes at every turn (its
+/// stack, its allocator's heads, often with the same bytes) are left unprotected, and a page is
+/// protected again once it has been listed unchanged for a while: the longer, the more often
+/// it came back after being protected (up to [`Heat::MOST_PATIENCE`]).
 struct Writes {
     tracked: arl_writes::Tracked<'static>,
-    /// The pages the last sync was told of (kept for its allocation).
+    /// The pages listed at the last sync (kept for its allocation).
     pages: Vec<u32>,
+    /// What is known of each page listed since tracking began.
+    heat: std::collections::HashMap<u32, Heat>,
+    /// Quiet pages waiting to be protected: gathered over syncs, so that each protection (a
+    /// TLB flush on every core the process runs on) covers many.
+    quiet: Vec<u32>,
+}
+
+/// Quiet pages gathered before they are protected in one go (until then each is compared at
+/// every sync, as if it were still hot).
+const QUIET_BATCH: usize = 64;
+
+/// How a page has been written.
+#[derive(Debug, Clone, Copy)]
+struct Heat {
+    /// Syncs in a row that found it unchanged, while unprotected.
+    quiet: u16,
+    /// How many such syncs before it is protected again.
+    patience: u16,
+    /// Protected at a sync: listed again only once written.
+    protected: bool,
+    /// Quiet long enough, waiting in [`Writes::quiet`] to be protected.
+    pending: bool,
+}
+
+impl Heat {
+    /// A page written for the first time: protected after two quiet syncs.
+    const NEW: Heat = Heat {
+        quiet: 0,
+        patience: 2,
+        protected: false,
+        pending: false,
+    };
+    /// The most syncs a quiet page waits before it is protected: about what one write fault
+    /// costs against one comparison of a page (a page rewritten with the same bytes at every
+    /// turn looks quiet, and costs a fault each time it is protected).
+    const MOST_PATIENCE: u16 = 16;
 }
 
 impl Writes {
-    /// Tracks `memory`'s writes from now, or `None` where the kernel keeps no such note: the
-    /// checkpoint then finds written pages by comparing (said once, at `info`).
+    /// Tracks `memory`'s writes from now, or `None` where the kernel keeps no such note (the
+    /// manager says which at start): the checkpoint then finds written pages by comparing.
     fn track(memory: &wasmtime::Memory, store: &Store<SessionState>) -> Option<Self> {
-        let tracker = match arl_writes::Tracker::get() {
-            Ok(tracker) => tracker,
-            Err(why) => {
-                static SAID: std::sync::Once = std::sync::Once::new();
-                SAID.call_once(|| {
-                    tracing::info!(
-                        %why,
-                        "rollback checkpoints find written pages by comparing (no kernel write \
-                         tracking)"
-                    );
-                });
-                return None;
-            }
-        };
+        let tracker = arl_writes::Tracker::get().ok()?;
         let start = memory.data_ptr(store) as usize;
         match tracker.track(start, memory.data_size(store)) {
             Ok(tracked) => Some(Self {
                 tracked,
                 pages: Vec::new(),
+                heat: std::collections::HashMap::new(),
+                quiet: Vec::new(),
             }),
             Err(e) => {
                 tracing::warn!(error = %e, "tracking a session's writes failed: its checkpoints compare");
@@ -263,11 +293,54 @@ impl Writes {
         }
     }
 
-    /// The pages written since last asked, with `memory` as it is now (it may have grown).
-    fn take(&mut self, memory: &[u8]) -> std::io::Result<&[u32]> {
+    /// Protects every page written so far: what a whole comparison has just copied.
+    fn protect_all(&mut self) -> std::io::Result<()> {
+        self.heat.clear();
+        self.quiet.clear();
+        self.tracked.take_written(&mut self.pages)
+    }
+
+    /// Brings `pages` up to date with `memory` (which may have grown) from what the kernel
+    /// lists, and protects the listed pages that have gone quiet.
+    fn sync(&mut self, pages: &mut Arc<Pages>, memory: &[u8]) -> std::io::Result<()> {
         self.tracked.grow_to(memory.len())?;
-        self.tracked.take_written(&mut self.pages)?;
-        Ok(&self.pages)
+        self.tracked.written(&mut self.pages)?;
+        let unchanged = Pages::sync_listed(pages, memory, &self.pages);
+        let mut unchanged = unchanged.iter().peekable();
+        for &page in &self.pages {
+            let same = unchanged.next_if_eq(&&page).is_some();
+            let heat = self.heat.entry(page).or_insert(Heat::NEW);
+            if heat.protected {
+                // Written since it was protected: it runs hot, so wait longer next time.
+                heat.protected = false;
+                heat.quiet = 0;
+                heat.patience = heat.patience.saturating_mul(4).min(Heat::MOST_PATIENCE);
+            } else if !same {
+                heat.quiet = 0;
+                heat.pending = false; // written again while it waited: not quiet after all
+            } else if !heat.pending {
+                heat.quiet += 1;
+                if heat.quiet >= heat.patience {
+                    heat.pending = true;
+                    self.quiet.push(page);
+                }
+            }
+        }
+        if self.quiet.len() >= QUIET_BATCH {
+            let heat = &mut self.heat;
+            self.quiet.retain(|page| {
+                heat.get_mut(page).is_some_and(|h| {
+                    let quiet = std::mem::take(&mut h.pending);
+                    h.protected = quiet;
+                    h.quiet = 0;
+                    quiet
+                })
+            });
+            self.quiet.sort_unstable();
+            self.tracked.protect(&self.quiet)?;
+            self.quiet.clear();
+        }
+        Ok(())
     }
 }
 
@@ -448,27 +521,40 @@ impl Driver {
     }
 
     /// Brings the rollback checkpoint up to date with the memory at rest: from what the kernel
-    /// says was written where it keeps a note, else by comparing every page.
+    /// lists as written where it keeps a note, else by comparing every page.
+    ///
+    /// A new checkpoint (and a new instance: a session's first, or a rollback's) is compared
+    /// whole, and only then is its memory tracked, with every page it wrote protected: the
+    /// bootstrap's reads of the image are not slowed by tracking (the kernel maps a tracked
+    /// file's pages one fault at a time, not sixteen).
     fn sync_checkpoint(&mut self) {
         let Some(checkpoint) = &mut self.checkpoint else {
             return;
         };
         let memory = self.exports.memory.data(&self.store);
-        let told = match self.writes.as_mut().map(|w| w.take(memory)) {
-            Some(Ok(written)) if checkpoint.told => {
-                Pages::sync_written(&mut checkpoint.pages, memory, written);
-                true
+        let synced = match &mut self.writes {
+            Some(writes) if checkpoint.told => Some(writes.sync(&mut checkpoint.pages, memory)),
+            _ => None,
+        };
+        match synced {
+            Some(Ok(())) => {}
+            None => {
+                Pages::sync(&mut checkpoint.pages, memory);
+                if self.writes.is_none() {
+                    self.writes = Writes::track(&self.exports.memory, &self.store);
+                }
+                if let Some(writes) = &mut self.writes
+                    && let Err(e) = writes.protect_all()
+                {
+                    tracing::warn!(session = %self.session.id, error = %e, "tracking a session's writes failed: its checkpoints compare");
+                    self.writes = None;
+                }
             }
-            Some(Ok(_)) => false, // armed from now on; this sync compares
             Some(Err(e)) => {
                 tracing::warn!(session = %self.session.id, error = %e, "reading a session's writes failed: its checkpoints compare");
                 self.writes = None;
-                false
+                Pages::sync(&mut checkpoint.pages, memory);
             }
-            None => false,
-        };
-        if !told {
-            Pages::sync(&mut checkpoint.pages, memory);
         }
         checkpoint.told = self.writes.is_some();
         checkpoint.memory_bytes = memory.len() as u64;
@@ -488,7 +574,6 @@ impl Driver {
         self.writes = None;
         self.store = self.recipe.store(clock)?;
         let mut exports = self.recipe.instantiate(&mut self.store).await?;
-        self.writes = Writes::track(&exports.memory, &self.store);
         restore_memory(
             &mut self.store,
             &exports.memory,
