@@ -277,7 +277,9 @@ pub async fn run(bench: &Bench) -> anyhow::Result<Figures> {
             Figure::PerSecond(rate),
             "(wrk, 2 threads, one connection per client)",
         ),
-        None => println!("  (wrk not found: `apt-get install wrk` for the load figure measured with it)"),
+        None => println!(
+            "  (wrk not found: `apt-get install wrk` for the load figure measured with it)"
+        ),
     }
 
     // SandboxFusion's /run_code: a fresh session per program, as verl's reward loop sends.
@@ -414,7 +416,10 @@ pub async fn run(bench: &Bench) -> anyhow::Result<Figures> {
     );
     let mut samples = trainer(&manager, RL_CLIENTS, Duration::from_secs(bench.seconds * 3)).await?;
     figures.latency(
-        &format!("x + 1, {RL_CLIENTS} clients each 1/s over {} sessions", bench.sessions),
+        &format!(
+            "x + 1, {RL_CLIENTS} clients each 1/s over {} sessions",
+            bench.sessions
+        ),
         &mut samples,
     );
     let (_, all) = manager
@@ -436,7 +441,11 @@ async fn guest_part(manager: &Manager, iterations: usize) -> anyhow::Result<Vec<
     let mut samples = Vec::with_capacity(iterations);
     for _ in 0..iterations {
         let (status, v) = manager
-            .request(reqwest::Method::POST, &path, Some(json!({ "code": "x + 1" })))
+            .request(
+                reqwest::Method::POST,
+                &path,
+                Some(json!({ "code": "x + 1" })),
+            )
             .await?;
         let ms = v["duration_ms"].as_f64().filter(|_| v["result"] == "2");
         let Some(ms) = ms.filter(|_| status == 200) else {
@@ -481,7 +490,15 @@ end
     let file = std::env::temp_dir().join(format!("arl-bench-{}.lua", std::process::id()));
     std::fs::write(&file, script)?;
     let output = tokio::process::Command::new("wrk")
-        .args(["-t", "2", "-c", &clients.to_string(), "-d", &format!("{seconds}s"), "-s"])
+        .args([
+            "-t",
+            "2",
+            "-c",
+            &clients.to_string(),
+            "-d",
+            &format!("{seconds}s"),
+            "-s",
+        ])
         .arg(&file)
         .arg(&manager.base)
         .output()
@@ -506,7 +523,11 @@ end
 /// open on the manager (a thousand, from the memory figure), for `run`; every step's latency.
 const RL_CLIENTS: usize = 64;
 
-async fn trainer(manager: &Manager, clients: usize, run: Duration) -> anyhow::Result<Vec<Duration>> {
+async fn trainer(
+    manager: &Manager,
+    clients: usize,
+    run: Duration,
+) -> anyhow::Result<Vec<Duration>> {
     let (_, v) = manager
         .request(reqwest::Method::GET, "/v1/sessions", None)
         .await?;

@@ -177,7 +177,10 @@ async fn checkpoint_of_writes(
             manager.execute(&mut id, "1").await?;
             samples.push(t.elapsed());
         }
-        figures.latency(&format!("execute 1 after 16 MiB written, {what}"), &mut samples);
+        figures.latency(
+            &format!("execute 1 after 16 MiB written, {what}"),
+            &mut samples,
+        );
         manager.delete(id).await?;
     }
     Ok(())

@@ -494,8 +494,16 @@ async fn rollback_goes_back_exactly_after_many_turns_of_varied_writes() {
                 json!({"code": "n = -1\nd.clear()\nbig[:] = bytes(len(big))\nwhile True: pass", "timeout_ms": 500}),
             )
             .await;
-        assert_eq!((status, &v["rolled_back"]), (200, &json!(true)), "round {round}: {v}");
-        assert_eq!(result(&id, state).await, before, "round {round}: the state before the failed turn");
+        assert_eq!(
+            (status, &v["rolled_back"]),
+            (200, &json!(true)),
+            "round {round}: {v}"
+        );
+        assert_eq!(
+            result(&id, state).await,
+            before,
+            "round {round}: the state before the failed turn"
+        );
     }
 }
 

@@ -39,8 +39,7 @@ const REGIONS: usize = 256;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
 
 /// `PAGEMAP_SCAN`, `_IOWR('f', 16, struct pm_scan_arg)`.
-const PAGEMAP_SCAN: rustix::ioctl::Opcode =
-    opcode::read_write::<sys::pm_scan_arg>(b'f', 16);
+const PAGEMAP_SCAN: rustix::ioctl::Opcode = opcode::read_write::<sys::pm_scan_arg>(b'f', 16);
 
 impl Tracker {
     /// The process's tracker, opened on first use; the error says why the kernel refuses one.
@@ -72,10 +71,7 @@ impl Tracker {
         };
         // SAFETY: `UFFDIO_API` reads and writes a `uffdio_api`, which `api` is.
         #[allow(unsafe_code, reason = "an ioctl on the userfaultfd")]
-        unsafe {
-            ioctl(&uffd, Updater::<{ nr::UFFDIO_API }, _>::new(&mut api))
-        }
-        .map_err(|e| {
+        unsafe { ioctl(&uffd, Updater::<{ nr::UFFDIO_API }, _>::new(&mut api)) }.map_err(|e| {
             io::Error::new(
                 io::Error::from(e).kind(),
                 "the kernel has no asynchronous userfaultfd write-protection (Linux 6.7+)",
@@ -307,20 +303,11 @@ impl Tracked<'_> {
     /// until protected.
     pub fn grow_to(&mut self, len: usize) -> io::Result<()> {
         if len > self.len {
-            self.tracker.register(self.start + self.len, len - self.len)?;
+            self.tracker
+                .register(self.start + self.len, len - self.len)?;
             self.len = len;
         }
         Ok(())
-    }
-
-    /// How many bytes from its start are tracked.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether the range is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 }
 
@@ -401,12 +388,24 @@ mod mappings {
         let file = tempfile_of(n * page);
         // SAFETY: new mappings, used only through the raw pointers below, unmapped at the end.
         let image = unsafe {
-            mmap(std::ptr::null_mut(), n * page, ProtFlags::READ | ProtFlags::WRITE, MapFlags::PRIVATE, &file, 0)
+            mmap(
+                std::ptr::null_mut(),
+                n * page,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::PRIVATE,
+                &file,
+                0,
+            )
         }
         .unwrap();
         // SAFETY: as above.
         let anonymous = unsafe {
-            mmap_anonymous(std::ptr::null_mut(), n * page, ProtFlags::READ | ProtFlags::WRITE, MapFlags::PRIVATE)
+            mmap_anonymous(
+                std::ptr::null_mut(),
+                n * page,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::PRIVATE,
+            )
         }
         .unwrap();
         for at in [image.cast::<u8>(), anonymous.cast::<u8>()] {
@@ -429,8 +428,10 @@ mod mappings {
                 assert_eq!(pages, (0..30).step_by(3).collect::<Vec<u32>>());
                 drop(tracked);
                 // SAFETY: the mapping's own pages, given back as a pooled slot's are.
-                unsafe { rustix::mm::madvise(at.cast(), n * page, rustix::mm::Advice::LinuxDontNeed) }
-                    .unwrap();
+                unsafe {
+                    rustix::mm::madvise(at.cast(), n * page, rustix::mm::Advice::LinuxDontNeed)
+                }
+                .unwrap();
             }
         }
         // SAFETY: the two mappings made above, no longer used.

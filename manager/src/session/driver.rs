@@ -449,6 +449,7 @@ impl Driver {
             };
             if !self.session.rolls_back() {
                 self.checkpoint = None;
+                self.writes = None; // nothing to keep up to date: no write faults either
             } else if self.checkpoint.is_none() {
                 self.checkpoint = Some(Checkpoint {
                     pages: Arc::default(),
